@@ -1,0 +1,322 @@
+"""The broker node: routes between this instance's sessions, the fan-out and the history.
+
+Every publish takes one path, single-instance too: validate, hand the batch to the fan-out
+(which records it in the history first, where the topic is recorded), and every instance's
+fan-out hands the messages back to `deliver`, which matches them against the subscription index
+and queues one encoding of each message on every matching session.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from attrs import define, field
+
+from mqbroker.config import Config
+from mqbroker.fanout import Fanout, FanoutContext, FanoutUnavailable
+from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
+from mqbroker.index import SubscriptionIndex
+from mqbroker.message import Draft, InvalidEventId, Message, Position
+from mqbroker.plugins import PluginError, load_plugin
+from mqbroker.protocol import (
+    EncodedMessage,
+    Error,
+    ErrorCode,
+    Forget,
+    Forgot,
+    PubAck,
+    Publish,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+)
+from mqbroker.protocol.codec import payload_size
+from mqbroker.server.outbox import Overflowed
+from mqbroker.server.session import Session
+from mqbroker.topics import (
+    FilterSet,
+    InvalidTopic,
+    TopicLimits,
+    is_wildcard,
+    validate_filter,
+    validate_topic,
+)
+
+logger = structlog.get_logger("mqbroker.broker")
+
+#: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
+ENVELOPE_BYTES = 1024
+
+
+@define(eq=False)
+class Broker:
+    instance_id: str
+    config: Config
+    history: HistoryStore
+    fanout: Fanout = field(init=False)
+    index: SubscriptionIndex[Session] = field(factory=SubscriptionIndex)
+    sessions: set[Session] = field(factory=set)
+    counters: collections.Counter[str] = field(factory=collections.Counter)
+    recorded: FilterSet = field(init=False)
+    topic_limits: TopicLimits = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        server = self.config.server
+        self.recorded = FilterSet(self.config.history.record)
+        self.topic_limits = TopicLimits(max_length=server.max_topic_length,
+                                        max_levels=server.max_topic_levels)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.config.server.max_frame_bytes - ENVELOPE_BYTES
+
+    def limits(self) -> dict[str, Any]:
+        """The limits in force, as the welcome tells them."""
+        s = self.config.server
+        return {
+            "max_frame_bytes": s.max_frame_bytes,
+            "max_message_bytes": self.max_message_bytes,
+            "max_subscriptions": s.max_subscriptions,
+            "max_topic_length": s.max_topic_length,
+            "max_topic_levels": s.max_topic_levels,
+            "outbox_messages": s.outbox_messages,
+            "slow_consumer": s.slow_consumer,
+            "ping_interval": s.ping_interval,
+            "idle_timeout": s.idle_timeout,
+            "dedup_window": s.dedup_window,
+        }
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.counters["sessions_opened"] += 1
+
+    async def detach(self, session: Session) -> None:
+        """Forget a session: drop its subscriptions and the fan-out's watches for them."""
+        self.sessions.discard(session)
+        filters = list(self.index.filters_of(session).values())
+        self.index.remove_session(session)
+        for filter in filters:
+            await self._unwatch(filter)
+        if session.closing is not None:
+            self.counters[f"sessions_closed_{session.closing.name.lower()}"] += 1
+
+    async def handle(self, session: Session, event: Any) -> None:
+        if isinstance(event, Subscribe):
+            await self.subscribe(session, event)
+        elif isinstance(event, Unsubscribe):
+            await self.unsubscribe(session, event)
+        elif isinstance(event, Forget):
+            await self.forget(session, event)
+        else:  # the codec only yields the events above, publishes and pings
+            raise AssertionError(f"unexpected event {event!r}")
+
+    # --- publish and deliver -------------------------------------------------------------
+
+    async def publish(self, session: Session, events: Sequence[Publish]) -> None:
+        """Publish a batch; acknowledge those that asked, and report every refusal."""
+        now = time.time()
+        accepted: list[Publish] = []
+        drafts: list[Draft] = []
+        for event in events:
+            problem = self._check_publish(event)
+            if problem is not None:
+                session.reply(problem)
+                continue
+            accepted.append(event)
+            drafts.append(Draft(topic=event.topic, payload=event.payload, published_at=now,
+                                msg_id=event.msg_id,
+                                record=self.recorded.matches_any(event.topic)))
+        if not drafts:
+            return
+        try:
+            messages = await self.fanout.publish(drafts)
+        except FanoutUnavailable as e:
+            for event in accepted:
+                session.reply(_error(ErrorCode.UNAVAILABLE, f"publish failed: {e}", event))
+            return
+        self.counters["published"] += len(messages)
+        for event, message in zip(accepted, messages, strict=True):
+            if event.id is not None:
+                session.reply(PubAck(id=event.id, event=message.event_id))
+
+    def _check_publish(self, event: Publish) -> Error | None:
+        try:
+            validate_topic(event.topic, self.topic_limits)
+        except InvalidTopic as e:
+            return _error(ErrorCode.INVALID_TOPIC, str(e), event)
+        if self._too_large(event):
+            return _error(ErrorCode.MESSAGE_TOO_LARGE,
+                          f"topic and payload exceed max_message_bytes ({self.max_message_bytes})",
+                          event)
+        return None
+
+    def _too_large(self, event: Publish) -> bool:
+        # Cheap bounds first: most payloads are far below the limit and need no encoding.
+        payload = event.payload
+        limit = self.max_message_bytes - len(event.topic.encode())
+        if isinstance(payload, bytes):
+            return len(payload) > limit - 5
+        if isinstance(payload, str) and len(payload) * 4 < limit - 5:
+            return False
+        return payload_size(payload) > limit
+
+    def deliver(self, messages: Sequence[Message]) -> None:
+        """The fan-out's callback: queue each message on every matching session. Never blocks."""
+        for message in messages:
+            targets = self.index.match(message.topic)
+            if not targets:
+                continue
+            encoded = EncodedMessage(message)
+            for session, subs in targets:
+                session.deliver(encoded, subs)
+            self.counters["deliveries"] += len(targets)
+
+    # --- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe(self, session: Session, event: Subscribe) -> None:
+        problem = self._check_subscribe(session, event)
+        if problem is not None:
+            session.reply(problem)
+            return
+        since = Position.parse(event.since) if event.since is not None else None
+        if since is not None:
+            # Hold back live messages from here on, so none slips between history and live.
+            session.recovering[event.id] = collections.deque()
+        self.index.add(session, event.id, event.filter)
+        try:
+            # The watch is live (confirmed) before the suback and before history is read.
+            await self.fanout.watch(event.filter)
+        except FanoutUnavailable as e:
+            self.index.remove(session, event.id)
+            session.recovering.pop(event.id, None)
+            session.reply(_error(ErrorCode.UNAVAILABLE, f"subscribe failed: {e}", event))
+            return
+        if since is None:
+            session.reply(SubAck(id=event.id))
+            return
+        try:
+            await self._recover(session, event, since)
+        except Overflowed:
+            pass  # the session is being closed as a slow consumer
+
+    def _check_subscribe(self, session: Session, event: Subscribe) -> Error | None:
+        subs = self.index.filters_of(session)
+        if event.id in subs:
+            return _error(ErrorCode.DUPLICATE_SUBSCRIPTION,
+                          f"subscription id {event.id} is in use", event)
+        if len(subs) >= self.config.server.max_subscriptions:
+            return _error(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                          f"at most {self.config.server.max_subscriptions} subscriptions "
+                          "per session", event)
+        try:
+            validate_filter(event.filter, self.topic_limits)
+        except InvalidTopic as e:
+            return _error(ErrorCode.INVALID_FILTER, str(e), event)
+        if event.since is None:
+            return None
+        if is_wildcard(event.filter):
+            return _error(ErrorCode.SINCE_UNSUPPORTED,
+                          "`since` needs an exact topic, not a wildcard filter", event)
+        try:
+            Position.parse(event.since)
+        except InvalidEventId as e:
+            return _error(ErrorCode.BAD_EVENT_ID, str(e), event)
+        return None
+
+    async def _recover(self, session: Session, event: Subscribe, since: Position) -> None:
+        """Suback with `recovered`, replay what was missed, then switch to live, in order."""
+        replay = await self._read_history(event.filter, since)
+        gap = replay.gap.value if replay.gap is not None else None
+        session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap))
+        await session.replay(replay.messages, event.id)
+        last = replay.messages[-1].position if replay.messages else since
+        held = session.recovering[event.id]
+        while held:
+            message = held.popleft()
+            position = message.message.position
+            if position.epoch == last.epoch and position.offset <= last.offset:
+                continue  # already replayed from history
+            await session.outbox.put(message.fragment(session.protocol.format, (event.id,)))
+        del session.recovering[event.id]
+
+    async def _read_history(self, topic: str, since: Position) -> Replay:
+        if not self.recorded.matches_any(topic):
+            return Replay(messages=(), gap=Gap.NOT_RECORDED)
+        try:
+            return await self.history.read(topic, since)
+        except HistoryUnavailable:
+            return Replay(messages=(), gap=Gap.UNAVAILABLE)
+
+    async def unsubscribe(self, session: Session, event: Unsubscribe) -> None:
+        removed = self.index.remove(session, event.id)
+        if removed is None:
+            session.reply(_error(ErrorCode.UNKNOWN_SUBSCRIPTION,
+                                 f"no subscription with id {event.id}", event))
+            return
+        session.recovering.pop(event.id, None)
+        session.reply(UnsubAck(id=event.id))
+        await self._unwatch(removed[0])
+
+    async def _unwatch(self, filter: str) -> None:
+        try:
+            await self.fanout.unwatch(filter)
+        except FanoutUnavailable as e:
+            logger.warning("fanout.unwatch_failed", filter=filter, error=str(e))
+
+    async def forget(self, session: Session, event: Forget) -> None:
+        try:
+            validate_filter(event.filter, self.topic_limits)
+        except InvalidTopic as e:
+            session.reply(_error(ErrorCode.INVALID_FILTER, str(e), event))
+            return
+        try:
+            count = await self.history.forget(event.filter)
+        except HistoryUnavailable as e:
+            session.reply(_error(ErrorCode.UNAVAILABLE, f"forget failed: {e}", event))
+            return
+        session.reply(Forgot(id=event.id, topics=count))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "sessions": len(self.sessions),
+            "subscriptions": len(self.index),
+            **self.counters,
+            **{f"history_{k}": v for k, v in self.history.stats().items()},
+            **{f"fanout_{k}": v for k, v in self.fanout.stats().items()},
+        }
+
+
+def _error(code: ErrorCode, message: str, event: Publish | Subscribe | Unsubscribe | Forget
+           ) -> Error:
+    return Error(code=code, message=message, id=event.id, ref=event.OP)
+
+
+@asynccontextmanager
+async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]:
+    """Open the configured history store and fan-out, and the broker that routes through them."""
+    from mqbroker.config import plugin_settings
+
+    history_plugin = load_plugin(config.history.plugin)
+    fanout_plugin = load_plugin(config.fanout.plugin)
+    if history_plugin.open_history is None:
+        raise PluginError(f"plugin {history_plugin.name!r} provides no history store")
+    if fanout_plugin.open_fanout is None:
+        raise PluginError(f"plugin {fanout_plugin.name!r} provides no fan-out")
+    history_settings = plugin_settings(config, history_plugin)
+    fanout_settings = plugin_settings(config, fanout_plugin)
+    async with history_plugin.open_history(history_settings, config.history) as history:
+        broker = Broker(instance_id=instance_id, config=config, history=history)
+        context = FanoutContext(instance_id=instance_id, history=history,
+                                deliver=broker.deliver,
+                                dedup_window=config.server.dedup_window)
+        async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
+            broker.fanout = fanout
+            yield broker

@@ -1,0 +1,35 @@
+"""The mqbroker client for trio: `async with connect(url) as client`.
+
+    async with connect("ws://127.0.0.1:7878/") as client:
+        subscription = await client.subscribe("mcp/session/+/message")
+        event_id = await client.publish("mcp/session/s1/message", {"text": "hi"})
+        async for item in subscription:
+            ...  # a Message, or a Gap where messages may be missing
+"""
+
+from mqbroker.client._trio import Client, Reconnect, Subscription, connect
+from mqbroker.client.core import Gap, Message
+from mqbroker.client.errors import (
+    BadEventId,
+    BrokerError,
+    ClientClosed,
+    ClientError,
+    ConnectError,
+    ConnectionLost,
+    DuplicateSubscription,
+    InvalidFilter,
+    InvalidTopic,
+    MessageTooLarge,
+    ProtocolViolation,
+    SinceUnsupported,
+    TooManySubscriptions,
+    Unavailable,
+    UnknownSubscription,
+)
+
+__all__ = [
+    "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
+    "ConnectionLost", "DuplicateSubscription", "Gap", "InvalidFilter", "InvalidTopic",
+    "Message", "MessageTooLarge", "ProtocolViolation", "Reconnect", "SinceUnsupported",
+    "Subscription", "TooManySubscriptions", "Unavailable", "UnknownSubscription", "connect",
+]

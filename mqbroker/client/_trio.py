@@ -1,0 +1,365 @@
+"""The trio client: `async with connect(url) as client`, subscriptions as async iterators.
+
+The connection runs in the client's own nursery: a reader, a writer that coalesces whatever is
+queued into one frame, and a keepalive. When the connection drops the client reconnects by itself
+(exponential backoff with jitter) and resumes every subscription where it left off.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from attrs import define, field, frozen
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+from mqbroker.client.core import (
+    ClientCore,
+    Deliver,
+    Failed,
+    Gap,
+    Message,
+    Outcome,
+    Resolved,
+    StreamItem,
+    Unsolicited,
+)
+from mqbroker.client.errors import (
+    BrokerError,
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+)
+from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck, join
+
+#: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: How long closing a connection may take before it is abandoned.
+CLOSE_TIMEOUT = 1.0
+
+
+@frozen(kw_only=True)
+class Reconnect:
+    """How the client reconnects after an established connection drops."""
+
+    enabled: bool = True
+    initial_delay: float = 0.05
+    max_delay: float = 5.0
+    #: Give up after this many failed attempts in a row (None: never).
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter: attempt 0, 1, 2... waits up to 1, 2, 4... x initial."""
+        ceiling = min(self.max_delay, self.initial_delay * math.pow(2, attempt))
+        return ceiling * random.uniform(0.5, 1.0)
+
+
+@define(eq=False)
+class _Waiter:
+    done: trio.Event = field(factory=trio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+    async def wait(self) -> Any:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@define(eq=False)
+class Subscription:
+    """An async iterator of `Message` (and `Gap`) items for one filter."""
+
+    id: int
+    filter: str
+    _client: Client
+    _items: trio.MemoryReceiveChannel[StreamItem]
+    #: The suback: `recovered` tells whether a `since` replay was complete.
+    ack: SubAck | None = None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message | Gap:
+        try:
+            item = await self._items.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._client.failure is not None:
+                raise self._client.failure from None
+            raise StopAsyncIteration from None
+        if isinstance(item, BrokerError):
+            raise item
+        return item
+
+    @property
+    def last_event_id(self) -> str | None:
+        """Where this subscription would resume: the last event id it delivered."""
+        sub = self._client.core.subscriptions.get(self.id)
+        return sub.since if sub is not None else None
+
+    async def unsubscribe(self) -> None:
+        await self._client.unsubscribe(self)
+
+
+@define(eq=False)
+class Client:
+    url: str
+    core: ClientCore
+    reconnect: Reconnect
+    max_frame_bytes: int
+    buffer: int
+    _send: trio.MemorySendChannel[ClientEvent] = field(init=False)
+    _queued: trio.MemoryReceiveChannel[ClientEvent] = field(init=False)
+    _waiters: dict[tuple[str, int], _Waiter] = field(factory=dict)
+    _streams: dict[int, trio.MemorySendChannel[StreamItem]] = field(factory=dict)
+    _ws: WebSocketConnection | None = None
+    _closed: bool = False
+    #: Set when the client gave up on the broker; every operation raises it from then on.
+    failure: ConnectionLost | None = None
+    #: Errors that answer no request (a fire-and-forget publish with a bad topic, say).
+    unsolicited: list[BrokerError] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._queued = trio.open_memory_channel(self.buffer)
+
+    # --- the application's operations ----------------------------------------------------------
+
+    async def subscribe(self, filter: str, *, since: str | None = None) -> Subscription:
+        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
+        self._check_usable()
+        event = self.core.subscribe(filter, since)
+        send, receive = trio.open_memory_channel[StreamItem](self.buffer)
+        self._streams[event.id] = send
+        subscription = Subscription(event.id, filter, self, receive)
+        try:
+            subscription.ack = await self._request(("subscribe", event.id), event)
+        except BaseException:
+            self.core.subscriptions.pop(event.id, None)
+            self._streams.pop(event.id, None)
+            raise
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        event = self.core.unsubscribe(subscription.id)
+        stream = self._streams.pop(subscription.id, None)
+        if stream is not None:
+            stream.close()
+        if event is not None and self.failure is None and not self._closed:
+            await self._request(("unsubscribe", event.id), event)
+
+    async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
+                      msg_id: str | None = None) -> str | None:
+        """Publish; with ack, wait for the broker and return the message's event id."""
+        self._check_usable()
+        event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
+        if event.id is None:
+            await self._send.send(event)
+            return None
+        result: str = await self._request(("publish", event.id), event)
+        return result
+
+    async def forget(self, filter: str) -> int:
+        """Drop the recorded history of the topics `filter` matches; returns how many."""
+        self._check_usable()
+        event = self.core.forget(filter)
+        result: int = await self._request(("forget", event.id), event)
+        return result
+
+    async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
+        waiter = self._waiters[key] = _Waiter()
+        await self._send.send(event)
+        return await waiter.wait()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self.failure is not None:
+            raise self.failure
+
+    # --- applying what the core decided ----------------------------------------------------------
+
+    async def _apply(self, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, Deliver):
+                stream = self._streams.get(outcome.sub)
+                if stream is not None:
+                    # Awaiting a full stream pushes back on the broker, which applies its
+                    # slow-consumer policy to this session rather than growing memory here.
+                    await stream.send(outcome.item)
+            elif isinstance(outcome, Resolved):
+                self._settle(outcome.key, value=outcome.value)
+            elif isinstance(outcome, Failed):
+                self._settle(outcome.key, error=outcome.error)
+            elif isinstance(outcome, Unsolicited):
+                self.unsolicited.append(outcome.error)
+                del self.unsolicited[:-100]
+
+    def _settle(self, key: tuple[str, int], *, value: Any = None,
+                error: BaseException | None = None) -> None:
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None:
+            waiter.settle(value, error)
+
+    # --- the connection --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (raising ConnectError if the first attempt fails), then serve and reconnect."""
+        try:
+            await self._connection(task_status=task_status)
+        except (OSError, HandshakeError, HandshakeFailed, ConnectionClosed) as e:
+            raise ConnectError(f"cannot connect to {self.url}: {e}") from e
+        attempt = 0
+        while self.reconnect.enabled and not self._closed:
+            limit = self.reconnect.max_attempts
+            if limit is not None and attempt >= limit:
+                break
+            await trio.sleep(self.reconnect.delay(attempt))
+            try:
+                await self._connection()
+                attempt = 0
+            except HandshakeFailed:
+                break  # the broker refuses us: retrying cannot help
+            except (OSError, HandshakeError, ConnectionClosed):
+                attempt += 1
+        self._give_up()
+
+    async def _connection(self, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One connection's life: handshake, resume, then serve until it drops."""
+        async with trio.open_nursery() as connection:  # owns trio-websocket's reader task
+            ws = await connect_websocket_url(connection, self.url,
+                                             max_message_size=self.max_frame_bytes)
+            try:
+                await self._handshake(ws)
+                self._ws = ws
+                task_status.started()
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(self._write_loop, ws)
+                    tasks.start_soon(self._keepalive, ws)
+                    await self._read_loop(ws)
+                    tasks.cancel_scope.cancel()
+            finally:
+                self._ws = None
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await ws.aclose()
+                # The reader finishes the close handshake by itself; give it a bounded time.
+                connection.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+
+    async def _handshake(self, ws: WebSocketConnection) -> None:
+        await ws.send_message(self.core.open_connection())
+        await self._apply(self.core.receive(await ws.get_message()))
+        events, outcomes = self.core.resume()
+        await self._apply(outcomes)
+        # Requests still queued from before are in `events` already (the core resends every
+        # unanswered request); only fire-and-forget publishes are taken from the queue.
+        events += [e for e in self._drain_queue() if isinstance(e, Publish) and e.id is None]
+        if events:
+            await ws.send_message(self.core.connection.encode_batch(events))
+
+    def _drain_queue(self) -> list[ClientEvent]:
+        events = []
+        while True:
+            try:
+                events.append(self._queued.receive_nowait())
+            except trio.WouldBlock:
+                return events
+
+    async def _read_loop(self, ws: WebSocketConnection) -> None:
+        while True:
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed:
+                return
+            self._last_seen = trio.current_time()
+            await self._apply(self.core.receive(frame))
+
+    async def _write_loop(self, ws: WebSocketConnection) -> None:
+        fmt = self.core.format
+        budget = (self.core.connection.welcome.limits.get("max_frame_bytes", 1 << 20)
+                  if self.core.connection.welcome else 1 << 20)
+        while True:
+            events = [await self._queued.receive()]
+            fragments = [self.core.connection.encode(events[0])]
+            size = len(fragments[0])
+            while size < budget // 2:
+                try:
+                    event = self._queued.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                fragment = self.core.connection.encode(event)
+                fragments.append(fragment)
+                size += len(fragment)
+            try:
+                await ws.send_message(join(fragments, fmt))
+            except ConnectionClosed:
+                return  # unanswered requests are resent on the next connection
+
+    async def _keepalive(self, ws: WebSocketConnection) -> None:
+        welcome = self.core.connection.welcome
+        interval = float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+        self._last_seen = trio.current_time()
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - self._last_seen > 2 * interval:
+                await ws.aclose(1000, "no answer to ping")  # the reader sees the close
+                return
+            await self._send.send(Ping())
+
+    _last_seen: float = 0.0
+
+    def _give_up(self) -> None:
+        if self._closed:
+            error: BaseException = ClientClosed("the client is closed")
+        else:
+            self.failure = ConnectionLost(f"lost the connection to {self.url}")
+            error = self.failure
+        for waiter in self._waiters.values():
+            waiter.settle(error=error)
+        self._waiters.clear()
+        for stream in self._streams.values():
+            stream.close()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        ws = self._ws
+        if ws is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await ws.aclose(1000, "client closed")
+
+
+@asynccontextmanager
+async def connect(url: str, *, name: str = "", format: str = "msgpack",
+                  reconnect: Reconnect | None = None,
+                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                  buffer: int = 1000) -> AsyncIterator[Client]:
+    """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
+
+    format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
+    subscription and the send queue hold before pushing back.
+    """
+    core = ClientCore(format=Format(format), client_name=name)
+    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["Client", "Gap", "Message", "Reconnect", "Subscription", "connect"]

@@ -1,0 +1,98 @@
+"""The client's typed errors: one class per broker error code, plus connection failures."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mqbroker.protocol import Error, ErrorCode
+
+
+class ClientError(Exception):
+    """Base of every error the client raises."""
+
+
+class ConnectError(ClientError):
+    """The broker could not be reached, or refused the session (see `__cause__`)."""
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped and the client does not reconnect (or was closed meanwhile)."""
+
+
+class ClientClosed(ClientError):
+    """The client was closed; the operation cannot complete."""
+
+
+class BrokerError(ClientError):
+    """The broker answered a request with an `error` event."""
+
+    #: The code this class stands for; an instance's `code` is the one the broker sent.
+    default_code: ClassVar[str] = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: str | None = None, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        #: The operation of the request this answers (`publish`, `subscribe`, ...), if known.
+        self.ref = ref
+
+
+class InvalidTopic(BrokerError):
+    default_code = ErrorCode.INVALID_TOPIC
+
+
+class InvalidFilter(BrokerError):
+    default_code = ErrorCode.INVALID_FILTER
+
+
+class TooManySubscriptions(BrokerError):
+    default_code = ErrorCode.TOO_MANY_SUBSCRIPTIONS
+
+
+class DuplicateSubscription(BrokerError):
+    default_code = ErrorCode.DUPLICATE_SUBSCRIPTION
+
+
+class UnknownSubscription(BrokerError):
+    default_code = ErrorCode.UNKNOWN_SUBSCRIPTION
+
+
+class MessageTooLarge(BrokerError):
+    default_code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+class BadEventId(BrokerError):
+    default_code = ErrorCode.BAD_EVENT_ID
+
+
+class SinceUnsupported(BrokerError):
+    default_code = ErrorCode.SINCE_UNSUPPORTED
+
+
+class Unavailable(BrokerError):
+    """The broker's fan-out or history backend is down; the request may be retried."""
+
+    default_code = ErrorCode.UNAVAILABLE
+
+
+class ProtocolViolation(BrokerError):
+    """The broker could not understand what the client sent (a client bug)."""
+
+    default_code = ErrorCode.BAD_EVENT
+
+
+_BY_CODE: dict[str, type[BrokerError]] = {
+    cls.default_code: cls
+    for cls in (InvalidTopic, InvalidFilter, TooManySubscriptions, DuplicateSubscription,
+                UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable)
+}
+
+
+def error_from_event(event: Error) -> BrokerError:
+    """The typed exception for an `error` event; unknown codes give a plain BrokerError."""
+    cls = _BY_CODE.get(event.code)
+    if cls is not None:
+        return cls(event.message, ref=event.ref)
+    if event.code in (ErrorCode.BAD_EVENT, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_OP):
+        return ProtocolViolation(event.message, code=event.code, ref=event.ref)
+    return BrokerError(event.message, code=event.code, ref=event.ref)

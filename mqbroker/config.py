@@ -1,0 +1,423 @@
+"""The broker's configuration: config.toml validated into attrs values.
+
+Every field has a default, so an empty file (or none) is the embedded single-instance setup.
+Validation (types, ranges, unknown keys) is done by `load_config`, and for `[plugins.NAME]` by
+`plugin_settings`; both raise ConfigError naming the file, the key path and what was expected.
+See config.toml for the meaning of every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_mapping,
+    is_sequence,
+    list_structure_factory,
+    mapping_structure_factory,
+)
+from cattrs.errors import (
+    BaseValidationError,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
+from cattrs.gen import make_dict_structure_fn
+from cattrs.literals import is_literal
+
+from mqbroker.topics import InvalidTopic, validate_filter
+
+if TYPE_CHECKING:
+    from mqbroker.plugins import Plugin
+
+DEFAULT_PORT = 7878
+MiB = 1024 * 1024
+
+SlowConsumerPolicy = Literal["disconnect", "drop_oldest"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+# Validators come before the schema because its fields name them. Each one states what it
+# expects in words, so that an error names the expectation rather than the check.
+
+
+class _Invalid(ValueError):
+    """A value its key does not accept; `load_config` adds the file and the key path."""
+
+    def __init__(self, message: str, key: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        #: Where the value sits below the object being structured (set by attrs validators).
+        self.key = key
+
+
+class _Mismatch(_Invalid):
+    """A value that is not what its key expects, said as "expected X, got Y"."""
+
+    def __init__(self, expected: str, value: Any, key: tuple[str | int, ...] = ()) -> None:
+        super().__init__(f"expected {expected}, got {value!r} ({type(value).__name__})", key)
+        self.expected = expected
+        self.value = value
+
+
+class _WrongType(_Mismatch):
+    """Raised by structure hooks; the key's validator may phrase the expectation more precisely."""
+
+
+@frozen
+class _Number:
+    """An attrs validator: a finite number within bounds, optionally below a sibling field."""
+
+    expected: str
+    minimum: float
+    maximum: float = math.inf
+    #: The minimum itself is not allowed.
+    exclusive: bool = False
+    #: The name of a field of the same object that this value must stay below.
+    below: str | None = None
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        above_minimum = value > self.minimum if self.exclusive else value >= self.minimum
+        if not (math.isfinite(value) and above_minimum and value <= self.maximum):
+            raise _Mismatch(self.expected, value, (attribute.name,))
+        if self.below is not None and value >= (limit := getattr(instance, self.below)):
+            expected = f"{self.expected}, less than {self.below} ({limit})"
+            raise _Mismatch(expected, value, (attribute.name,))
+
+
+@frozen
+class _NonEmpty:
+    """An attrs validator: a non-empty string."""
+
+    expected: str
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+        if not value:
+            raise _Mismatch(self.expected, value, (attribute.name,))
+
+
+_PORT = _Number("an integer from 0 to 65535", 0, 65535)
+_POSITIVE = _Number("a positive integer", 1)
+_SECONDS = _Number("a finite number of seconds, 0 or more", 0)
+_POSITIVE_SECONDS = _Number("a finite number of seconds greater than 0", 0, exclusive=True)
+_HOST = _NonEmpty("a host name or IP address")
+_PLUGIN = _NonEmpty("a plugin name")
+
+
+def _plugin_tables(
+    instance: Any, attribute: attrs.Attribute[Any], value: Mapping[str, Any]
+) -> None:
+    """`[plugins]` holds one table per plugin; a bare value there is a mistake."""
+    for name, table in value.items():
+        if not isinstance(table, dict):
+            raise _Mismatch("a table of plugin settings", table, (attribute.name, name))
+
+
+def _filters(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Every recorded filter is one a session could subscribe with."""
+    for index, text in enumerate(value):
+        try:
+            validate_filter(text)
+        except InvalidTopic as error:
+            raise _Invalid(str(error), (attribute.name, index)) from error
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", validator=_HOST)
+    #: 0 asks the OS for a free port (tests use it).
+    port: int = field(default=DEFAULT_PORT, validator=_PORT)
+    #: Empty: a random id per process run.
+    instance_id: str = ""
+    max_frame_bytes: int = field(default=1 * MiB, validator=_POSITIVE)
+    max_subscriptions: int = field(default=1000, validator=_POSITIVE)
+    max_topic_length: int = field(default=1024, validator=_POSITIVE)
+    max_topic_levels: int = field(default=32, validator=_POSITIVE)
+    outbox_messages: int = field(default=10_000, validator=_POSITIVE)
+    outbox_bytes: int = field(default=16 * MiB, validator=_POSITIVE)
+    slow_consumer: SlowConsumerPolicy = "disconnect"
+    ping_interval: float = field(
+        default=20.0,
+        validator=_Number(
+            "a finite number of seconds greater than 0", 0, exclusive=True, below="idle_timeout"
+        ),
+    )
+    idle_timeout: float = field(default=60.0, validator=_POSITIVE_SECONDS)
+    hello_timeout: float = field(default=10.0, validator=_POSITIVE_SECONDS)
+    shutdown_grace: float = field(default=5.0, validator=_SECONDS)
+    #: A repeated (topic, msg_id) publish within this many seconds is not delivered again.
+    dedup_window: float = field(default=120.0, validator=_SECONDS)
+
+
+@frozen(kw_only=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+@frozen(kw_only=True)
+class HistoryConfig:
+    plugin: str = field(default="memory", validator=_PLUGIN)
+    #: Filters of the topics whose messages are kept for replay.
+    record: tuple[str, ...] = field(
+        default=("mcp/session/+/message", "mcp/broadcast/#"), validator=_filters
+    )
+    max_messages: int = field(default=1000, validator=_POSITIVE)
+    max_age: float = field(default=300.0, validator=_POSITIVE_SECONDS)
+    max_topics: int = field(default=100_000, validator=_POSITIVE)
+    max_bytes: int = field(default=256 * MiB, validator=_POSITIVE)
+
+
+@frozen(kw_only=True)
+class FanoutConfig:
+    plugin: str = field(default="memory", validator=_PLUGIN)
+
+
+@frozen(kw_only=True)
+class MetricsConfig:
+    #: Serve /health and /metrics over HTTP on this port; 0 turns it off.
+    port: int = field(default=0, validator=_PORT)
+    host: str = field(default="127.0.0.1", validator=_HOST)
+
+
+@frozen(kw_only=True)
+class Config:
+    server: ServerConfig = field(factory=ServerConfig)
+    log: LogConfig = field(factory=LogConfig)
+    history: HistoryConfig = field(factory=HistoryConfig)
+    fanout: FanoutConfig = field(factory=FanoutConfig)
+    metrics: MetricsConfig = field(factory=MetricsConfig)
+    #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
+    plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used: names the file, the key path and what was expected."""
+
+
+# --- Loading ---------------------------------------------------------------------------------
+
+#: Where a value sits in the document: table keys, and indices into arrays.
+KeyPath = tuple[str | int, ...]
+_StructureHook = Callable[[Any, Any], Any]
+_T = TypeVar("_T")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The configuration in the TOML file at `path`, or the defaults when `path` is None.
+
+    Raises ConfigError naming the file, each offending key and what it expects.
+    """
+    if path is None:
+        return Config()
+    source = str(path)
+    return _structure(_read_toml(Path(path), source), Config, source, ())
+
+
+def plugin_settings(config: Config, plugin: Plugin, *, source: str = "config.toml") -> Any:
+    """`[plugins.NAME]` validated into the plugin's settings_type; None when it has none.
+
+    Raises ConfigError (naming `source` and keys such as `plugins.redis.url`) when the table
+    does not fit, or when it is not empty and the plugin takes no settings.
+    """
+    table = config.plugins.get(plugin.name, {})
+    key: KeyPath = ("plugins", plugin.name)
+    if plugin.settings_type is None:
+        if table:
+            names = ", ".join(sorted(table))
+            raise ConfigError(f"{source}: {_dotted(key)}: the plugin takes no settings ({names})")
+        return None
+    return _structure(table, plugin.settings_type, source, key)
+
+
+def _read_toml(path: Path, source: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read the file: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: not UTF-8 text ({error.reason})") from error
+    except tomllib.TOMLDecodeError as error:
+        # tomllib's message carries the position: "... (at line 3, column 8)".
+        raise ConfigError(f"{source}: invalid TOML: {error}") from error
+
+
+def _structure(document: Any, cls: type[_T], source: str, key: KeyPath) -> _T:
+    try:
+        return _converter.structure(document, cls)
+    except (BaseValidationError, _Invalid) as error:
+        lines = [_line(source, where, text) for where, text in _problems(error, key)]
+        raise ConfigError("\n".join(lines)) from error
+
+
+def _line(source: str, key: KeyPath, text: str) -> str:
+    return f"{source}: {_dotted(key)}: {text}" if key else f"{source}: {text}"
+
+
+# --- Turning cattrs' structured exceptions into key paths and sentences ----------------------
+
+
+def _problems(
+    error: BaseException, key: KeyPath, hint: str | None = None
+) -> Iterator[tuple[KeyPath, str]]:
+    """(key path, what is wrong) for every failure in a cattrs exception tree.
+
+    `hint` is the expectation of the attribute being structured, from its validator: it turns
+    "expected an integer" into "expected an integer from 0 to 65535".
+    """
+    if isinstance(error, ClassValidationError):
+        with_notes, others = error.group_exceptions()
+        for sub, note in with_notes:
+            yield from _problems(sub, (*key, note.name), _expectation(error.cl, note.name))
+        for sub in others:
+            yield from _problems(sub, key)
+    elif isinstance(error, IterableValidationError):
+        indexed, others = error.group_exceptions()
+        for sub, index_note in indexed:
+            yield from _problems(sub, (*key, index_note.index))
+        for sub in others:
+            yield from _problems(sub, key)
+    elif isinstance(error, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(error.cl)]
+        for name in sorted(error.extra_fields):
+            yield (*key, name), _unknown_key(name, known)
+    else:
+        yield _leaf(error, key, hint)
+
+
+def _leaf(error: BaseException, key: KeyPath, hint: str | None) -> tuple[KeyPath, str]:
+    if isinstance(error, _WrongType) and hint is not None:
+        return key, str(_Mismatch(hint, error.value))
+    if isinstance(error, _Invalid):
+        return (*key, *error.key), str(error)
+    if isinstance(error, KeyError):
+        return key, "missing: this key is required"
+    # A plugin's own attrs validators or converters: their message is all we have.
+    return key, str(error) or type(error).__name__
+
+
+def _expectation(cls: type, name: str) -> str | None:
+    if not attrs.has(cls):
+        return None
+    validator = attrs.fields_dict(cls)[name].validator
+    expected = getattr(validator, "expected", None)
+    return expected if isinstance(expected, str) else None
+
+
+def _unknown_key(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({guess}known: {', '.join(known) or 'none'})"
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _dotted(key: KeyPath) -> str:
+    """A key path as TOML spells it: `server.port`, `history.record[2]`, `plugins."a.b"`."""
+    text = ""
+    for part in key:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if _BARE_KEY.fullmatch(part) else json.dumps(part)
+            text += f".{name}" if text else name
+    return text
+
+
+# --- The converter: cattrs, strict about TOML's types ----------------------------------------
+# cattrs' default hooks coerce (int("8") == 8, str(5) == "5", tuple("ab") == ("a", "b")), which
+# would hide mistakes in a config file; these hooks accept only the TOML type each field names.
+
+
+def _primitive(
+    expected: str, accepts: Callable[[Any], bool], convert: Callable[[Any], Any]
+) -> _StructureHook:
+    def structure(value: Any, _: Any) -> Any:
+        if not accepts(value):
+            raise _WrongType(expected, value)
+        return convert(value)
+
+    return structure
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # TOML writes 20 and 20.0 differently; a duration of 20 seconds is fine either way.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _structure_literal(value: Any, literal: Any) -> Any:
+    options = get_args(literal)
+    if any(type(value) is type(option) and value == option for option in options):
+        return value
+    raise _WrongType(f"one of {', '.join(repr(option) for option in options)}", value)
+
+
+def _requiring(kind: type, expected: str, inner: _StructureHook) -> _StructureHook:
+    """`inner`, once the value is of TOML type `kind` (cattrs would iterate a string)."""
+
+    def structure(value: Any, cls: Any) -> Any:
+        if not isinstance(value, kind):
+            raise _WrongType(expected, value)
+        return inner(value, cls)
+
+    return structure
+
+
+def _table_hook(cls: type, converter: cattrs.Converter) -> _StructureHook:
+    return _requiring(dict, "a table", make_dict_structure_fn(cls, converter))
+
+
+def _mapping_hook(cls: Any, converter: cattrs.Converter) -> _StructureHook:
+    return _requiring(dict, "a table", mapping_structure_factory(cls, converter, dict))
+
+
+def _is_array(cls: Any) -> bool:
+    return is_sequence(cls) and get_origin(cls) in (tuple, list)
+
+
+def _array_hook(cls: Any, converter: cattrs.Converter) -> _StructureHook:
+    factory = (
+        homogenous_tuple_structure_factory if get_origin(cls) is tuple else (list_structure_factory)
+    )
+    return _requiring(list, "an array", factory(cls, converter))
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    converter.register_structure_hook(int, _primitive("an integer", _is_int, int))
+    converter.register_structure_hook(float, _primitive("a number", _is_number, float))
+    converter.register_structure_hook(str, _primitive("a string", _is_str, str))
+    converter.register_structure_hook(bool, _primitive("true or false", _is_bool, bool))
+    converter.register_structure_hook_func(is_literal, _structure_literal)
+    converter.register_structure_hook_factory(attrs.has, _table_hook)
+    converter.register_structure_hook_factory(is_mapping, _mapping_hook)
+    converter.register_structure_hook_factory(_is_array, _array_hook)
+    return converter
+
+
+_converter = _make_converter()

@@ -1,0 +1,39 @@
+"""The daemon: the broker, its listener and its HTTP endpoints, run until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+
+import structlog
+import trio
+
+from mqbroker.broker import open_broker
+from mqbroker.config import Config
+from mqbroker.server.listener import Listener, serve
+
+logger = structlog.get_logger("mqbroker")
+
+
+async def run(config: Config, *,
+              task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (sessions closed with 1001)."""
+    instance_id = config.server.instance_id or secrets.token_hex(4)
+    log = logger.bind(instance=instance_id)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_broker(config, instance_id) as broker, trio.open_nursery() as nursery:
+            listener: Listener = await nursery.start(serve, broker, config.server)
+            if config.metrics.port:
+                from mqbroker.server.http import serve_http
+
+                await nursery.start(serve_http, broker, config.metrics)
+            log.info("broker.started", host=config.server.host, port=listener.port,
+                     history=config.history.plugin, fanout=config.fanout.plugin)
+            task_status.started(listener)
+            async for signum in signals:
+                log.info("broker.stopping", signal=signal.Signals(signum).name,
+                         grace=config.server.shutdown_grace)
+                break
+            await listener.shutdown()
+            nursery.cancel_scope.cancel()
+    log.info("broker.stopped")

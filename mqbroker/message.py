@@ -1,0 +1,80 @@
+"""Messages and their positions: the values that flow from a publisher to every subscriber.
+
+Pure: imports nothing that does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+
+#: A payload is any msgpack value: None, bool, int, float, str, bytes, list or str-keyed map.
+Payload = Any
+
+
+class InvalidEventId(ValueError):
+    """An event id that this broker never issued (it does not parse)."""
+
+
+@frozen(order=True)
+class Position:
+    """Where a message stands in its topic's history.
+
+    Offsets strictly increase per topic within one epoch. The epoch names one life of a history:
+    a restarted memory store or a flushed Redis gets a new epoch, so an old event id is never
+    mistaken for a new one.
+    """
+
+    epoch: str
+    offset: int
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.epoch}-{self.offset}"
+
+    @classmethod
+    def parse(cls, event_id: str) -> Position:
+        """The position an event id names; raises InvalidEventId if it does not parse."""
+        epoch, sep, offset = event_id.rpartition("-")
+        if not sep or not epoch or not offset.isdigit() or not epoch.isalnum():
+            raise InvalidEventId(f"not an event id: {event_id!r}")
+        return cls(epoch, int(offset))
+
+
+@frozen(kw_only=True)
+class Draft:
+    """A message as published, before the fan-out gives it a position."""
+
+    topic: str
+    payload: Payload
+    published_at: float
+    #: The publisher's idempotency key, if it gave one.
+    msg_id: str | None = None
+    #: Whether the history store keeps this message (the topic matches a recorded filter).
+    record: bool = False
+
+
+@frozen(kw_only=True)
+class Message:
+    """A published message with its position: what subscribers receive."""
+
+    topic: str
+    payload: Payload
+    published_at: float
+    position: Position
+    msg_id: str | None = None
+
+    @property
+    def event_id(self) -> str:
+        return self.position.event_id
+
+    @classmethod
+    def from_draft(cls, draft: Draft, position: Position) -> Message:
+        return cls(
+            topic=draft.topic,
+            payload=draft.payload,
+            published_at=draft.published_at,
+            position=position,
+            msg_id=draft.msg_id,
+        )

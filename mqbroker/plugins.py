@@ -1,0 +1,57 @@
+"""Plugins: what a plugin provides, and how the broker finds one by name.
+
+Every plugin, built-in or third-party, is an object of type `Plugin` published in the
+`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"` and `[fanout] plugin = "NAME"`
+in config.toml pick one by its entry-point name, and `[plugins.NAME]` holds its settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from importlib.metadata import entry_points
+from typing import Any
+
+from attrs import frozen
+
+from mqbroker.fanout import Fanout, FanoutContext
+from mqbroker.history import HistoryStore
+
+ENTRY_POINT_GROUP = "mqbroker.plugins"
+
+#: (plugin settings, [history] settings) -> an async context manager owning the store.
+HistoryFactory = Callable[[Any, Any], AbstractAsyncContextManager[HistoryStore]]
+#: (plugin settings, context) -> an async context manager owning the fan-out.
+FanoutFactory = Callable[[Any, FanoutContext], AbstractAsyncContextManager[Fanout]]
+
+
+@frozen(kw_only=True)
+class Plugin:
+    """What a plugin offers. Any of the factories may be None."""
+
+    name: str
+    #: An attrs class the `[plugins.NAME]` table is validated into; every field needs a default.
+    settings_type: type[Any] | None = None
+    open_history: HistoryFactory | None = None
+    open_fanout: FanoutFactory | None = None
+
+
+class PluginError(Exception):
+    """A plugin named in the configuration is missing or does not provide what is asked."""
+
+
+def available_plugins() -> dict[str, Any]:
+    """Entry-point name -> entry point, for every installed plugin."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str) -> Plugin:
+    """Import the plugin registered under `name`; raises PluginError naming what is installed."""
+    found = available_plugins()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise PluginError(f"no plugin named {name!r} is installed (installed: {known})")
+    plugin = found[name].load()
+    if not isinstance(plugin, Plugin):
+        raise PluginError(f"entry point {name!r} is not an mqbroker.plugins.Plugin")
+    return plugin

@@ -1,0 +1,320 @@
+"""The frame codec: msgpack (binary frames) and JSON (text frames), single events or batches.
+
+Decoding checks every field against its event class and turns each bad item into a `Rejected`
+value rather than an exception, so one bad event in a batch does not spoil the rest.
+msgpack and json errors are translated here and nowhere else. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import msgpack
+from attrs import frozen
+
+from mqbroker.message import Message
+from mqbroker.protocol.events import (
+    CLIENT_EVENTS,
+    SERVER_EVENTS,
+    ErrorCode,
+    Event,
+)
+
+#: Ids are unsigned and JSON-safe (exactly representable as a double).
+MAX_ID = 2**53 - 1
+
+
+class Format(enum.Enum):
+    """A session's encoding, chosen by the frame type of its `hello`."""
+
+    MSGPACK = "msgpack"  # binary frames
+    JSON = "json"  # text frames
+
+    @classmethod
+    def of(cls, frame: bytes | str) -> Format:
+        return cls.JSON if isinstance(frame, str) else cls.MSGPACK
+
+
+Frame = bytes | str
+
+
+@frozen
+class Rejected:
+    """An item of a received frame that is not a valid event; answered with an `error`."""
+
+    code: ErrorCode
+    message: str
+    id: int | None = None
+    ref: str | None = None
+
+
+# --- field checks, derived once per event class from its annotations -------------------------
+
+Check = Callable[[Any], Any]  # returns the (possibly converted) value or raises ValueError
+
+
+def _check_int(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise ValueError(f"an integer from 0 to {MAX_ID}")
+    return value
+
+
+def _check_str(value: Any) -> str:
+    if type(value) is not str:
+        raise ValueError("a string")
+    return value
+
+
+def _check_float(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise ValueError("a number")
+    return float(value)
+
+
+def _check_bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError("a boolean")
+    return value
+
+
+def _check_dict(value: Any) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ValueError("a map")
+    return value
+
+
+def _check_int_tuple(value: Any) -> tuple[int, ...]:
+    if type(value) not in (list, tuple):
+        raise ValueError("an array of integers")
+    return tuple(_check_int(item) for item in value)
+
+
+def _check_any(value: Any) -> Any:
+    return value
+
+
+_CHECKS: dict[Any, Check] = {
+    int: _check_int,
+    str: _check_str,
+    float: _check_float,
+    bool: _check_bool,
+    dict[str, Any]: _check_dict,
+    tuple[int, ...]: _check_int_tuple,
+    Any: _check_any,
+}
+
+
+@frozen
+class _FieldSpec:
+    name: str
+    check: Check
+    required: bool
+
+
+def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in attrs.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        if type(None) in args:  # `X | None`
+            hint = next(arg for arg in args if arg is not type(None))
+        required = f.default is attrs.NOTHING
+        specs.append(_FieldSpec(f.name, _CHECKS[hint], required))
+    return tuple(specs)
+
+
+@frozen
+class _EventSpec:
+    cls: type[Any]
+    fields: tuple[_FieldSpec, ...]
+
+
+def _event_specs(classes: Iterable[type[Any]]) -> dict[str, _EventSpec]:
+    return {cls.OP: _EventSpec(cls, _field_specs(cls)) for cls in classes}
+
+
+CLIENT_SPECS = _event_specs(CLIENT_EVENTS)
+SERVER_SPECS = _event_specs(SERVER_EVENTS)
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _from_json_object(obj: dict[str, Any]) -> Any:
+    # Binary values travel in JSON as {"$base64": "..."} (docs/protocol.md, "Payloads").
+    if len(obj) == 1 and "$base64" in obj and isinstance(obj["$base64"], str):
+        return base64.b64decode(obj["$base64"])
+    return obj
+
+
+def _parse(frame: Frame) -> Any:
+    """The frame's raw value; raises ValueError with a reason."""
+    try:
+        if isinstance(frame, str):
+            return json.loads(frame, object_hook=_from_json_object)
+        return msgpack.unpackb(frame, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        kind = "JSON" if isinstance(frame, str) else "msgpack"
+        raise ValueError(f"the frame is not valid {kind}: {e}") from None
+
+
+def decode(frame: Frame, specs: dict[str, _EventSpec]) -> list[Any]:
+    """Decode one frame into events and `Rejected` items, in frame order."""
+    try:
+        raw = _parse(frame)
+    except ValueError as e:
+        return [Rejected(ErrorCode.BAD_FRAME, str(e))]
+    if isinstance(raw, list):
+        if not raw:
+            return [Rejected(ErrorCode.BAD_FRAME, "a batch must hold at least one event")]
+        return [decode_item(item, specs) for item in raw]
+    return [decode_item(raw, specs)]
+
+
+def _request_id(item: dict[Any, Any]) -> int | None:
+    value = item.get("id")
+    return value if type(value) is int and 0 <= value <= MAX_ID else None
+
+
+def decode_item(item: Any, specs: dict[str, _EventSpec]) -> Any:
+    """One event from its map, or a `Rejected` saying what is wrong with it."""
+    if type(item) is not dict:
+        return Rejected(ErrorCode.BAD_FRAME, "an event must be a map with an `op` key")
+    op = item.get("op")
+    spec = specs.get(op) if type(op) is str else None
+    if spec is None:
+        known = ", ".join(specs)
+        return Rejected(ErrorCode.UNKNOWN_OP, f"unknown op {op!r} (known: {known})",
+                        _request_id(item), op if type(op) is str else None)
+    values = {}
+    for f in spec.fields:
+        value = item.get(f.name)
+        if value is None:
+            if f.required:
+                return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{f.name}` is required",
+                                _request_id(item), op)
+            continue
+        try:
+            values[f.name] = f.check(value)
+        except ValueError as e:
+            return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{f.name}` must be {e}",
+                            _request_id(item), op)
+    return spec.cls(**values)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def _to_json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"cannot encode {type(value).__name__} in JSON")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_to_json_default)
+
+
+def _packb(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def event_map(event: Event) -> dict[str, Any]:
+    """The wire map of an event: its op and every field that is not None."""
+    values: dict[str, Any] = {"op": event.OP}
+    for name, value in attrs.asdict(event, recurse=False).items():
+        if value is not None:
+            values[name] = list(value) if isinstance(value, tuple) else value
+    return values
+
+
+def encode(event: Event, fmt: Format) -> Frame:
+    """One event as a frame fragment (a whole frame on its own, or one item of a batch)."""
+    values = event_map(event)
+    return _dumps(values) if fmt is Format.JSON else _packb(values)
+
+
+def join(fragments: Sequence[Frame], fmt: Format) -> Frame:
+    """One frame out of encoded fragments: the fragment itself, or a batch (an array)."""
+    if len(fragments) == 1:
+        return fragments[0]
+    if fmt is Format.JSON:
+        return "[" + ",".join(typing.cast(Sequence[str], fragments)) + "]"
+    return _array_header(len(fragments)) + b"".join(typing.cast(Sequence[bytes], fragments))
+
+
+def _array_header(n: int) -> bytes:
+    # msgpack array headers (fixarray, array 16, array 32): a batch is the header followed by
+    # the already-encoded events, so coalescing never re-encodes a message.
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def fragment_size(fragment: Frame) -> int:
+    return len(fragment)
+
+
+class EncodedMessage:
+    """A message encoded once for all the sessions it reaches.
+
+    Each session's delivery differs only in `subs`, so the rest of the map (the tail) is encoded
+    once per format and each session's fragment is a short prefix plus that shared tail.
+    """
+
+    __slots__ = ("_json_tail", "_msgpack_tail", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._msgpack_tail: bytes | None = None
+        self._json_tail: str | None = None
+
+    def _tail_map(self) -> dict[str, Any]:
+        m = self.message
+        return {"op": "message", "topic": m.topic, "event": m.event_id,
+                "payload": m.payload, "time": m.published_at}
+
+    def msgpack_tail(self) -> bytes:
+        if self._msgpack_tail is None:
+            # A fixmap header (0x85: five pairs) then the pairs; the prefix adds `subs`.
+            self._msgpack_tail = _packb(self._tail_map())[1:]
+        return self._msgpack_tail
+
+    def json_tail(self) -> str:
+        if self._json_tail is None:
+            self._json_tail = _dumps(self._tail_map())[1:]
+        return self._json_tail
+
+    def fragment(self, fmt: Format, subs: tuple[int, ...]) -> Frame:
+        if fmt is Format.MSGPACK:
+            return _subs_prefix(subs) + self.msgpack_tail()
+        return '{"subs":' + _dumps(list(subs)) + "," + self.json_tail()
+
+
+_SUBS_KEY = _packb("subs")
+_prefix_cache: dict[tuple[int, ...], bytes] = {}
+
+
+def _subs_prefix(subs: tuple[int, ...]) -> bytes:
+    prefix = _prefix_cache.get(subs)
+    if prefix is None:
+        # 0x86: a fixmap of six pairs, `subs` first, then the five shared pairs.
+        prefix = b"\x86" + _SUBS_KEY + _packb(list(subs))
+        if len(_prefix_cache) < 4096:
+            _prefix_cache[subs] = prefix
+    return prefix
+
+
+def payload_size(payload: Any) -> int:
+    """The payload's encoded size in msgpack: what `max_frame_bytes` is measured against."""
+    return len(_packb(payload))

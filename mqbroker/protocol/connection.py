@@ -1,0 +1,129 @@
+"""The sans-IO protocol state of one session, from either side: frames in, events out.
+
+Like h11 and wsproto: no sockets here. The server and the client each hold one of these per
+connection, feed it the frames they receive and ask it to encode what they send. A broken
+handshake raises `HandshakeFailed`, which carries the error event to send before closing.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from attrs import define, field
+
+from mqbroker.protocol.codec import (
+    CLIENT_SPECS,
+    SERVER_SPECS,
+    Format,
+    Frame,
+    Rejected,
+    decode,
+    encode,
+    join,
+)
+from mqbroker.protocol.events import (
+    PROTOCOL_VERSION,
+    ClientEvent,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    ServerEvent,
+    Welcome,
+)
+
+
+class State(enum.Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    OPEN = "open"
+
+
+class HandshakeFailed(Exception):
+    """The peer did not open the session properly; send `error` (if any) and close with 4000."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _error_of(item: Rejected) -> Error:
+    return Error(code=item.code, message=item.message, id=item.id, ref=item.ref)
+
+
+@define
+class ServerConnection:
+    """The broker's side: the first event must be a supported `hello`."""
+
+    state: State = State.AWAITING_HELLO
+    #: The session's format, set by the frame type of its `hello`.
+    format: Format = Format.MSGPACK
+    client: str = ""
+
+    def receive(self, frame: Frame) -> list[ClientEvent | Rejected]:
+        """The events of one received frame; `Rejected` items are to be answered with errors."""
+        items: list[Any] = decode(frame, CLIENT_SPECS)
+        if self.state is State.AWAITING_HELLO:
+            self._open(frame, items[0])
+            items = items[1:]
+        return [self._check_open(item) for item in items]
+
+    def _open(self, frame: Frame, first: Any) -> None:
+        self.format = Format.of(frame)
+        if isinstance(first, Rejected):
+            raise HandshakeFailed(_error_of(first))
+        if not isinstance(first, Hello):
+            raise HandshakeFailed(Error(code=ErrorCode.HELLO_REQUIRED, ref=first.OP,
+                                        message="the first event must be `hello`"))
+        if first.version != PROTOCOL_VERSION:
+            raise HandshakeFailed(Error(
+                code=ErrorCode.UNSUPPORTED_VERSION, ref="hello",
+                message=f"protocol version {first.version} is not supported "
+                        f"(supported: {PROTOCOL_VERSION})"))
+        self.client = first.client
+        self.state = State.OPEN
+
+    @staticmethod
+    def _check_open(item: Any) -> ClientEvent | Rejected:
+        if isinstance(item, Hello):
+            return Rejected(ErrorCode.ALREADY_HELLO, "the session is already open", ref="hello")
+        result: ClientEvent | Rejected = item
+        return result
+
+    def encode(self, event: ServerEvent) -> Frame:
+        return encode(event, self.format)
+
+    def error(self, item: Rejected) -> Frame:
+        return self.encode(_error_of(item))
+
+
+@define
+class ClientConnection:
+    """The client's side: send `hello`, then expect `welcome` before anything else."""
+
+    format: Format = Format.MSGPACK
+    state: State = State.AWAITING_HELLO
+    welcome: Welcome | None = field(default=None)
+
+    def hello(self, client: str = "") -> Frame:
+        return encode(Hello(version=PROTOCOL_VERSION, client=client), self.format)
+
+    def receive(self, frame: Frame) -> list[ServerEvent | Rejected]:
+        items: list[Any] = decode(frame, SERVER_SPECS)
+        if self.state is State.AWAITING_HELLO:
+            first = items[0]
+            if isinstance(first, Error):
+                raise HandshakeFailed(first)
+            if not isinstance(first, Welcome):
+                raise HandshakeFailed(Error(code=ErrorCode.BAD_EVENT,
+                                            message="the broker did not answer with `welcome`"))
+            self.welcome = first
+            self.state = State.OPEN
+        return items
+
+    def encode(self, event: ClientEvent) -> Frame:
+        return encode(event, self.format)
+
+    def encode_batch(self, events: Sequence[Event]) -> Frame:
+        return join([encode(e, self.format) for e in events], self.format)

@@ -1,0 +1,1 @@
+"""The WebSocket server: sessions, their outboxes and the listener, on trio and trio-websocket."""

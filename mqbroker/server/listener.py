@@ -1,0 +1,61 @@
+"""The listener: accepts WebSocket connections and runs one session for each, until shutdown."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+from attrs import define
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from mqbroker.config import ServerConfig
+from mqbroker.protocol import CloseCode
+from mqbroker.server.session import Session
+
+if TYPE_CHECKING:
+    from mqbroker.broker import Broker
+
+logger = structlog.get_logger("mqbroker.server")
+
+
+@define(eq=False)
+class Listener:
+    """A running listener: its bound port, and the way to shut it down gracefully."""
+
+    broker: Broker
+    config: ServerConfig
+    port: int
+    _accepting: trio.CancelScope
+    _sessions: trio.CancelScope
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every session with 1001, and give up after the grace period."""
+        self._accepting.cancel()
+        with trio.move_on_after(self.config.shutdown_grace):
+            async with trio.open_nursery() as nursery:
+                for session in list(self.broker.sessions):
+                    nursery.start_soon(session.close, CloseCode.GOING_AWAY,
+                                       "broker shutting down")
+        self._sessions.cancel()
+
+
+async def serve(broker: Broker, config: ServerConfig, *,
+                task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept sessions on config.host:config.port; `task_status` gets the Listener once bound."""
+
+    async def handle(request: WebSocketRequest) -> None:
+        session = Session(await request.accept(), config)
+        broker.attach(session)
+        await session.run(broker)
+
+    async with trio.open_nursery() as sessions:
+        async with trio.open_nursery() as accepting:
+            server = await accepting.start(partial(
+                serve_websocket, handle, config.host, config.port, ssl_context=None,
+                handler_nursery=sessions, max_message_size=config.max_frame_bytes))
+            port = server.port
+            logger.info("server.listening", host=config.host, port=port)
+            task_status.started(Listener(broker, config, port, accepting.cancel_scope,
+                                         sessions.cancel_scope))

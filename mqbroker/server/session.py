@@ -1,0 +1,224 @@
+"""One attached client: its protocol state, outbox and the reader and writer tasks.
+
+Each session runs in its own nursery: the reader decodes frames and hands events to the broker,
+the writer drains the outbox, coalescing whatever is queued into one frame. The broker reaches a
+session only through `deliver`, which never blocks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+from attrs import define, field
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from mqbroker.config import ServerConfig
+from mqbroker.message import Message
+from mqbroker.protocol import (
+    CloseCode,
+    Dropped,
+    EncodedMessage,
+    Frame,
+    HandshakeFailed,
+    Ping,
+    Pong,
+    Publish,
+    Rejected,
+    ServerConnection,
+    ServerEvent,
+    Welcome,
+    join,
+)
+from mqbroker.server.outbox import Outbox, Overflowed
+
+if TYPE_CHECKING:
+    from mqbroker.broker import Broker
+
+logger = structlog.get_logger("mqbroker.session")
+
+
+@define(eq=False)
+class Session:
+    """A client attached over one WebSocket. Hashable by identity: the index keys on it."""
+
+    ws: WebSocketConnection
+    config: ServerConfig
+    id: str = field(factory=lambda: secrets.token_hex(6))
+    protocol: ServerConnection = field(factory=ServerConnection)
+    outbox: Outbox = field(init=False)
+    #: Subscription id -> live messages held back while that subscription replays history.
+    recovering: dict[int, deque[EncodedMessage]] = field(factory=dict)
+    log: Any = field(init=False)
+    closing: CloseCode | None = None
+    #: The scope of the reader and writer, once running.
+    _tasks: trio.CancelScope | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.outbox = Outbox(
+            max_messages=self.config.outbox_messages,
+            max_bytes=self.config.outbox_bytes,
+            drop_oldest=self.config.slow_consumer == "drop_oldest",
+        )
+        remote = self.ws.remote
+        peer = remote if isinstance(remote, str) else f"{remote.address}:{remote.port}"
+        self.log = logger.bind(session=self.id, peer=peer)
+
+    # --- what the broker calls ---------------------------------------------------------------
+
+    def deliver(self, message: EncodedMessage, subs: tuple[int, ...]) -> None:
+        """Queue a message for this session's subscriptions `subs`; never blocks."""
+        if self.recovering:
+            subs = self._hold_back(message, subs)
+            if not subs:
+                return
+        if not self.outbox.put_nowait(message.fragment(self.protocol.format, subs)):
+            self._overflowed()
+
+    def reply(self, event: ServerEvent) -> None:
+        self.outbox.reply(self.protocol.encode(event))
+
+    async def replay(self, messages: Sequence[Message], sub: int) -> None:
+        """Queue replayed messages, paced by this session's writer rather than dropped."""
+        for message in messages:
+            await self.outbox.put(EncodedMessage(message).fragment(self.protocol.format, (sub,)))
+
+    def _hold_back(self, message: EncodedMessage, subs: tuple[int, ...]) -> tuple[int, ...]:
+        live = []
+        for sub in subs:
+            held = self.recovering.get(sub)
+            if held is None:
+                live.append(sub)
+            elif len(held) < self.config.outbox_messages:
+                held.append(message)
+            else:
+                self._overflowed()
+        return tuple(live)
+
+    def _overflowed(self) -> None:
+        self.outbox.overflow()
+        if self.closing is None:
+            self.closing = CloseCode.SLOW_CONSUMER
+            self.log.warning("session.slow", outbox=len(self.outbox),
+                             policy=self.config.slow_consumer)
+            if self._tasks is not None:
+                # The writer may be stuck sending to a peer that reads nothing, so the 4008
+                # close might never go out: after the grace period the connection is dropped.
+                self._tasks.deadline = trio.current_time() + self.config.shutdown_grace
+
+    # --- the tasks ---------------------------------------------------------------------------
+
+    async def run(self, broker: Broker) -> None:
+        """Serve this session until it closes; the broker forgets it on the way out."""
+        try:
+            if await self._open(broker):
+                self.log.info("session.opened", client=self.protocol.client,
+                              format=self.protocol.format.value)
+                async with trio.open_nursery() as nursery:
+                    self._tasks = nursery.cancel_scope
+                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    await self._read_loop(broker)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(self.config.shutdown_grace, shield=True):
+                await broker.detach(self)
+            self.log.info("session.closed", code=self._close_code())
+
+    def _close_code(self) -> int | None:
+        if self.closing is not None:
+            return int(self.closing)
+        closed = self.ws.closed
+        return int(closed.code) if closed is not None else None
+
+    async def _open(self, broker: Broker) -> bool:
+        with trio.move_on_after(self.config.hello_timeout):
+            try:
+                frame = await self.ws.get_message()
+                events = self.protocol.receive(frame)
+            except HandshakeFailed as e:
+                await self._send_and_close(self.protocol.encode(e.error),
+                                           CloseCode.HANDSHAKE_FAILED, e.error.message)
+                return False
+            except ConnectionClosed:
+                return False
+            await self.ws.send_message(self.protocol.encode(self._welcome(broker)))
+            await self._handle(broker, events)
+            return True
+        await self._send_and_close(None, CloseCode.HANDSHAKE_FAILED, "no hello in time")
+        return False
+
+    def _welcome(self, broker: Broker) -> Welcome:
+        return Welcome(version=1, instance=broker.instance_id, session=self.id,
+                       limits=broker.limits())
+
+    async def _read_loop(self, broker: Broker) -> None:
+        while True:
+            # Only the wait for a frame is timed: handling one may wait on this session's own
+            # outbox (a replay) for longer than a client needs to stay quiet.
+            frame: Frame | None = None
+            with trio.move_on_after(self.config.idle_timeout):
+                try:
+                    frame = await self.ws.get_message()
+                except ConnectionClosed:
+                    return
+            if frame is None:
+                await self._close(CloseCode.IDLE_TIMEOUT, "idle timeout")
+                return
+            await self._handle(broker, self.protocol.receive(frame))
+
+    async def _handle(self, broker: Broker, events: list[Any]) -> None:
+        """Handle one frame's events in order; runs of publishes go to the broker as a batch."""
+        publishes: list[Publish] = []
+        for event in events:
+            if isinstance(event, Publish):
+                publishes.append(event)
+                continue
+            if publishes:
+                await broker.publish(self, publishes)
+                publishes = []
+            await self._handle_one(broker, event)
+        if publishes:
+            await broker.publish(self, publishes)
+
+    async def _handle_one(self, broker: Broker, event: Any) -> None:
+        if isinstance(event, Rejected):
+            self.outbox.reply(self.protocol.error(event))
+        elif isinstance(event, Ping):
+            self.reply(Pong(id=event.id))
+        else:
+            await broker.handle(self, event)
+
+    async def _write_loop(self, session_scope: trio.CancelScope) -> None:
+        max_bytes = self.config.max_frame_bytes
+        try:
+            while True:
+                fragments, dropped = await self.outbox.take(max_bytes)
+                if dropped:
+                    fragments.insert(0, self.protocol.encode(Dropped(count=dropped)))
+                await self.ws.send_message(join(fragments, self.protocol.format))
+        except Overflowed:
+            await self._close(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed")
+        except ConnectionClosed:
+            pass
+        session_scope.cancel()
+
+    async def _send_and_close(self, frame: Frame | None, code: CloseCode, reason: str) -> None:
+        try:
+            if frame is not None:
+                await self.ws.send_message(frame)
+        except ConnectionClosed:
+            return
+        await self._close(code, reason)
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Close this session's WebSocket with `code` (used by the listener at shutdown)."""
+        await self._close(code, reason)
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        self.closing = self.closing or code
+        with trio.move_on_after(self.config.shutdown_grace, shield=True):
+            await self.ws.aclose(code, reason)

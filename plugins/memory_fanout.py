@@ -1,0 +1,138 @@
+"""The in-process fan-out: one broker instance, so publishing is positioning and delivering here.
+
+Recorded drafts are positioned by the history store (one `append` per publish); the others by
+this fan-out's own counter under its own epoch. Publishes run one at a time, in arrival order,
+so delivery order agrees with history order even when the store awaits real I/O, and the dedup
+check cannot race with the publish it guards.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+from attrs import define, field
+
+from mqbroker.dedup import DedupKey, DedupWindow
+from mqbroker.fanout import FanoutContext, FanoutUnavailable, Health
+from mqbroker.history import HistoryUnavailable
+from mqbroker.message import Draft, Message, Position
+
+from .memory_history import new_epoch
+
+#: At most this many (topic, msg_id) pairs are remembered for dedup (about 300 bytes each).
+DEDUP_MAX_ENTRIES = 100_000
+
+#: Per draft of a publish: the message it is a duplicate of, the index of an earlier draft of
+#: the same publish it repeats, or None for a fresh draft.
+_Plan = Message | int | None
+
+
+@define
+class MemoryFanout:
+    """The `Fanout` of a single instance: everything published here is delivered here.
+
+    `watch` and `unwatch` only keep count (there is nothing to subscribe to); `health` is
+    always ok. A `HistoryUnavailable` from the store is raised as `FanoutUnavailable`, having
+    delivered nothing.
+    """
+
+    context: FanoutContext
+    #: The epoch of the positions of drafts that are not recorded.
+    epoch: str = field(factory=new_epoch)
+    _dedup: DedupWindow = field(init=False)
+    _lock: trio.StrictFIFOLock = field(factory=trio.StrictFIFOLock, init=False)
+    _last_offset: int = field(default=0, init=False)
+    _watches: Counter[str] = field(factory=Counter, init=False)
+    _counts: Counter[str] = field(factory=Counter, init=False)
+
+    @_dedup.default
+    def _new_dedup(self) -> DedupWindow:
+        return DedupWindow(self.context.dedup_window, DEDUP_MAX_ENTRIES)
+
+    async def publish(self, drafts: Sequence[Draft]) -> Sequence[Message]:
+        async with self._lock:
+            now = trio.current_time()
+            plan = self._plan(drafts, now)
+            fresh = await self._position(
+                [d for d, s in zip(drafts, plan, strict=True) if s is None]
+            )
+            for message in fresh:
+                if message.msg_id is not None:
+                    self._dedup.put(message.topic, message.msg_id, message, now)
+            if fresh:
+                self.context.deliver(fresh)
+            self._counts.update(published=len(fresh), duplicates=len(drafts) - len(fresh))
+            return _in_draft_order(plan, fresh)
+
+    async def watch(self, filter: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._watches[filter] += 1
+
+    async def unwatch(self, filter: str) -> None:
+        await trio.lowlevel.checkpoint()
+        # Unwatching what is not watched is a no-op: counts never go negative.
+        if self._watches[filter] <= 1:
+            del self._watches[filter]
+        else:
+            self._watches[filter] -= 1
+
+    def health(self) -> Health:
+        return Health(ok=True)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "published": self._counts["published"],
+            "duplicates": self._counts["duplicates"],
+            "watched_filters": len(self._watches),
+            "watches": self._watches.total(),
+            "dedup_entries": len(self._dedup),
+            "dedup_evicted": self._dedup.evicted,
+        }
+
+    def _plan(self, drafts: Sequence[Draft], now: float) -> list[_Plan]:
+        plan: list[_Plan] = []
+        first_in_batch: dict[DedupKey, int] = {}
+        for index, draft in enumerate(drafts):
+            if draft.msg_id is None:
+                plan.append(None)
+                continue
+            key = (draft.topic, draft.msg_id)
+            original = self._dedup.get(*key, now)
+            plan.append(original if original is not None else first_in_batch.get(key))
+            first_in_batch.setdefault(key, index)
+        return plan
+
+    async def _position(self, drafts: Sequence[Draft]) -> list[Message]:
+        recorded = [draft for draft in drafts if draft.record]
+        try:
+            in_history = iter(await self.context.history.append(recorded) if recorded else ())
+        except HistoryUnavailable as exc:
+            raise FanoutUnavailable(f"the history store is unavailable: {exc}") from exc
+        return [next(in_history) if draft.record else self._next(draft) for draft in drafts]
+
+    def _next(self, draft: Draft) -> Message:
+        self._last_offset += 1
+        return Message.from_draft(draft, Position(self.epoch, self._last_offset))
+
+
+def _in_draft_order(plan: Sequence[_Plan], fresh: Sequence[Message]) -> list[Message]:
+    """Every draft's message: a fresh one, or the one it repeats."""
+    fresh_messages = iter(fresh)
+    messages: list[Message] = []
+    for step in plan:
+        if step is None:
+            messages.append(next(fresh_messages))
+        elif isinstance(step, int):
+            messages.append(messages[step])
+        else:
+            messages.append(step)
+    return messages
+
+
+@asynccontextmanager
+async def open_memory_fanout(settings: None, context: FanoutContext) -> AsyncIterator[MemoryFanout]:
+    """An in-process fan-out over `context`; it owns no task, so closing it is immediate."""
+    yield MemoryFanout(context)

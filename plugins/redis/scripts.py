@@ -1,0 +1,340 @@
+"""The Lua scripts Redis runs for us, and the Python side of their calling convention.
+
+Pure: no redis, no trio. `PUBLISH_LUA` positions, records, de-duplicates and publishes a whole
+batch in one atomic step, so the history's order and the live order agree (centrifuge's Redis
+engine does the same). `READ_LUA` reads a topic's stream with the epoch and counter it must be
+judged against. docs/redis.md walks through both.
+
+Encodings (msgpack): a draft's *body* is the array [topic, payload, published_at, msg_id]
+without its one-byte array header; a stream entry keeps the body. What is published (and kept
+as the dedup answer) is the *wire* form [epoch, offset, topic, payload, published_at, msg_id]:
+the script prepends the six-element array header and the position to the body, so the payload
+is packed once, in Python, and never unpacked by Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgpack
+from attrs import define, field, frozen
+
+from mqbroker.config import HistoryConfig
+from mqbroker.history import Gap, Replay
+from mqbroker.message import Draft, Message, Position
+from mqbroker_plugins.redis.channels import KeyLayout
+
+#: One argument of a script call, as redis-py sends it.
+Arg = bytes | str | int | float
+ScriptName = Literal["publish", "read"]
+
+# ARGV of PUBLISH_LUA: these header fields, then FIELDS per draft.
+HEADER = 7
+FIELDS = 6
+#: msgpack's header byte of a four-element and of a six-element array.
+ARRAY4 = b"\x94"
+
+PUBLISH_LUA = r"""
+local prefix, candidate = ARGV[1], ARGV[2]
+local dedup_ms, max_messages = tonumber(ARGV[3]), ARGV[4]
+local max_age_ms, offset_ttl_ms = ARGV[5], ARGV[6]
+local publish = ARGV[7] == '1'
+local HEADER, FIELDS = 7, 6
+
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now_ms = string.format('%d', math.floor(now_us / 1000))
+local epoch = false
+local evicted = 0
+
+-- The epoch names this life of the Redis data: a flushed or replaced Redis gets a new one.
+local function redis_epoch()
+  if not epoch then
+    local key = prefix .. 'epoch'
+    redis.call('SET', key, candidate, 'NX')
+    epoch = redis.call('GET', key)
+  end
+  return epoch
+end
+
+-- A counter that is (re)created starts above every offset the topic ever had: at the clock in
+-- microseconds, or past the stream's newest entry if that is later. So an expired counter
+-- never hands out a position an old subscriber still holds.
+local function first_offset(stream)
+  local base = now_us
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if newest then
+    local top = tonumber(string.match(newest[1], '^0%-(%d+)$'))
+    if top and top > base then base = top end
+  end
+  return string.format('%d', base)
+end
+
+local function record(topic, body)
+  local counter = prefix .. 'o:' .. topic
+  local stream = prefix .. 's:' .. topic
+  if redis.call('EXISTS', counter) == 0 then
+    redis.call('SET', counter, first_offset(stream))
+  end
+  local offset = redis.call('INCR', counter)
+  redis.call('PEXPIRE', counter, offset_ttl_ms)
+  redis.call('XADD', stream, '0-' .. string.format('%d', offset), 'm', body, 't', now_ms)
+  evicted = evicted + redis.call('XTRIM', stream, 'MAXLEN', '~', max_messages)
+  redis.call('PEXPIRE', stream, max_age_ms)
+  return offset
+end
+
+local results = {}
+for i = 1, (#ARGV - HEADER) / FIELDS do
+  local at = HEADER + (i - 1) * FIELDS
+  local mode, topic, msg_id, body = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 6]
+  local dedup_key, original = false, false
+  if msg_id ~= '' and dedup_ms > 0 then
+    dedup_key = prefix .. 'd:' .. #topic .. ':' .. topic .. ':' .. msg_id
+    original = redis.call('GET', dedup_key)
+  end
+  if original then
+    results[i] = {original}
+  else
+    local ep, offset
+    if mode == 'r' then
+      ep = redis_epoch()
+      offset = record(topic, body)
+    else
+      ep, offset = ARGV[at + 4], tonumber(ARGV[at + 5])
+    end
+    if dedup_key or publish then
+      local wire = '\150' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. body
+      if dedup_key then redis.call('SET', dedup_key, wire, 'PX', ARGV[3]) end
+      if publish then redis.call('PUBLISH', prefix .. 't:' .. topic, wire) end
+    end
+    results[i] = {ep, string.format('%d', offset)}
+  end
+end
+return {evicted, results}
+"""
+
+READ_LUA = r"""
+local prefix, candidate, topic, since_epoch, start = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = prefix .. 'epoch'
+redis.call('SET', key, candidate, 'NX')
+local epoch = redis.call('GET', key)
+-- A position of another epoch says nothing about this one: everything retained is news.
+if epoch ~= since_epoch then start = '-' end
+local clock = redis.call('TIME')
+return {epoch, redis.call('GET', prefix .. 'o:' .. topic),
+        redis.call('XRANGE', prefix .. 's:' .. topic, start, '+'), clock[1], clock[2]}
+"""
+
+SCRIPTS: dict[ScriptName, str] = {"publish": PUBLISH_LUA, "read": READ_LUA}
+
+#: The largest offset a stream id can hold (ids are `0-<offset>`, two unsigned 64-bit parts).
+MAX_OFFSET = 2**64 - 1
+
+
+def new_epoch() -> str:
+    """A candidate epoch, used only if Redis has none: fresh per call, so that a flushed Redis
+    never gets back an epoch it had before."""
+    return secrets.token_hex(8)
+
+
+def encode_body(draft: Draft) -> bytes:
+    packed: bytes = msgpack.packb(
+        [draft.topic, draft.payload, draft.published_at, draft.msg_id], use_bin_type=True
+    )
+    return packed[1:]  # drop the array header: the script or the reader puts one back
+
+
+def decode_wire(wire: bytes) -> Message:
+    """A published (or dedup-remembered) message; raises ValueError if it is not one."""
+    try:
+        epoch, offset, topic, payload, published_at, msg_id = msgpack.unpackb(wire, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise ValueError(f"not a message: {error}") from error
+    return Message(
+        topic=topic,
+        payload=payload,
+        published_at=published_at,
+        position=Position(epoch, offset),
+        msg_id=msg_id,
+    )
+
+
+def decode_entry(epoch: str, offset: int, body: bytes) -> Message:
+    topic, payload, published_at, msg_id = msgpack.unpackb(ARRAY4 + body, raw=False)
+    return Message(
+        topic=topic,
+        payload=payload,
+        published_at=published_at,
+        position=Position(epoch, offset),
+        msg_id=msg_id,
+    )
+
+
+@frozen(kw_only=True)
+class StreamBounds:
+    """A topic's bounds in Redis, in the units the scripts take."""
+
+    max_messages: int
+    max_age_ms: int
+    offset_ttl_ms: int
+
+    @classmethod
+    def of(cls, config: HistoryConfig, offset_ttl: float) -> StreamBounds:
+        max_age_ms = max(1, round(config.max_age * 1000))
+        # The counter must outlive the stream, or a resumed read could not tell "nothing new"
+        # from "everything expired".
+        offset_ttl_ms = max(max_age_ms, round(offset_ttl * 1000))
+        return cls(
+            max_messages=config.max_messages, max_age_ms=max_age_ms, offset_ttl_ms=offset_ttl_ms
+        )
+
+
+@frozen
+class Outbound:
+    """A draft on its way to the publish script; `position` is set unless Redis records it.
+
+    `of` packs the body in the publisher's task: a payload msgpack cannot pack fails that
+    publish alone, not the batch it would have joined.
+    """
+
+    draft: Draft
+    position: Position | None
+    body: bytes = field(repr=False, eq=False)
+
+    @classmethod
+    def of(cls, draft: Draft, position: Position | None = None) -> Outbound:
+        return cls(draft, position, encode_body(draft))
+
+    def stamped(self, position: Position) -> Outbound:
+        return Outbound(self.draft, position, self.body)
+
+
+@frozen(kw_only=True)
+class Written:
+    """What one publish-script call did."""
+
+    messages: Sequence[Message]
+    #: Drafts answered with an earlier message of the same (topic, msg_id).
+    duplicates: int
+    #: Stream entries trimmed by max_messages.
+    evicted: int
+
+
+@frozen(kw_only=True)
+class PublishCall:
+    """How batches are written: which drafts Redis records, whether it publishes them."""
+
+    layout: KeyLayout
+    bounds: StreamBounds
+    #: 0 turns de-duplication off.
+    dedup_ms: int
+    publish: bool
+    #: "all": every draft is recorded (a history append); "flagged": the drafts whose
+    #: `record` is set; "none": Redis records nothing (another store gave the positions).
+    record: Literal["all", "flagged", "none"]
+
+    def records(self, draft: Draft) -> bool:
+        return self.record == "all" or (self.record == "flagged" and draft.record)
+
+    def args(self, batch: Sequence[Outbound]) -> list[Arg]:
+        args: list[Arg] = [
+            self.layout.prefix,
+            new_epoch(),
+            self.dedup_ms,
+            self.bounds.max_messages,
+            self.bounds.max_age_ms,
+            self.bounds.offset_ttl_ms,
+            int(self.publish),
+        ]
+        for outbound in batch:
+            args += _draft_args(outbound)
+        return args
+
+    def written(self, reply: Any, batch: Sequence[Outbound]) -> Written:
+        evicted, results = reply
+        messages = [_message(result, o.draft) for result, o in zip(results, batch, strict=True)]
+        return Written(
+            messages=messages,
+            duplicates=sum(len(result) == 1 for result in results),
+            evicted=int(evicted),
+        )
+
+
+def _draft_args(outbound: Outbound) -> list[Arg]:
+    draft, position = outbound.draft, outbound.position
+    # "r": Redis records the draft and positions it; "p": it comes positioned.
+    head: list[Arg] = ["r", draft.topic, draft.msg_id or "", "", 0]
+    if position is not None:
+        head = ["p", draft.topic, draft.msg_id or "", position.epoch, position.offset]
+    return [*head, outbound.body]
+
+
+def _message(result: Sequence[bytes], draft: Draft) -> Message:
+    if len(result) == 1:
+        return decode_wire(result[0])
+    epoch, offset = result
+    return Message.from_draft(draft, Position(epoch.decode(), int(offset)))
+
+
+@define
+class InstanceClock:
+    """Positions for messages Redis does not record: this instance's own epoch and counter."""
+
+    epoch: str = field(factory=lambda: secrets.token_hex(6))
+    _offset: int = 0
+
+    def next(self) -> Position:
+        self._offset += 1
+        return Position(self.epoch, self._offset)
+
+
+# --- Reading a stream back ---------------------------------------------------------------
+
+
+def read_args(layout: KeyLayout, topic: str, since: Position | None) -> list[Arg]:
+    """Arguments of READ_LUA; `since` None reads everything retained."""
+    if since is None:
+        return [layout.prefix, new_epoch(), topic, "", "-"]
+    start = f"0-{min(since.offset + 1, MAX_OFFSET)}"
+    return [layout.prefix, new_epoch(), topic, since.epoch, start]
+
+
+def replay_of(reply: Any, since: Position | None, bounds: StreamBounds) -> Replay:
+    """What READ_LUA's reply means for a subscriber resuming after `since`.
+
+    Entries past the bounds that Redis still holds (MAXLEN ~ trims whole nodes; an idle
+    stream expires, a busy one does not) count as evicted: the bounds are exact on read.
+    """
+    epoch_bytes, last_bytes, entries, seconds, micros = reply
+    epoch = epoch_bytes.decode()
+    last = int(last_bytes) if last_bytes is not None else None
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    oldest_offset = last - bounds.max_messages if last is not None else -1
+    messages = [
+        decode_entry(epoch, offset, fields[b"m"])
+        for offset, fields in map(_entry, entries)
+        if offset > oldest_offset and now_ms - int(fields[b"t"]) <= bounds.max_age_ms
+    ]
+    return Replay(messages=messages, gap=_gap(epoch, last, messages, since))
+
+
+def _entry(entry: Sequence[Any]) -> tuple[int, dict[bytes, bytes]]:
+    entry_id, flat = entry
+    return int(entry_id.partition(b"-")[2]), dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _gap(epoch: str, last: int | None, messages: Sequence[Message], since: Position | None
+         ) -> Gap | None:
+    if since is None:
+        return None
+    if since.epoch != epoch:
+        return Gap.UNKNOWN_EPOCH
+    if messages:
+        # Offsets are dense per topic (one INCR per recorded message): a hole is a loss.
+        return Gap.TRIMMED if messages[0].position.offset > since.offset + 1 else None
+    # Nothing retained after `since`: complete only if nothing was recorded after it either.
+    # No counter at all (it expired) cannot prove that, so it errs towards TRIMMED.
+    return None if last == since.offset else Gap.TRIMMED

@@ -1,0 +1,1 @@
+"""Contract suites: one per extension point, run against every backend in backends.BACKENDS."""

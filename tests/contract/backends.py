@@ -1,0 +1,109 @@
+"""The backends the contract suites run against, and the fixtures that open them.
+
+Adding a backend is one line in `BACKENDS`. A backend opens fresh, empty instances of the
+extension points through whatever it needs (a plugin, a server it starts); the suites only
+use what the Protocols in `mqbroker.history` and `mqbroker.fanout` promise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+from attrs import frozen
+from trio.testing import MockClock
+
+from mqbroker.config import HistoryConfig
+from mqbroker.fanout import Deliver, Fanout, FanoutContext
+from mqbroker.history import HistoryStore
+from mqbroker.plugins import Plugin, load_plugin
+
+
+@frozen(kw_only=True)
+class FanoutUnderTest:
+    """A fan-out and the history store it records into, opened together."""
+
+    fanout: Fanout
+    history: HistoryStore
+
+
+#: Opens a fresh, empty history store with these bounds.
+OpenHistory = Callable[[HistoryConfig], AbstractAsyncContextManager[HistoryStore]]
+#: Opens a fresh fan-out that delivers to `deliver`, with this dedup window and history bounds.
+OpenFanout = Callable[[Deliver, float, HistoryConfig], AbstractAsyncContextManager[FanoutUnderTest]]
+
+
+@frozen(kw_only=True)
+class Backend:
+    name: str
+    open_history: OpenHistory
+    open_fanout: OpenFanout
+    #: Whether the backend reads no clock but trio's, so tests that let time pass can run
+    #: on `autojump_clock`. A backend that waits on threads or servers must say False:
+    #: autojump would fire every timeout while a thread works.
+    trio_clock_only: bool
+
+
+def _load(name: str) -> Plugin:
+    plugin = load_plugin(name)
+    if plugin.open_history is None or plugin.open_fanout is None:
+        pytest.fail(f"plugin {name!r} must provide both open_history and open_fanout")
+    return plugin
+
+
+@asynccontextmanager
+async def _open_plugin_history(
+    name: str, settings: Any, config: HistoryConfig
+) -> AsyncIterator[HistoryStore]:
+    plugin = _load(name)
+    assert plugin.open_history is not None
+    async with plugin.open_history(settings, config) as store:
+        yield store
+
+
+@asynccontextmanager
+async def _open_plugin_fanout(
+    name: str, settings: Any, deliver: Deliver, dedup_window: float, config: HistoryConfig
+) -> AsyncIterator[FanoutUnderTest]:
+    plugin = _load(name)
+    assert plugin.open_fanout is not None
+    async with _open_plugin_history(name, settings, config) as history:
+        context = FanoutContext(
+            instance_id="contract", history=history, deliver=deliver, dedup_window=dedup_window
+        )
+        async with plugin.open_fanout(settings, context) as fanout:
+            yield FanoutUnderTest(fanout=fanout, history=history)
+
+
+def plugin_backend(name: str, settings: Any = None, *, trio_clock_only: bool) -> Backend:
+    """A backend opened through the installed plugin `name`, as the broker opens it."""
+    return Backend(
+        name=name,
+        open_history=partial(_open_plugin_history, name, settings),
+        open_fanout=partial(_open_plugin_fanout, name, settings),
+        trio_clock_only=trio_clock_only,
+    )
+
+
+BACKENDS: dict[str, Backend] = {
+    "memory": plugin_backend("memory", trio_clock_only=True),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each backend in turn."""
+    return BACKENDS[request.param]
+
+
+@pytest.fixture
+def backend_clock(backend: Backend) -> MockClock | None:
+    """`autojump_clock` where the backend allows it, else the real clock (None).
+
+    pytest-trio runs a test on any Clock among its arguments, so a test that lets time pass
+    takes this fixture and sleeps: instantly on memory, for real on the others.
+    """
+    return MockClock(autojump_threshold=0) if backend.trio_clock_only else None

@@ -1,0 +1,100 @@
+"""Test harness: a real broker on 127.0.0.1 with an ephemeral port, and raw protocol sessions.
+
+`RawSession` speaks the wire protocol directly (trio-websocket + the sans-IO ClientConnection),
+for tests that must see exact frames, errors and close codes; the others use mqbroker.client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
+
+from mqbroker.broker import Broker, open_broker
+from mqbroker.config import Config, ServerConfig
+from mqbroker.protocol import ClientConnection, ClientEvent, Format, ServerEvent
+from mqbroker.server.listener import Listener, serve
+
+
+@attrs.define
+class RunningBroker:
+    broker: Broker
+    listener: Listener
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.listener.port}/"
+
+    async def wait_sessions(self, count: int) -> None:
+        """Wait until exactly `count` sessions are attached (a closed one detaches just after
+        its peer sees the close, so tests that count closes wait for this)."""
+        with trio.fail_after(5):
+            while len(self.broker.sessions) != count:
+                await trio.sleep(0.01)
+
+
+def broker_config(**server: Any) -> Config:
+    """The default configuration on an ephemeral port, with `server` overrides."""
+    return Config(server=ServerConfig(port=0, **server))
+
+
+@asynccontextmanager
+async def running_broker(config: Config | None = None) -> AsyncIterator[RunningBroker]:
+    config = config or broker_config()
+    async with open_broker(config, "test") as broker, trio.open_nursery() as nursery:
+        listener: Listener = await nursery.start(serve, broker, config.server)
+        yield RunningBroker(broker, listener)
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class RawSession:
+    ws: WebSocketConnection
+    connection: ClientConnection
+
+    async def send(self, *events: ClientEvent) -> None:
+        await self.ws.send_message(self.connection.encode_batch(list(events)))
+
+    async def send_frame(self, frame: bytes | str) -> None:
+        await self.ws.send_message(frame)
+
+    async def receive(self) -> list[ServerEvent]:
+        """The events of the next frame."""
+        with trio.fail_after(5):
+            return self.connection.receive(await self.ws.get_message())  # type: ignore[return-value]
+
+    async def next_event(self) -> ServerEvent:
+        """The next event, wherever frame boundaries fall."""
+        if not self._pending:
+            self._pending.extend(await self.receive())
+        return self._pending.pop(0)
+
+    _pending: list[ServerEvent] = attrs.field(factory=list)
+
+    async def closed_with(self) -> int:
+        """Wait for the broker to close the connection; its close code."""
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await self.ws.get_message()
+            except ConnectionClosed as e:
+                return int(e.reason.code)
+
+
+@asynccontextmanager
+async def raw_session(url: str, *, fmt: Format = Format.MSGPACK, hello: bool = True,
+                      max_message_size: int = 64 * 1024 * 1024) -> AsyncIterator[RawSession]:
+    async with trio.open_nursery() as nursery:
+        ws = await connect_websocket_url(nursery, url, max_message_size=max_message_size)
+        session = RawSession(ws, ClientConnection(format=fmt))
+        if hello:
+            await session.send_frame(session.connection.hello("raw"))
+            await session.receive()
+        yield session
+        with trio.move_on_after(1, shield=True):
+            await ws.aclose()
+        nursery.cancel_scope.cancel()
