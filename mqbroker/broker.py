@@ -52,6 +52,8 @@ logger = structlog.get_logger("mqbroker.broker")
 
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
+#: How many recently validated topic names are remembered (publishers repeat their topics).
+VALID_TOPICS_CACHE = 10_000
 
 
 @define(eq=False)
@@ -65,6 +67,7 @@ class Broker:
     counters: collections.Counter[str] = field(factory=collections.Counter)
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
+    _valid_topics: set[str] = field(factory=set)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
@@ -148,10 +151,14 @@ class Broker:
                 session.reply(PubAck(id=event.id, event=message.event_id))
 
     def _check_publish(self, event: Publish) -> Error | None:
-        try:
-            validate_topic(event.topic, self.topic_limits)
-        except InvalidTopic as e:
-            return _error(ErrorCode.INVALID_TOPIC, str(e), event)
+        if event.topic not in self._valid_topics:
+            try:
+                validate_topic(event.topic, self.topic_limits)
+            except InvalidTopic as e:
+                return _error(ErrorCode.INVALID_TOPIC, str(e), event)
+            if len(self._valid_topics) >= VALID_TOPICS_CACHE:
+                self._valid_topics.clear()
+            self._valid_topics.add(event.topic)
         if self._too_large(event):
             return _error(ErrorCode.MESSAGE_TOO_LARGE,
                           f"topic and payload exceed max_message_bytes ({self.max_message_bytes})",

@@ -19,9 +19,10 @@ class DedupWindow:
     """Remembers each (topic, msg_id) for `window` seconds after its first publish, bounded.
 
     A pair stays a duplicate while `now < put_time + window`; the caller puts only first
-    publishes, so a repeat does not extend the window. At most `max_entries` pairs are kept: past that the oldest is forgotten
-    before its window ends, and `evicted` counts those early losses (a sign the window is
-    effectively shorter than configured). `now` must not decrease between calls.
+    publishes, so a repeat does not extend the window. At most `max_entries` pairs are kept:
+    past that the oldest is forgotten before its window ends, and `evicted` counts those early
+    losses (a sign the window is effectively shorter than configured). `now` must not
+    decrease between calls.
     """
 
     window: float

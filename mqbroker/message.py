@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import frozen
+from attrs import define, frozen
 
 #: A payload is any msgpack value: None, bool, int, float, str, bytes, list or str-keyed map.
 Payload = Any
@@ -42,9 +42,15 @@ class Position:
         return cls(epoch, int(offset))
 
 
-@frozen(kw_only=True)
+# Draft and Message are built once per published message, so they are plain (non-frozen)
+# slotted attrs classes: a frozen attrs class takes twice as long to build (727 vs 336 ns for
+# five fields, measured here), which was a tenth of the broker's time per message. They are
+# values all the same: nothing mutates one after it is built.
+
+
+@define(kw_only=True)
 class Draft:
-    """A message as published, before the fan-out gives it a position."""
+    """A message as published, before the fan-out gives it a position. Never mutated."""
 
     topic: str
     payload: Payload
@@ -55,9 +61,9 @@ class Draft:
     record: bool = False
 
 
-@frozen(kw_only=True)
+@define(kw_only=True)
 class Message:
-    """A published message with its position: what subscribers receive."""
+    """A published message with its position: what subscribers receive. Never mutated."""
 
     topic: str
     payload: Payload

@@ -56,16 +56,19 @@ class MemoryFanout:
         async with self._lock:
             now = trio.current_time()
             plan = self._plan(drafts, now)
-            fresh = await self._position(
-                [d for d, s in zip(drafts, plan, strict=True) if s is None]
-            )
-            for message in fresh:
-                if message.msg_id is not None:
-                    self._dedup.put(message.topic, message.msg_id, message, now)
+            if plan is None:
+                fresh = await self._position(drafts)
+            else:
+                fresh = await self._position(
+                    [d for d, s in zip(drafts, plan, strict=True) if s is None])
+                for message in fresh:
+                    if message.msg_id is not None:
+                        self._dedup.put(message.topic, message.msg_id, message, now)
             if fresh:
                 self.context.deliver(fresh)
-            self._counts.update(published=len(fresh), duplicates=len(drafts) - len(fresh))
-            return _in_draft_order(plan, fresh)
+            self._counts["published"] += len(fresh)
+            self._counts["duplicates"] += len(drafts) - len(fresh)
+            return fresh if plan is None else _in_draft_order(plan, fresh)
 
     async def watch(self, filter: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -92,7 +95,10 @@ class MemoryFanout:
             "dedup_evicted": self._dedup.evicted,
         }
 
-    def _plan(self, drafts: Sequence[Draft], now: float) -> list[_Plan]:
+    def _plan(self, drafts: Sequence[Draft], now: float) -> list[_Plan] | None:
+        """What each draft is; None when no draft has a msg_id (the common case)."""
+        if all(draft.msg_id is None for draft in drafts):
+            return None
         plan: list[_Plan] = []
         first_in_batch: dict[DedupKey, int] = {}
         for index, draft in enumerate(drafts):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 from hypothesis import given, settings
@@ -16,8 +18,6 @@ from mqbroker.history import Gap
 from mqbroker.message import Draft, Message, Position
 from mqbroker.plugins import load_plugin
 
-TOPIC_SIZE = len("t/0")
-
 
 def draft(topic: str, payload: object = "", *, n: int = 0) -> Draft:
     return Draft(topic=topic, payload=payload, published_at=1_700_000_000.0 + n, record=True)
@@ -31,8 +31,8 @@ def sized(topic: str, weight: int) -> Draft:
     return made
 
 
-def store(**bounds: float) -> BoundedHistory:
-    return BoundedHistory(HistoryConfig(**bounds))  # type: ignore[arg-type]
+def store(**bounds: Any) -> BoundedHistory:
+    return BoundedHistory(HistoryConfig(**bounds))
 
 
 def start(history: BoundedHistory) -> Position:
@@ -225,17 +225,28 @@ async def test_a_cancelled_append_changes_nothing() -> None:
 
 
 async def test_memory_stays_within_the_bounds_under_a_flood() -> None:
-    """200,000 messages over 5,000 topics never take the store past any bound."""
-    config = HistoryConfig(max_messages=20, max_topics=1_000, max_bytes=300_000)
-    topics = [f"flood/{n}" for n in range(5_000)]
+    """200,000 messages over 5,000 topics never take the store past any bound.
+
+    Half the messages go to 50 hot topics (max_messages binds), half sweep over 5,000 cold
+    ones (max_topics binds); payloads grow tenfold halfway through (max_bytes binds).
+    """
+    config = HistoryConfig(max_messages=20, max_topics=1_000, max_bytes=150_000)
     async with open_memory_history(None, config) as history:
         for batch in _batches(200_000, 1_000):
-            flood = [draft(topics[n * 7919 % 5_000], "p" * (n % 90), n=n) for n in batch]
-            await history.append(flood)
+            await history.append([flood_draft(n) for n in batch])
             assert_within(history, config)
         assert history.stats()["appended"] == 200_000
-        for topic in history.store.topic_names():
-            assert len((await history.read(topic, Position(history.epoch, 0))).messages) <= 20
+        assert history.store.bounds_reached == {"max_topics", "max_bytes"}
+        counts = [
+            len((await history.read(topic, Position(history.epoch, 0))).messages)
+            for topic in history.store.topic_names()
+        ]
+        assert max(counts) == config.max_messages
+
+
+def flood_draft(n: int) -> Draft:
+    topic = f"hot/{n % 50}" if n % 2 else f"cold/{n * 7919 % 5_000}"
+    return draft(topic, "p" * (10 if n < 100_000 else 100), n=n)
 
 
 def _batches(total: int, size: int) -> list[range]:

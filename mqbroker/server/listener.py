@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger("mqbroker.server")
 
+RECEIVE_BUFFER_BYTES = 64 * 1024
+
 
 @define(eq=False)
 class Listener:
@@ -54,7 +56,10 @@ async def serve(broker: Broker, config: ServerConfig, *,
         async with trio.open_nursery() as accepting:
             server = await accepting.start(partial(
                 serve_websocket, handle, config.host, config.port, ssl_context=None,
-                handler_nursery=sessions, max_message_size=config.max_frame_bytes))
+                handler_nursery=sessions, max_message_size=config.max_frame_bytes,
+                # Batched frames are tens of kilobytes; trio-websocket's 4 KiB default would
+                # take several reads for each.
+                receive_buffer_size=RECEIVE_BUFFER_BYTES))
             port = server.port
             logger.info("server.listening", host=config.host, port=port)
             task_status.started(Listener(broker, config, port, accepting.cancel_scope,

@@ -25,7 +25,8 @@ from attrs import define, field
 
 from mqbroker.fanout import FanoutUnavailable
 from mqbroker.history import HistoryUnavailable
-from mqbroker_plugins.redis.channels import (
+
+from .channels import (
     Arrived,
     Confirmed,
     Connected,
@@ -34,8 +35,8 @@ from mqbroker_plugins.redis.channels import (
     Received,
     Subscription,
 )
-from mqbroker_plugins.redis.scripts import SCRIPTS, Arg, ScriptName
-from mqbroker_plugins.redis.settings import RedisSettings
+from .scripts import SCRIPTS, Arg, ScriptName
+from .settings import RedisSettings
 
 T = TypeVar("T")
 
@@ -152,7 +153,8 @@ class RedisBridge:
 
     def receiver(self, home: bytes) -> PubSubReceiver:
         """A pub/sub receiver on its own connection, always subscribed to `home`."""
-        pool = redis.ConnectionPool.from_url(self.settings.url, **_connection_options(self.settings))
+        options = _connection_options(self.settings)
+        pool = redis.ConnectionPool.from_url(self.settings.url, **options)
         client = redis.Redis(connection_pool=pool)
         return PubSubReceiver(settings=self.settings, client=client, home=home)
 
@@ -220,7 +222,7 @@ class PubSubReceiver:
     def _backoff(self, attempt: int) -> float:
         if attempt == 0:
             return 0.0
-        delay = min(self.settings.reconnect_max_delay, FIRST_RETRY_DELAY * 2 ** (attempt - 1))
+        delay = min(self.settings.reconnect_max_delay, FIRST_RETRY_DELAY * 2.0 ** (attempt - 1))
         return delay * random.uniform(0.5, 1.0)
 
     def _connection(self, hand_over: HandOver, refill: Refill) -> None:

@@ -7,16 +7,17 @@ judged against. docs/redis.md walks through both.
 
 Encodings (msgpack): a draft's *body* is the array [topic, payload, published_at, msg_id]
 without its one-byte array header; a stream entry keeps the body. What is published (and kept
-as the dedup answer) is the *wire* form [epoch, offset, topic, payload, published_at, msg_id]:
-the script prepends the six-element array header and the position to the body, so the payload
-is packed once, in Python, and never unpacked by Redis.
+as the dedup answer) is the *wire* form
+[epoch, offset, recorded, topic, payload, published_at, msg_id]: the script prepends the
+seven-element array header, the position and whether Redis recorded the message to the body,
+so the payload is packed once, in Python, and never unpacked by Redis.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 from attrs import define, field, frozen
@@ -24,7 +25,8 @@ from attrs import define, field, frozen
 from mqbroker.config import HistoryConfig
 from mqbroker.history import Gap, Replay
 from mqbroker.message import Draft, Message, Position
-from mqbroker_plugins.redis.channels import KeyLayout
+
+from .channels import KeyLayout
 
 #: One argument of a script call, as redis-py sends it.
 Arg = bytes | str | int | float
@@ -106,7 +108,8 @@ for i = 1, (#ARGV - HEADER) / FIELDS do
       ep, offset = ARGV[at + 4], tonumber(ARGV[at + 5])
     end
     if dedup_key or publish then
-      local wire = '\150' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. body
+      local recorded = mode == 'r' and '\195' or '\194'
+      local wire = '\151' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. recorded .. body
       if dedup_key then redis.call('SET', dedup_key, wire, 'PX', ARGV[3]) end
       if publish then redis.call('PUBLISH', prefix .. 't:' .. topic, wire) end
     end
@@ -147,19 +150,26 @@ def encode_body(draft: Draft) -> bytes:
     return packed[1:]  # drop the array header: the script or the reader puts one back
 
 
-def decode_wire(wire: bytes) -> Message:
+class Carried(NamedTuple):
+    """A message as pub/sub carried it, and whether Redis recorded it (its stream has it)."""
+
+    message: Message
+    recorded: bool
+
+
+def decode_wire(wire: bytes) -> Carried:
     """A published (or dedup-remembered) message; raises ValueError if it is not one."""
     try:
-        epoch, offset, topic, payload, published_at, msg_id = msgpack.unpackb(wire, raw=False)
+        epoch, offset, recorded, topic, payload, published_at, msg_id = msgpack.unpackb(
+            wire, raw=False
+        )
+        position = Position(epoch, offset)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         raise ValueError(f"not a message: {error}") from error
-    return Message(
-        topic=topic,
-        payload=payload,
-        published_at=published_at,
-        position=Position(epoch, offset),
-        msg_id=msg_id,
+    message = Message(
+        topic=topic, payload=payload, published_at=published_at, position=position, msg_id=msg_id
     )
+    return Carried(message, recorded is True)
 
 
 def decode_entry(epoch: str, offset: int, body: bytes) -> Message:
@@ -217,6 +227,8 @@ class Written:
     """What one publish-script call did."""
 
     messages: Sequence[Message]
+    #: Messages Redis recorded in their streams.
+    recorded: int
     #: Drafts answered with an earlier message of the same (topic, msg_id).
     duplicates: int
     #: Stream entries trimmed by max_messages.
@@ -255,10 +267,12 @@ class PublishCall:
 
     def written(self, reply: Any, batch: Sequence[Outbound]) -> Written:
         evicted, results = reply
-        messages = [_message(result, o.draft) for result, o in zip(results, batch, strict=True)]
+        pairs = list(zip(results, batch, strict=True))
+        duplicates = sum(len(result) == 1 for result in results)
         return Written(
-            messages=messages,
-            duplicates=sum(len(result) == 1 for result in results),
+            messages=[_message(result, o.draft) for result, o in pairs],
+            recorded=sum(len(result) == 2 and o.position is None for result, o in pairs),
+            duplicates=duplicates,
             evicted=int(evicted),
         )
 
@@ -274,7 +288,7 @@ def _draft_args(outbound: Outbound) -> list[Arg]:
 
 def _message(result: Sequence[bytes], draft: Draft) -> Message:
     if len(result) == 1:
-        return decode_wire(result[0])
+        return decode_wire(result[0]).message
     epoch, offset = result
     return Message.from_draft(draft, Position(epoch.decode(), int(offset)))
 
@@ -326,8 +340,9 @@ def _entry(entry: Sequence[Any]) -> tuple[int, dict[bytes, bytes]]:
     return int(entry_id.partition(b"-")[2]), dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _gap(epoch: str, last: int | None, messages: Sequence[Message], since: Position | None
-         ) -> Gap | None:
+def _gap(
+    epoch: str, last: int | None, messages: Sequence[Message], since: Position | None
+) -> Gap | None:
     if since is None:
         return None
     if since.epoch != epoch:

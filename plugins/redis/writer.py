@@ -15,8 +15,9 @@ import trio
 from attrs import define, field
 
 from mqbroker.message import Message
-from mqbroker_plugins.redis.bridge import RedisBridge, RedisUnavailable
-from mqbroker_plugins.redis.scripts import InstanceClock, Outbound, PublishCall, Written
+
+from .bridge import RedisBridge, RedisUnavailable
+from .scripts import InstanceClock, Outbound, PublishCall, Written
 
 #: Drafts per script call at most: one call blocks Redis for its whole run.
 MAX_BATCH = 256
@@ -44,6 +45,7 @@ class ScriptWriter:
     call: PublishCall
     clock: InstanceClock = field(factory=InstanceClock)
     written: int = field(default=0, init=False)
+    recorded: int = field(default=0, init=False)
     duplicates: int = field(default=0, init=False)
     evicted: int = field(default=0, init=False)
     calls: int = field(default=0, init=False)
@@ -104,5 +106,6 @@ class ScriptWriter:
     def _count(self, written: Written) -> None:
         self.calls += 1
         self.written += len(written.messages)
+        self.recorded += written.recorded
         self.duplicates += written.duplicates
         self.evicted += written.evicted

@@ -20,6 +20,7 @@ from mqbroker.config import HistoryConfig
 from mqbroker.fanout import Deliver, Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 from mqbroker.plugins import Plugin, load_plugin
+from tests.redis_fixtures import open_contract_fanout, open_contract_history
 
 
 @frozen(kw_only=True)
@@ -90,6 +91,13 @@ def plugin_backend(name: str, settings: Any = None, *, trio_clock_only: bool) ->
 
 BACKENDS: dict[str, Backend] = {
     "memory": plugin_backend("memory", trio_clock_only=True),
+    # A fresh key prefix per open on one private redis-server (tests/redis_fixtures.py).
+    "redis": Backend(
+        name="redis",
+        open_history=open_contract_history,
+        open_fanout=open_contract_fanout,
+        trio_clock_only=False,
+    ),
 }
 
 

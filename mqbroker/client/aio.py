@@ -1,0 +1,396 @@
+"""The asyncio client: `async with connect(url) as client`, the trio client's API on asyncio.
+
+    async with connect("ws://127.0.0.1:7878/") as client:
+        subscription = await client.subscribe("mcp/session/+/message")
+        event_id = await client.publish("mcp/session/s1/message", {"text": "hi"})
+        async for item in subscription:
+            ...  # a Message, or a Gap where messages may be missing
+
+Every protocol decision is the sans-IO `ClientCore`'s, shared with the trio client; this module
+only drives it. Each connection's reader, writer (which coalesces whatever is queued into one
+frame) and keepalive run in an `asyncio.TaskGroup`. When an established connection drops the
+client reconnects by itself (exponential backoff with jitter) and resumes every subscription
+where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from attrs import define, field
+
+from mqbroker.client._aio_ws import ConnectionClosed, HandshakeError, WebSocket, open_websocket
+from mqbroker.client._trio import CLOSE_TIMEOUT, DEFAULT_MAX_FRAME_BYTES, Reconnect
+from mqbroker.client.core import (
+    ClientCore,
+    Deliver,
+    Failed,
+    Gap,
+    Message,
+    Outcome,
+    Resolved,
+    StreamItem,
+    Unsolicited,
+)
+from mqbroker.client.errors import BrokerError, ClientClosed, ConnectError, ConnectionLost
+from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck, join
+
+#: How long opening one connection (TCP, WebSocket upgrade, hello and welcome) may take, so a
+#: peer that accepts and then says nothing cannot stall the reconnect loop.
+OPEN_TIMEOUT = 10.0
+
+#: What makes one connection attempt fail (a refusal by the broker, HandshakeFailed, is apart).
+_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed)
+
+
+@define(eq=False)
+class _Stream:
+    """A subscription's bounded queue, closable (asyncio.Queue cannot be closed before 3.13)."""
+
+    capacity: int
+    _items: deque[StreamItem] = field(factory=deque)
+    _closed: bool = False
+    #: Set, and replaced, whenever an item comes or goes or the stream closes.
+    _changed: asyncio.Event = field(factory=asyncio.Event)
+
+    async def put(self, item: StreamItem) -> None:
+        """Wait for room; an item put once the stream is closed is dropped (nobody reads it)."""
+        while len(self._items) >= self.capacity and not self._closed:
+            await self._changed.wait()
+        if not self._closed:
+            self._items.append(item)
+            self._notify()
+
+    async def get(self) -> StreamItem | None:
+        """The next item; None once the stream is closed and drained."""
+        while not self._items:
+            if self._closed:
+                return None
+            await self._changed.wait()
+        item = self._items.popleft()
+        self._notify()
+        return item
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+@define(eq=False)
+class Subscription:
+    """An async iterator of `Message` (and `Gap`) items for one filter."""
+
+    id: int
+    filter: str
+    _client: Client
+    _items: _Stream
+    #: The suback: `recovered` tells whether a `since` replay was complete.
+    ack: SubAck | None = None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message | Gap:
+        item = await self._items.get()
+        if item is None:
+            if self._client.failure is not None:
+                raise self._client.failure
+            raise StopAsyncIteration
+        if isinstance(item, BrokerError):
+            raise item
+        return item
+
+    @property
+    def last_event_id(self) -> str | None:
+        """Where this subscription would resume: the last event id it delivered."""
+        sub = self._client.core.subscriptions.get(self.id)
+        return sub.since if sub is not None else None
+
+    async def unsubscribe(self) -> None:
+        await self._client.unsubscribe(self)
+
+
+@define(eq=False)
+class Client:
+    url: str
+    core: ClientCore
+    reconnect: Reconnect
+    max_frame_bytes: int
+    buffer: int
+    _queued: asyncio.Queue[ClientEvent] = field(init=False)
+    _waiters: dict[tuple[str, int], asyncio.Future[Any]] = field(factory=dict)
+    _streams: dict[int, _Stream] = field(factory=dict)
+    _ws: WebSocket | None = None
+    _closed: bool = False
+    _last_seen: float = 0.0
+    #: Set when the client gave up on the broker; every operation raises it from then on.
+    failure: ConnectionLost | None = None
+    #: Errors that answer no request (a fire-and-forget publish with a bad topic, say).
+    unsolicited: list[BrokerError] = field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self._queued = asyncio.Queue(self.buffer)
+
+    # --- the application's operations ----------------------------------------------------------
+
+    async def subscribe(self, filter: str, *, since: str | None = None) -> Subscription:
+        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
+        self._check_usable()
+        event = self.core.subscribe(filter, since)
+        stream = self._streams[event.id] = _Stream(self.buffer)
+        subscription = Subscription(event.id, filter, self, stream)
+        try:
+            subscription.ack = await self._request(("subscribe", event.id), event)
+        except BaseException:
+            self.core.subscriptions.pop(event.id, None)
+            self._streams.pop(event.id, None)
+            raise
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        event = self.core.unsubscribe(subscription.id)
+        stream = self._streams.pop(subscription.id, None)
+        if stream is not None:
+            stream.close()
+        if event is not None and self.failure is None and not self._closed:
+            await self._request(("unsubscribe", event.id), event)
+
+    async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
+                      msg_id: str | None = None) -> str | None:
+        """Publish; with ack, wait for the broker and return the message's event id."""
+        self._check_usable()
+        event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
+        if event.id is None:
+            await self._queued.put(event)
+            return None
+        result: str = await self._request(("publish", event.id), event)
+        return result
+
+    async def forget(self, filter: str) -> int:
+        """Drop the recorded history of the topics `filter` matches; returns how many."""
+        self._check_usable()
+        event = self.core.forget(filter)
+        result: int = await self._request(("forget", event.id), event)
+        return result
+
+    async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
+        waiter = self._waiters[key] = asyncio.get_running_loop().create_future()
+        await self._queued.put(event)
+        return await waiter
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self.failure is not None:
+            raise self.failure
+
+    # --- applying what the core decided ----------------------------------------------------------
+
+    async def _apply(self, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, Deliver):
+                stream = self._streams.get(outcome.sub)
+                if stream is not None:
+                    # Awaiting a full stream pushes back on the broker, which applies its
+                    # slow-consumer policy to this session rather than growing memory here.
+                    await stream.put(outcome.item)
+            elif isinstance(outcome, Resolved):
+                self._settle(outcome.key, value=outcome.value)
+            elif isinstance(outcome, Failed):
+                self._settle(outcome.key, error=outcome.error)
+            elif isinstance(outcome, Unsolicited):
+                self.unsolicited.append(outcome.error)
+                del self.unsolicited[:-100]
+
+    def _settle(self, key: tuple[str, int], *, value: Any = None,
+                error: BaseException | None = None) -> None:
+        waiter = self._waiters.pop(key, None)
+        if waiter is None or waiter.done():
+            return  # nobody waits (the request was cancelled)
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(value)
+
+    # --- the connection --------------------------------------------------------------------------
+
+    async def open(self) -> WebSocket:
+        """A new connection, open and resumed; raises what makes an attempt fail."""
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            ws = await open_websocket(self.url, max_message_size=self.max_frame_bytes)
+            try:
+                await self._handshake(ws)
+            except BaseException:
+                ws.abort()
+                raise
+        return ws
+
+    async def run(self, ws: WebSocket) -> None:
+        """Serve the open connection `ws`, then reconnect whenever it drops, until closed."""
+        try:
+            await self._serve(ws)
+            await self._reconnect_loop()
+        finally:
+            self._give_up()
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        while self.reconnect.enabled and not self._closed:
+            limit = self.reconnect.max_attempts
+            if limit is not None and attempt >= limit:
+                return
+            await asyncio.sleep(self.reconnect.delay(attempt))
+            try:
+                ws = await self.open()
+            except HandshakeFailed:
+                return  # the broker refuses us: retrying cannot help
+            except _ATTEMPT_FAILED:
+                attempt += 1
+                continue
+            attempt = 0
+            await self._serve(ws)
+
+    async def _handshake(self, ws: WebSocket) -> None:
+        await ws.send_message(self.core.open_connection())
+        await self._apply(self.core.receive(await ws.get_message()))
+        events, outcomes = self.core.resume()
+        await self._apply(outcomes)
+        # Requests still queued from before are in `events` already (the core resends every
+        # unanswered request); only fire-and-forget publishes are taken from the queue.
+        events += [e for e in self._drain_queue() if isinstance(e, Publish) and e.id is None]
+        if events:
+            await ws.send_message(self.core.connection.encode_batch(events))
+
+    def _drain_queue(self) -> list[ClientEvent]:
+        events = []
+        while True:
+            try:
+                events.append(self._queued.get_nowait())
+            except asyncio.QueueEmpty:
+                return events
+
+    async def _serve(self, ws: WebSocket) -> None:
+        """One open connection's life: read, write and keep alive until it drops."""
+        self._ws = ws
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                writer = tasks.create_task(self._write_loop(ws))
+                keepalive = tasks.create_task(self._keepalive(ws))
+                await self._read_loop(ws)
+                writer.cancel()
+                keepalive.cancel()
+        finally:
+            self._ws = None
+            await _close(ws, 1000, "")
+
+    async def _read_loop(self, ws: WebSocket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed:
+                return
+            self._last_seen = loop.time()
+            await self._apply(self.core.receive(frame))
+
+    async def _write_loop(self, ws: WebSocket) -> None:
+        fmt = self.core.format
+        budget = (self.core.connection.welcome.limits.get("max_frame_bytes", 1 << 20)
+                  if self.core.connection.welcome else 1 << 20)
+        while True:
+            events = [await self._queued.get()]
+            fragments = [self.core.connection.encode(events[0])]
+            size = len(fragments[0])
+            while size < budget // 2:
+                try:
+                    event = self._queued.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                fragment = self.core.connection.encode(event)
+                fragments.append(fragment)
+                size += len(fragment)
+            try:
+                await ws.send_message(join(fragments, fmt))
+            except ConnectionClosed:
+                return  # unanswered requests are resent on the next connection
+
+    async def _keepalive(self, ws: WebSocket) -> None:
+        welcome = self.core.connection.welcome
+        interval = float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            if loop.time() - self._last_seen > 2 * interval:
+                await _close(ws, 1000, "no answer to ping")  # the reader sees the close
+                return
+            await self._queued.put(Ping())
+
+    def _give_up(self) -> None:
+        if self._closed:
+            error: BaseException = ClientClosed("the client is closed")
+        else:
+            self.failure = ConnectionLost(f"lost the connection to {self.url}")
+            error = self.failure
+        for key in list(self._waiters):
+            self._settle(key, error=error)
+        for stream in self._streams.values():
+            stream.close()
+        # Nobody sends any more: free whoever waits for room in the queue.
+        self._drain_queue()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        ws = self._ws
+        if ws is not None:
+            await _close(ws, 1000, "client closed")
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """Close `ws`, giving the close handshake CLOSE_TIMEOUT before dropping the socket."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.aclose(code, reason)
+    except TimeoutError:
+        pass  # aclose dropped the socket on its way out
+
+
+@asynccontextmanager
+async def connect(url: str, *, name: str = "", format: str = "msgpack",
+                  reconnect: Reconnect | None = None,
+                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                  buffer: int = 1000) -> AsyncIterator[Client]:
+    """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
+
+    format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
+    subscription and the send queue hold before pushing back. Raises ConnectError if the first
+    connection fails; later drops are reconnected as `reconnect` says.
+    """
+    core = ClientCore(format=Format(format), client_name=name)
+    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer)
+    try:
+        ws = await client.open()
+    except (*_ATTEMPT_FAILED, HandshakeFailed) as e:
+        raise ConnectError(f"cannot connect to {url}: {e}") from e
+    # One task owns the connection and its reconnects; it is not in a TaskGroup around the
+    # body, since that would wrap the application's own exceptions in an ExceptionGroup.
+    runner = asyncio.create_task(client.run(ws), name=f"mqbroker client {url}")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        runner.cancel()
+        await asyncio.wait([runner])
+        if not runner.cancelled() and (error := runner.exception()) is not None:
+            raise error
+
+
+__all__ = ["Client", "Gap", "Message", "Reconnect", "Subscription", "connect"]
