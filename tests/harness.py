@@ -82,6 +82,7 @@ class RawSession:
                 while True:
                     await self.ws.get_message()
             except ConnectionClosed as e:
+                assert e.reason is not None
                 return int(e.reason.code)
 
 

@@ -136,7 +136,8 @@ async def test_refill_after_an_outage_delivers_what_was_recorded_meanwhile(
 
     on_session = [m for m in b.inbox.messages if m.topic == SESSION_TOPIC]
     assert on_session == [before, missed[0], after]
-    assert (stats["connections"], stats["refilled"]) == (2, 1)
+    assert stats["connections"] == 2
+    assert stats["refilled"] >= 1  # "missed" (and "after", if it beat B back)
 
 
 async def test_flushall_changes_the_epoch(

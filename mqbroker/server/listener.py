@@ -57,6 +57,9 @@ async def serve(broker: Broker, config: ServerConfig, *,
             server = await accepting.start(partial(
                 serve_websocket, handle, config.host, config.port, ssl_context=None,
                 handler_nursery=sessions, max_message_size=config.max_frame_bytes,
+                # Bound the opening and closing handshakes by our own settings: a peer that
+                # reads nothing must not hold its connection for trio-websocket's default 60 s.
+                connect_timeout=config.hello_timeout, disconnect_timeout=config.shutdown_grace,
                 # Batched frames are tens of kilobytes; trio-websocket's 4 KiB default would
                 # take several reads for each.
                 receive_buffer_size=RECEIVE_BUFFER_BYTES))

@@ -203,7 +203,9 @@ class RedisFanout:
         return [Outbound.of(d, next(positions) if d.record else None) for d in drafts]
 
     async def _write(self, batch: Sequence[Outbound]) -> Sequence[Message]:
-        """Write the batch; while Redis is unreachable retry with backoff up to publish_timeout."""
+        """Write the batch. While Redis is unreachable, retry until publish_timeout: each retry
+        waits for a backoff and for this instance's pub/sub to be back, so that the retried
+        message also reaches this instance's own watchers."""
         deadline = trio.current_time() + self.settings.publish_timeout
         delay = FIRST_PUBLISH_RETRY
         while True:
@@ -211,10 +213,12 @@ class RedisFanout:
                 return await self.writer.write(batch)
             except RedisUnavailable:
                 self._counts["publish_failures"] += 1
-                wait = min(delay * random.uniform(0.5, 1.0), deadline - trio.current_time())
-                if wait <= 0:
+                if trio.current_time() >= deadline:
                     raise
-            await trio.sleep(wait)
+            with trio.move_on_at(deadline):
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                while not self._connected:
+                    await self._changed.wait()
             delay = min(delay * 2, self.settings.reconnect_max_delay)
 
     # --- watching -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The `[plugins.redis]` settings: where Redis is, how long to wait for it, how to probe it.
 
 Every field has a default; the config loader validates the table into `RedisSettings` with
-cattrs, and the attrs validators here state what each key expects.
+cattrs, and the attrs validators here state what each key expects. Their errors name the key
+themselves: the loader reports a plugin validator's message under `plugins.redis` only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _Url:
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         scheme = urlsplit(value).scheme
         if scheme not in SCHEMES:
-            raise ValueError(f"expected {self.expected}, got {value!r}")
+            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
 
 
 @frozen
@@ -39,7 +40,7 @@ class _Seconds:
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
         low_ok = value > self.minimum if self.exclusive else value >= self.minimum
         if not (math.isfinite(value) and low_ok):
-            raise ValueError(f"expected {self.expected}, got {value!r}")
+            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
 
 
 @frozen
@@ -51,7 +52,7 @@ class _AtLeast:
 
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         if value < self.minimum:
-            raise ValueError(f"expected {self.expected}, got {value!r}")
+            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
 
 
 @frozen
@@ -62,7 +63,7 @@ class _Prefix:
 
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         if not value:
-            raise ValueError(f"expected {self.expected}, got {value!r}")
+            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
 
 
 _POSITIVE_SECONDS = _Seconds("a finite number of seconds greater than 0")
