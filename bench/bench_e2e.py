@@ -243,7 +243,8 @@ def main() -> None:
 
     seconds = 5 * scale if args.quick else 5
     for subs, rate in ((1, 10_000), (100, 100)):
-        values: list[float] = run("latency", lambda url: latency(url, subs, rate, seconds))  # type: ignore[assignment]
+        values: list[float] = run(  # type: ignore[assignment]
+            "latency", lambda url, subs=subs, rate=rate: latency(url, subs, rate, seconds))
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
         figures[f"latency_1to{subs}_p50_ms"], figures[f"latency_1to{subs}_p99_ms"] = p50, p99
         print(f"latency 1 -> {subs:<4} at {rate * subs:,} deliveries/s: p50 {p50:.2f} ms, "

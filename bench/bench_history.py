@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from importlib.metadata import version
 
 import trio
-from mqbroker_plugins.memory import open_memory_fanout, open_memory_history
 
 from mqbroker.config import HistoryConfig
 from mqbroker.fanout import FanoutContext
 from mqbroker.message import Draft, Message, Position
+from mqbroker_plugins.memory import open_memory_fanout, open_memory_history
 
 PAYLOAD = "x" * 100
 BACKLOG = 10_000

@@ -30,6 +30,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mqbroker.config import HistoryConfig
+from mqbroker.fanout import FanoutContext
+from mqbroker.message import Draft, Message
 from mqbroker_plugins.redis import RedisSettings, open_redis_fanout, open_redis_history
 from mqbroker_plugins.redis.bridge import RedisBridge
 from mqbroker_plugins.redis.channels import KeyLayout
@@ -40,10 +43,6 @@ from mqbroker_plugins.redis.scripts import (
     StreamBounds,
 )
 from mqbroker_plugins.redis.writer import ScriptWriter
-
-from mqbroker.config import HistoryConfig
-from mqbroker.fanout import FanoutContext
-from mqbroker.message import Draft, Message
 from tests.redis_server import RedisServer
 
 PAYLOAD = bytes(100)

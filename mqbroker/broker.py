@@ -24,6 +24,7 @@ from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
 from mqbroker.plugins import PluginError, load_plugin
 from mqbroker.protocol import (
+    CloseCode,
     EncodedMessage,
     Error,
     ErrorCode,
@@ -52,6 +53,8 @@ logger = structlog.get_logger("mqbroker.broker")
 
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
+COUNTERS = ("sessions_opened", "published", "deliveries",
+            *(f"sessions_closed_{code.name.lower()}" for code in CloseCode))
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 
@@ -64,7 +67,9 @@ class Broker:
     fanout: Fanout = field(init=False)
     index: SubscriptionIndex[Session] = field(factory=SubscriptionIndex)
     sessions: set[Session] = field(factory=set)
-    counters: collections.Counter[str] = field(factory=collections.Counter)
+    #: Every counter exists from the start, at 0, so that metrics can be scraped from the start.
+    counters: collections.Counter[str] = field(factory=lambda: collections.Counter(
+        dict.fromkeys(COUNTERS, 0)))
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
     _valid_topics: set[str] = field(factory=set)
@@ -89,6 +94,7 @@ class Broker:
             "max_topic_length": s.max_topic_length,
             "max_topic_levels": s.max_topic_levels,
             "outbox_messages": s.outbox_messages,
+            "outbox_bytes": s.outbox_bytes,
             "slow_consumer": s.slow_consumer,
             "ping_interval": s.ping_interval,
             "idle_timeout": s.idle_timeout,
@@ -177,6 +183,7 @@ class Broker:
 
     def deliver(self, messages: Sequence[Message]) -> None:
         """The fan-out's callback: queue each message on every matching session. Never blocks."""
+        deliveries = 0
         for message in messages:
             targets = self.index.match(message.topic)
             if not targets:
@@ -184,7 +191,8 @@ class Broker:
             encoded = EncodedMessage(message)
             for session, subs in targets:
                 session.deliver(encoded, subs)
-            self.counters["deliveries"] += len(targets)
+            deliveries += len(targets)
+        self.counters["deliveries"] += deliveries
 
     # --- subscriptions ---------------------------------------------------------------------
 

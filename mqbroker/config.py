@@ -109,6 +109,8 @@ class _NonEmpty:
 
 _PORT = _Number("an integer from 0 to 65535", 0, 65535)
 _POSITIVE = _Number("a positive integer", 1)
+# A delivery's envelope (subs, event id, time) takes up to 1 KiB of a frame beside its payload.
+_FRAME_BYTES = _Number("an integer of at least 4096 (bytes)", 4096)
 _SECONDS = _Number("a finite number of seconds, 0 or more", 0)
 _POSITIVE_SECONDS = _Number("a finite number of seconds greater than 0", 0, exclusive=True)
 _HOST = _NonEmpty("a host name or IP address")
@@ -140,7 +142,7 @@ class ServerConfig:
     port: int = field(default=DEFAULT_PORT, validator=_PORT)
     #: Empty: a random id per process run.
     instance_id: str = ""
-    max_frame_bytes: int = field(default=1 * MiB, validator=_POSITIVE)
+    max_frame_bytes: int = field(default=1 * MiB, validator=_FRAME_BYTES)
     max_subscriptions: int = field(default=1000, validator=_POSITIVE)
     max_topic_length: int = field(default=1024, validator=_POSITIVE)
     max_topic_levels: int = field(default=32, validator=_POSITIVE)

@@ -38,7 +38,7 @@ async def _read_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str,
 @asynccontextmanager
 async def running_daemon(config: Path | None = None, *args: str,
                          env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
-    """Start the daemon on an ephemeral port; its JSON log lines (stderr) are collected as they come."""
+    """Start the daemon on an ephemeral port, collecting its JSON log lines (stderr)."""
     command: Sequence[str] = [sys.executable, "-m", "mqbroker", "serve", "--port", "0", *args]
     if config is not None:
         command = [*command, "--config", str(config)]

@@ -19,6 +19,10 @@ import attrs
 import pytest
 import trio
 from attrs import define, field
+
+from mqbroker.config import HistoryConfig
+from mqbroker.fanout import Deliver, FanoutContext
+from mqbroker.message import Draft, Message
 from mqbroker_plugins.redis import (
     RedisFanout,
     RedisHistory,
@@ -26,10 +30,6 @@ from mqbroker_plugins.redis import (
     open_redis_fanout,
     open_redis_history,
 )
-
-from mqbroker.config import HistoryConfig
-from mqbroker.fanout import Deliver, FanoutContext
-from mqbroker.message import Draft, Message
 from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:

@@ -67,6 +67,11 @@ BAD_FRAMES = [
                  ErrorCode.BAD_EVENT, id="bool-as-id"),
     pytest.param(msgpack.packb({"op": "hello", "version": 1}), ErrorCode.ALREADY_HELLO,
                  id="second-hello"),
+    pytest.param(msgpack.packb({"op": "publish", "topic": "watch", "payload": {b"k": 1}}),
+                 ErrorCode.BAD_EVENT, id="binary-map-key"),
+    pytest.param(msgpack.packb({"op": "publish", "topic": "watch",
+                                "payload": msgpack.ExtType(5, b"x")}),
+                 ErrorCode.BAD_FRAME, id="extension-type"),
 ]
 
 
@@ -80,13 +85,34 @@ async def test_bad_frames_get_errors(broker: RunningBroker, bystander: RawSessio
         await still_usable(session, bystander)
 
 
-async def test_malformed_json_gets_bad_frame(broker: RunningBroker,
-                                             bystander: RawSession) -> None:
-    """A text frame that is not JSON is answered with bad_frame."""
+@pytest.mark.parametrize(("frame", "code"), [
+    pytest.param('{"op": "publish", ', ErrorCode.BAD_FRAME, id="malformed"),
+    pytest.param('{"op": "publish", "topic": "watch", "payload": NaN}', ErrorCode.BAD_FRAME,
+                 id="nan"),
+    pytest.param('{"op": "publish", "topic": "watch", "payload": [1180591620717411303424]}',
+                 ErrorCode.BAD_EVENT, id="integer-beyond-64-bits"),
+])
+async def test_bad_json_frames_get_errors(broker: RunningBroker, bystander: RawSession,
+                                          frame: str, code: ErrorCode) -> None:
+    """A text frame that is not JSON, or holds what msgpack sessions could not receive, is
+    refused; the bystander (a msgpack session) never sees it."""
     async with raw_session(broker.url, fmt=Format.JSON) as session:
-        await session.send_frame('{"op": "publish", ')
-        await expect_error(session, ErrorCode.BAD_FRAME)
+        await session.send_frame(frame)
+        await expect_error(session, code)
         await still_usable(session, bystander)
+
+
+async def test_a_json_subscriber_survives_binary_payloads(broker: RunningBroker) -> None:
+    """Binary payloads from msgpack publishers reach JSON subscribers as {"$base64": ...},
+    nested ones too; nothing a publisher may send breaks another session's delivery."""
+    async with raw_session(broker.url, fmt=Format.JSON) as browser, \
+            raw_session(broker.url) as publisher:
+        await browser.send(Subscribe(id=1, filter="bin"))
+        await browser.next_event()
+        await publisher.send(Publish(topic="bin", payload={"a": [b"\x00", {"b": b"\x01"}]}))
+        delivery = await browser.next_event()
+        assert isinstance(delivery, Delivery)
+        assert delivery.payload == {"a": [b"\x00", {"b": b"\x01"}]}
 
 
 async def test_errors_carry_the_request_id(broker: RunningBroker) -> None:

@@ -360,9 +360,6 @@ def test_session_closed_by_broker_is_reestablished(broker_thread: BrokerThread) 
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, raises=SinceUnsupported, reason=(
-    "ClientCore.resume() resubscribes a wildcard filter with `since` once it delivered a "
-    "message, which the broker refuses; the trio client fails the same way"))
 def test_wildcard_subscription_after_reconnect_says_not_resumable(
         broker_thread: BrokerThread) -> None:
     """A wildcard subscription cannot resume: after a reconnect it yields
@@ -504,12 +501,69 @@ def test_connect_error_when_nothing_listens(broker_thread: BrokerThread) -> None
 
 
 def test_application_errors_are_not_wrapped(broker_thread: BrokerThread) -> None:
-    """An exception raised in the `connect` block comes out as itself."""
+    """An exception raised in the `connect` block comes out as itself, and the session is
+    still closed properly (even though the client's task never got to run)."""
 
     async def scenario() -> None:
         with pytest.raises(KeyError):
-            async with connect(broker_thread.url):
+            async with connect(broker_thread.url, name="e"):
+                session = await broker_thread.session_of("e")
                 raise KeyError("mine")
+        closed = await broker_thread.call_sync(lambda: session.ws.closed)
+        assert closed is not None and closed.code == 1000
+
+    run(scenario)
+
+
+def test_cancelled_block_closes_the_session(broker_thread: BrokerThread) -> None:
+    """Cancelling the task inside `connect` closes the session with 1000 and ends its
+    subscriptions; the cancellation propagates."""
+
+    async def scenario() -> None:
+        subscribed = asyncio.Event()
+        subs: list[Subscription] = []
+
+        async def user() -> None:
+            async with connect(broker_thread.url, name="x") as client:
+                subs.append(await client.subscribe("x"))
+                subscribed.set()
+                await asyncio.Future()  # until cancelled
+
+        task = asyncio.create_task(user())
+        async with asyncio.timeout(WAIT):
+            await subscribed.wait()
+        session = await broker_thread.session_of("x")
+        task.cancel()
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert [item async for item in subs[0]] == []
+        closed = await broker_thread.call_sync(lambda: session.ws.closed)
+        assert closed is not None and closed.code == 1000
+
+    run(scenario)
+
+
+def test_unsubscribe_while_the_stream_is_full(broker_thread: BrokerThread) -> None:
+    """Unsubscribing frees a reader that waits for room in that subscription's full stream;
+    the client goes on working (the trio client raises ClosedResourceError here)."""
+
+    async def scenario() -> None:
+        async with connect(broker_thread.url, buffer=2) as client, \
+                connect(broker_thread.url) as publisher:
+            full = await client.subscribe("f")
+            other = await client.subscribe("h")
+            for n in range(5):
+                await publisher.publish("f", n)
+            await publisher.publish("h", "after")
+            stream = full._items
+            async with asyncio.timeout(WAIT):
+                while len(stream._items) < 2:  # then the reader waits for room
+                    await stream._changed.wait()
+            async with asyncio.timeout(WAIT):
+                await full.unsubscribe()
+            assert (await next_message(other)).payload == "after"
+            assert await client.publish("h", 1)
 
     run(scenario)
 
@@ -541,34 +595,53 @@ class Peer:
         return self.events.popleft()
 
 
+@attrs.define(eq=False)
+class WsServer:
+    """A WebSocket server on 127.0.0.1 whose accepted peers the test drives."""
+
+    url: str
+    peers: asyncio.Queue[Peer] = attrs.field(factory=asyncio.Queue)
+    clients: list[WebSocket] = attrs.field(factory=list)
+    accepted: list[Peer] = attrs.field(factory=list)
+
+    async def open(self, max_message_size: int = 1 << 20) -> tuple[WebSocket, Peer]:
+        """A client WebSocket and the server's end of it."""
+        async with asyncio.timeout(WAIT):
+            ws = await open_websocket(self.url, max_message_size=max_message_size)
+            self.clients.append(ws)
+            return ws, await self.peers.get()
+
+    def drop_all(self) -> None:
+        for ws in self.clients:
+            ws.abort()
+        for peer in self.accepted:
+            peer.writer.close()
+
+
 @asynccontextmanager
-async def ws_server(*, refuse: bool = False) -> AsyncIterator[tuple[str, asyncio.Queue[Peer]]]:
-    """A WebSocket server on 127.0.0.1; each accepted peer is put on the queue."""
-    peers: asyncio.Queue[Peer] = asyncio.Queue()
+async def ws_server(*, refuse: bool = False) -> AsyncIterator[WsServer]:
+    """Serve WebSocket upgrades (or refuse them with 404); each accepted peer is queued."""
+    running: WsServer | None = None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert running is not None
         peer = Peer(reader, writer)
+        running.accepted.append(peer)
         assert isinstance(await peer.receive(), Request)
         if refuse:
             await peer.send(RejectConnection(status_code=404))
             writer.close()
             return
         await peer.send(AcceptConnection())
-        await peers.put(peer)
+        await running.peers.put(peer)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    running = WsServer(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/path?q=1")
     async with server:
-        yield f"ws://127.0.0.1:{port}/path?q=1", peers
-        while not peers.empty():
-            peers.get_nowait().writer.close()
-
-
-async def open_pair(url: str, peers: asyncio.Queue[Peer],
-                    max_message_size: int = 1 << 20) -> tuple[WebSocket, Peer]:
-    async with asyncio.timeout(WAIT):
-        ws = await open_websocket(url, max_message_size=max_message_size)
-        return ws, await peers.get()
+        try:
+            yield running
+        finally:
+            running.drop_all()
 
 
 def test_transport_assembles_fragments_and_answers_pings() -> None:
@@ -576,8 +649,8 @@ def test_transport_assembles_fragments_and_answers_pings() -> None:
     fragmented message is answered with a pong carrying its payload."""
 
     async def scenario() -> None:
-        async with ws_server() as (url, peers):
-            ws, peer = await open_pair(url, peers)
+        async with ws_server() as server:
+            ws, peer = await server.open()
             await peer.send(BytesMessage(data=b"ab", message_finished=False),
                             Ping(payload=b"p"),
                             BytesMessage(data=b"cd"),
@@ -598,8 +671,8 @@ def test_transport_refuses_oversized_messages() -> None:
     """A message over max_message_size, even in small fragments, closes with 1009."""
 
     async def scenario() -> None:
-        async with ws_server() as (url, peers):
-            ws, peer = await open_pair(url, peers, max_message_size=10)
+        async with ws_server() as server:
+            ws, peer = await server.open(max_message_size=10)
             await peer.send(BytesMessage(data=b"x" * 10))  # exactly the limit is fine
             assert await ws.get_message() == b"x" * 10
             await peer.send(BytesMessage(data=b"y" * 6, message_finished=False),
@@ -621,8 +694,8 @@ def test_transport_close_handshakes() -> None:
     the peer's answer; sending on a closed WebSocket raises ConnectionClosed."""
 
     async def scenario() -> None:
-        async with ws_server() as (url, peers):
-            ws, peer = await open_pair(url, peers)
+        async with ws_server() as server:
+            ws, peer = await server.open()
             await peer.send(CloseConnection(code=4008, reason="slow"))
             with pytest.raises(ConnectionClosed) as caught:
                 await ws.get_message()
@@ -631,7 +704,7 @@ def test_transport_close_handshakes() -> None:
             with pytest.raises(ConnectionClosed):
                 await ws.send_message(b"late")
 
-            ws, peer = await open_pair(url, peers)
+            ws, peer = await server.open()
             closing = asyncio.create_task(ws.aclose(1000, "bye"))
             close = await peer.receive()
             assert close == CloseConnection(code=1000, reason="bye")
@@ -648,8 +721,8 @@ def test_transport_close_is_abandoned_when_the_peer_is_silent() -> None:
     """A close the peer never answers can be bounded by the caller; the socket is dropped."""
 
     async def scenario() -> None:
-        async with ws_server() as (url, peers):
-            ws, peer = await open_pair(url, peers)
+        async with ws_server() as server:
+            ws, peer = await server.open()
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
                     await ws.aclose(1000, "bye")
@@ -664,7 +737,8 @@ def test_refused_upgrade() -> None:
     """An HTTP refusal of the upgrade raises HandshakeError, and ConnectError from `connect`."""
 
     async def scenario() -> None:
-        async with ws_server(refuse=True) as (url, _):
+        async with ws_server(refuse=True) as server:
+            url = server.url
             with pytest.raises(HandshakeError, match="404"):
                 async with asyncio.timeout(WAIT):
                     await open_websocket(url, max_message_size=100)

@@ -372,9 +372,6 @@ def test_encoded_message_fragments_are_the_full_delivery(message: Message,
     assert decode(join(fragments, fmt), SERVER_SPECS) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="Delivery.payload is required, so the codec rejects the "
-                   "`payload: null` the broker sends for a message published without payload "
-                   "(fix: give Delivery.payload a None default in mqbroker/protocol/events.py)")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_delivery_with_a_null_payload_decodes(fmt: Format) -> None:
     """A message published without a payload reaches subscribers as a delivery with payload

@@ -189,7 +189,7 @@ async def test_metrics_expose_every_stat_with_its_type(broker: RunningBroker, po
         assert values[name] == value and kinds[name] == kind
     assert kinds["mqbroker_sessions"] == "gauge"
     assert kinds["mqbroker_fanout_dedup_evicted_total"] == "counter"
-    assert values['mqbroker_up{instance="test"}'] == 1
+    assert values['mqbroker_up{instance_id="test"}'] == 1
     assert values["mqbroker_fanout_healthy"] == 1
 
 
@@ -228,7 +228,7 @@ def test_metric_names_and_types() -> None:
     assert metric_name("a-b.c é") == ("mqbroker_a_b_c___total", "counter")
 
 
-_SAMPLE = re.compile(r'[a-zA-Z_][a-zA-Z0-9_]*(\{instance="(?:[^"\\\n]|\\.)*"\})? -?[0-9]+')
+_SAMPLE = re.compile(r'[a-zA-Z_][a-zA-Z0-9_]*(\{instance_id="(?:[^"\\\n]|\\.)*"\})? -?[0-9]+')
 
 
 @given(stats=st.dictionaries(st.text(max_size=12), st.integers(-(2**63), 2**63)),
@@ -409,7 +409,7 @@ async def test_the_daemon_serves_health_and_metrics_when_configured(tmp_path: Pa
         assert health.status == 200
         assert health.json()["instance"] == started["instance"]
         metrics = samples((await fetch(http_port, "/metrics")).body.decode())
-        assert metrics[f'mqbroker_up{{instance="{started["instance"]}"}}'] == 1
+        assert metrics[f'mqbroker_up{{instance_id="{started["instance"]}"}}'] == 1
         daemon.process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await daemon.process.wait() == 0

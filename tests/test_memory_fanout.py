@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from attrs import define, field
-from mqbroker_plugins.memory import MemoryFanout, open_memory_fanout, open_memory_history
 from trio.testing import MockClock
 
 from mqbroker.config import HistoryConfig
@@ -16,6 +15,7 @@ from mqbroker.fanout import FanoutContext, FanoutUnavailable
 from mqbroker.history import HistoryStore, HistoryUnavailable, Replay
 from mqbroker.message import Draft, Message, Position
 from mqbroker.plugins import load_plugin
+from mqbroker_plugins.memory import MemoryFanout, open_memory_fanout, open_memory_history
 
 
 def draft(topic: str, payload: object, *, msg_id: str | None = None, record: bool = False) -> Draft:

@@ -8,8 +8,6 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mqbroker_plugins.memory import BoundedHistory, MemoryHistory, open_memory_history
-from mqbroker_plugins.memory_history import expiry_interval, message_size
 from structlog.testing import capture_logs
 from trio.testing import MockClock
 
@@ -17,6 +15,8 @@ from mqbroker.config import HistoryConfig
 from mqbroker.history import Gap
 from mqbroker.message import Draft, Message, Position
 from mqbroker.plugins import load_plugin
+from mqbroker_plugins.memory import BoundedHistory, MemoryHistory, open_memory_history
+from mqbroker_plugins.memory_history import expiry_interval, message_size
 
 
 def draft(topic: str, payload: object = "", *, n: int = 0) -> Draft:

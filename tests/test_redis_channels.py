@@ -10,6 +10,8 @@ from __future__ import annotations
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
+
+from mqbroker.topics import is_wildcard, matches
 from mqbroker_plugins.redis.channels import (
     Confirmed,
     CopyFilter,
@@ -19,8 +21,6 @@ from mqbroker_plugins.redis.channels import (
     filter_glob,
     glob_regex,
 )
-
-from mqbroker.topics import is_wildcard, matches
 from tests.redis_fixtures import WAIT, redis_server
 from tests.redis_server import RedisServer
 

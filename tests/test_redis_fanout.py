@@ -9,12 +9,12 @@ included.
 from __future__ import annotations
 
 import trio
-from mqbroker_plugins.memory import open_memory_history
-from mqbroker_plugins.redis import RedisSettings, open_redis_fanout
 
 from mqbroker.config import HistoryConfig
 from mqbroker.fanout import FanoutContext
 from mqbroker.message import Message
+from mqbroker_plugins.memory import open_memory_history
+from mqbroker_plugins.redis import RedisSettings, open_redis_fanout
 from tests.redis_fixtures import (
     Inbox,
     Instance,

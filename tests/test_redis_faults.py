@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import redis
 import trio
-from mqbroker_plugins.redis import RedisFanout, RedisSettings
 from structlog.testing import capture_logs
 
 from mqbroker.config import HistoryConfig
 from mqbroker.fanout import FanoutUnavailable
 from mqbroker.history import Gap, HistoryUnavailable
 from mqbroker.message import Message, Position
+from mqbroker_plugins.redis import RedisFanout, RedisSettings
 from tests.redis_fixtures import (
     WAIT,
     draft,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from mqbroker_plugins.redis import RedisSettings
 
 from mqbroker.config import Config, ConfigError, plugin_settings
 from mqbroker.plugins import load_plugin
+from mqbroker_plugins.redis import RedisSettings
 
 
 def settings(table: dict[str, Any]) -> Any:

@@ -231,6 +231,7 @@ class Client:
             except BaseException:
                 ws.abort()
                 raise
+        self._ws = ws  # from here on, aclose closes it
         return ws
 
     async def run(self, ws: WebSocket) -> None:
@@ -279,7 +280,6 @@ class Client:
 
     async def _serve(self, ws: WebSocket) -> None:
         """One open connection's life: read, write and keep alive until it drops."""
-        self._ws = ws
         try:
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(self._write_loop(ws))
@@ -335,6 +335,7 @@ class Client:
             await self._queued.put(Ping())
 
     def _give_up(self) -> None:
+        """Fail what waits, end every subscription; the client is closed or lost for good."""
         if self._closed:
             error: BaseException = ClientClosed("the client is closed")
         else:
@@ -389,6 +390,8 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
         await client.aclose()
         runner.cancel()
         await asyncio.wait([runner])
+        # A runner cancelled before it started never ran its own cleanup.
+        client._give_up()
         if not runner.cancelled() and (error := runner.exception()) is not None:
             raise error
 

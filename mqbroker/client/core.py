@@ -54,7 +54,8 @@ class Gap:
     """A point in a subscription's stream where messages may be missing: the app should resync.
 
     reason: "trimmed", "unknown_epoch", "not_recorded", "unavailable" (replay could not be
-    complete), "not_resumable" (a wildcard subscription was re-established after a reconnect)
+    complete), "not_resumable" (a subscription was re-established after a reconnect with no
+    position to resume from: a wildcard filter, or a topic that had delivered nothing yet)
     or "dropped" (the broker dropped `count` deliveries to this slow session).
     """
 
@@ -133,7 +134,10 @@ class ClientCore:
     def resume(self) -> tuple[list[ClientEvent], list[Outcome]]:
         """Once a new connection is open: what to send again, and what that settles at once."""
         events: list[ClientEvent] = [
-            Subscribe(id=sub_id, filter=sub.filter, since=sub.since)
+            # Only exact topics resume from a position (the broker refuses `since` on a
+            # wildcard filter); the others are re-established and report a Gap.
+            Subscribe(id=sub_id, filter=sub.filter,
+                      since=None if is_wildcard(sub.filter) else sub.since)
             for sub_id, sub in self.subscriptions.items()
         ]
         outcomes: list[Outcome] = []
@@ -227,7 +231,9 @@ class ClientCore:
         if sub is None:
             return []  # unsubscribed meanwhile
         outcomes: list[Outcome] = []
-        if sub.established and is_wildcard(sub.filter):
+        if sub.established and (is_wildcard(sub.filter) or sub.since is None):
+            # Re-established with nothing to resume from: whatever was published while
+            # disconnected is not replayed, and the stream says so.
             outcomes.append(Deliver(item.id, Gap(reason="not_resumable")))
         elif item.recovered is False:
             outcomes.append(Deliver(item.id, Gap(reason=item.reason or "unknown")))

@@ -12,7 +12,7 @@ import enum
 import json
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import msgpack
@@ -95,6 +95,44 @@ def _check_int_tuple(value: Any) -> tuple[int, ...]:
     return tuple(_check_int(item) for item in value)
 
 
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _check_payload(value: Any) -> Any:
+    """A payload every session can receive: encodable in msgpack and in JSON alike."""
+    kind = type(value)
+    if kind in (str, bytes, bool, float) or value is None:
+        return value
+    problem = _payload_problem(value, depth=0)
+    if problem is not None:
+        raise ValueError(f"a value every session can receive: {problem}")
+    return value
+
+
+def _payload_problem(value: Any, depth: int) -> str | None:
+    # Bytes map keys and huge integers decode from one format but cannot be encoded in the
+    # other; refusing them here is what keeps one publisher from breaking a delivery.
+    if depth > 64:
+        return "nested deeper than 64 levels"
+    kind = type(value)
+    if kind is int:
+        return None if value in _INT_RANGE else "an integer outside -2^63..2^64-1"
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"a map key that is not a string ({type(key).__name__})"
+            problem = _payload_problem(item, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    if kind is list:
+        for item in value:
+            problem = _payload_problem(item, depth + 1)
+            if problem is not None:
+                return problem
+    return None
+
+
 _CHECKS: dict[Any, Check] = {
     int: _check_int,
     str: _check_str,
@@ -105,8 +143,8 @@ _CHECKS: dict[Any, Check] = {
 }
 
 
-@frozen
-class _FieldSpec:
+class _FieldSpec(NamedTuple):
+    # A tuple rather than an attrs class: it is unpacked for every field of every event.
     name: str
     #: None for fields that take any value (payloads).
     check: Check | None
@@ -122,7 +160,9 @@ def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
         if type(None) in args:  # `X | None`
             hint = next(arg for arg in args if arg is not type(None))
         required = f.default is attrs.NOTHING
-        check = None if hint is Any else _CHECKS[hint]
+        # Payloads are the only field of any type; checking them is the caller's choice.
+        check = (_check_payload if f.name == "payload" and cls.OP == "publish"
+                 else None if hint is Any else _CHECKS[hint])
         specs.append(_FieldSpec(f.name, check, required))
     return tuple(specs)
 
@@ -151,12 +191,21 @@ def _from_json_object(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the protocol")
+
+
 def _parse(frame: Frame) -> Any:
     """The frame's raw value; raises ValueError with a reason."""
     try:
         if isinstance(frame, str):
-            return json.loads(frame, object_hook=_from_json_object)
-        return msgpack.unpackb(frame, raw=False)
+            return json.loads(frame, object_hook=_from_json_object,
+                              parse_constant=_refuse_constant)
+        return msgpack.unpackb(frame, raw=False, ext_hook=_refuse_ext)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
         kind = "JSON" if isinstance(frame, str) else "msgpack"
         raise ValueError(f"the frame is not valid {kind}: {e}") from None
@@ -191,20 +240,20 @@ def decode_item(item: Any, specs: dict[str, _EventSpec]) -> Any:
         return Rejected(ErrorCode.UNKNOWN_OP, f"unknown op {op!r} (known: {known})",
                         _request_id(item), op if type(op) is str else None)
     values = {}
-    for f in spec.fields:
-        value = item.get(f.name)
+    for name, check, required in spec.fields:
+        value = item.get(name)
         if value is None:
-            if f.required:
-                return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{f.name}` is required",
+            if required:
+                return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{name}` is required",
                                 _request_id(item), op)
             continue
-        if f.check is None:
-            values[f.name] = value
+        if check is None:
+            values[name] = value
             continue
         try:
-            values[f.name] = f.check(value)
+            values[name] = check(value)
         except ValueError as e:
-            return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{f.name}` must be {e}",
+            return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{name}` must be {e}",
                             _request_id(item), op)
     return spec.cls(**values)
 
@@ -292,8 +341,12 @@ class EncodedMessage:
 
     def msgpack_tail(self) -> bytes:
         if self._msgpack_tail is None:
-            # A fixmap header (0x85: five pairs) then the pairs; the prefix adds `subs`.
-            self._msgpack_tail = _packb(self._tail_map())[1:]
+            # The five shared pairs of the delivery map, packed value by value after their
+            # pre-packed keys (the same bytes as packing `_tail_map`, without building it).
+            m = self.message
+            self._msgpack_tail = b"".join((
+                _OP_MESSAGE_TOPIC, _packb(m.topic), _EVENT, _packb(m.event_id),
+                _PAYLOAD, _packb(m.payload), _TIME, _packb(m.published_at)))
         return self._msgpack_tail
 
     def json_tail(self) -> str:
@@ -308,6 +361,8 @@ class EncodedMessage:
 
 
 _SUBS_KEY = _packb("subs")
+_OP_MESSAGE_TOPIC = _packb("op") + _packb("message") + _packb("topic")
+_EVENT, _PAYLOAD, _TIME = _packb("event"), _packb("payload"), _packb("time")
 _prefix_cache: dict[tuple[int, ...], bytes] = {}
 
 

@@ -185,9 +185,10 @@ class Delivery:
     subs: tuple[int, ...]
     topic: str
     event: str
-    payload: Payload
-    #: Publish time, Unix seconds.
+    #: Publication time, Unix seconds.
     time: float
+    #: Always sent; null when the message was published without one.
+    payload: Payload = None
 
 
 @frozen(kw_only=True)

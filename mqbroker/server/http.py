@@ -83,7 +83,7 @@ def metric_name(stat: str) -> tuple[str, str]:
 def exposition(stats: Mapping[str, int], *, instance: str, healthy: bool) -> str:
     """The stats, liveness and fan-out health in Prometheus' text format (version 0.0.4)."""
     families: dict[str, tuple[str, str]] = {
-        f"{PREFIX}up": ("gauge", f'{PREFIX}up{{instance="{_label_value(instance)}"}} 1'),
+        f"{PREFIX}up": ("gauge", f'{PREFIX}up{{instance_id="{_label_value(instance)}"}} 1'),
         f"{PREFIX}fanout_healthy": ("gauge", f"{PREFIX}fanout_healthy {int(healthy)}"),
     }
     for stat, value in sorted(stats.items()):

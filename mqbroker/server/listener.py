@@ -50,7 +50,13 @@ async def serve(broker: Broker, config: ServerConfig, *,
     async def handle(request: WebSocketRequest) -> None:
         session = Session(await request.accept(), config)
         broker.attach(session)
-        await session.run(broker)
+        try:
+            await session.run(broker)
+        except Exception:
+            # A bug met by one session must not take the listener and every other session
+            # down with it: log it, and close this session with 1011.
+            session.log.exception("session.crashed")
+            await session.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async with trio.open_nursery() as sessions:
         async with trio.open_nursery() as accepting:

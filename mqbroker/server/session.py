@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from mqbroker.config import ServerConfig
 from mqbroker.message import Message
 from mqbroker.protocol import (
+    PROTOCOL_VERSION,
     CloseCode,
     Dropped,
     EncodedMessage,
@@ -115,12 +116,16 @@ class Session:
     async def run(self, broker: Broker) -> None:
         """Serve this session until it closes; the broker forgets it on the way out."""
         try:
-            if await self._open(broker):
+            first_events = await self._open(broker)
+            if first_events is not None:
                 self.log.info("session.opened", client=self.protocol.client,
                               format=self.protocol.format.value)
                 async with trio.open_nursery() as nursery:
                     self._tasks = nursery.cancel_scope
                     nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    # Events batched with the hello are handled once the writer runs: one
+                    # may be a replay that needs the outbox drained.
+                    await self._handle(broker, first_events)
                     await self._read_loop(broker)
                     nursery.cancel_scope.cancel()
         finally:
@@ -134,25 +139,25 @@ class Session:
         closed = self.ws.closed
         return int(closed.code) if closed is not None else None
 
-    async def _open(self, broker: Broker) -> bool:
+    async def _open(self, broker: Broker) -> list[Any] | None:
+        """Handshake: the events that came with the hello, or None if the session is over."""
         with trio.move_on_after(self.config.hello_timeout):
             try:
                 frame = await self.ws.get_message()
-                events = self.protocol.receive(frame)
+                events: list[Any] = self.protocol.receive(frame)
+                await self.ws.send_message(self.protocol.encode(self._welcome(broker)))
             except HandshakeFailed as e:
                 await self._send_and_close(self.protocol.encode(e.error),
                                            CloseCode.HANDSHAKE_FAILED, e.error.message)
-                return False
+                return None
             except ConnectionClosed:
-                return False
-            await self.ws.send_message(self.protocol.encode(self._welcome(broker)))
-            await self._handle(broker, events)
-            return True
+                return None
+            return events
         await self._send_and_close(None, CloseCode.HANDSHAKE_FAILED, "no hello in time")
-        return False
+        return None
 
     def _welcome(self, broker: Broker) -> Welcome:
-        return Welcome(version=1, instance=broker.instance_id, session=self.id,
+        return Welcome(version=PROTOCOL_VERSION, instance=broker.instance_id, session=self.id,
                        limits=broker.limits())
 
     async def _read_loop(self, broker: Broker) -> None:

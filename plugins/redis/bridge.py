@@ -115,6 +115,10 @@ class RedisBridge:
     async def script(self, name: ScriptName, args: Sequence[Arg]) -> Any:
         return await self.run(lambda: self.script_sync(name, args))
 
+    async def load_scripts(self) -> None:
+        """Load the scripts now rather than on the first call; raises RedisUnavailable."""
+        await self.run(self.load_scripts_sync)
+
     def load_scripts_sync(self) -> None:
         """SCRIPT LOAD every script, so the first EVALSHA finds it (a NOSCRIPT reloads too)."""
         with translated_errors():
@@ -183,6 +187,8 @@ class PubSubReceiver:
     received: int = 0
     #: Pub/sub connections made (the first one included).
     connections: int = 0
+    # Failed connection attempts since the last connection that went live.
+    _failures: int = 0
     _lock: threading.Lock = field(factory=threading.Lock)
     # Subscriptions to restore on a new connection; dict for its insertion order.
     _wanted: dict[Subscription, None] = field(factory=dict)
@@ -207,22 +213,20 @@ class PubSubReceiver:
         self._stopping.set()
 
     def run(self, hand_over: HandOver, refill: Refill) -> None:
-        attempt = 0
         while not self._stopping.is_set():
             try:
                 self._connection(hand_over, refill)
-                attempt = 0
             except RedisUnavailable as error:
                 hand_over([Disconnected(str(error))])
-                attempt += 1
-            if not self._stopping.is_set():
-                self._stopping.wait(self._backoff(attempt))
+                self._failures += 1
+                self._stopping.wait(self._backoff())
         self.client.connection_pool.disconnect()
 
-    def _backoff(self, attempt: int) -> float:
-        if attempt == 0:
-            return 0.0
-        delay = min(self.settings.reconnect_max_delay, FIRST_RETRY_DELAY * 2.0 ** (attempt - 1))
+    def _backoff(self) -> float:
+        """Exponential from FIRST_RETRY_DELAY up to reconnect_max_delay, with jitter so that
+        many instances do not reconnect in step after an outage."""
+        exponent = self._failures - 1
+        delay = min(self.settings.reconnect_max_delay, FIRST_RETRY_DELAY * 2.0**exponent)
         return delay * random.uniform(0.5, 1.0)
 
     def _connection(self, hand_over: HandOver, refill: Refill) -> None:
@@ -232,6 +236,7 @@ class PubSubReceiver:
             with translated_errors():
                 held = self._subscribe_all(pubsub)
             self.connections += 1
+            self._failures = 0
             # Refilled messages were recorded before anything held here was published.
             hand_over([Connected(), *refill(), *held])
             while not self._stopping.is_set():
@@ -265,10 +270,10 @@ class PubSubReceiver:
         deadline = time.monotonic() + self.settings.socket_timeout
         while expected > 0:
             remaining = deadline - time.monotonic()
-            message = pubsub.get_message(timeout=remaining) if remaining > 0 else None
-            if message is None:
+            if remaining <= 0:
                 raise RedisUnavailable("redis did not confirm the subscriptions in time")
-            item = self._item(message)
+            message = pubsub.get_message(timeout=remaining)
+            item = self._item(message) if message is not None else None
             if isinstance(item, Confirmed) and item.active:
                 expected -= 1
             if item is not None:

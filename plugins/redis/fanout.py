@@ -12,6 +12,7 @@ watched exact recorded topic from its stream. docs/redis.md has the arguments.
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -421,6 +422,8 @@ async def open_redis_fanout(
     if fanout.records_into is not None:
         fanout.records_into.attach(fanout.writer)
     try:
+        with contextlib.suppress(RedisUnavailable):  # health reports it; NOSCRIPT reloads later
+            await bridge.load_scripts()
         async with trio.open_nursery() as nursery:
             await nursery.start(fanout.writer.serve)
             await nursery.start(fanout.run_receiver)

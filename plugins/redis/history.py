@@ -129,7 +129,11 @@ async def open_redis_history(
     bridge = RedisBridge.open(settings)
     try:
         history = RedisHistory.create(settings, config, bridge)
-        await _load_scripts(bridge)
+        try:
+            await bridge.load_scripts()
+        except RedisUnavailable as error:
+            # Not fatal: calls fail until Redis is back, and the first one loads them then.
+            _log.warning("history.redis_unreachable", url=settings.url, error=str(error))
         async with trio.open_nursery() as nursery:
             await nursery.start(history.writer.serve)
             try:
@@ -138,11 +142,3 @@ async def open_redis_history(
                 nursery.cancel_scope.cancel()
     finally:
         bridge.close()
-
-
-async def _load_scripts(bridge: RedisBridge) -> None:
-    try:
-        await bridge.run(bridge.load_scripts_sync)
-    except RedisUnavailable as error:
-        # Not fatal: the first call that reaches Redis loads them (NOSCRIPT reloads).
-        _log.warning("history.redis_unreachable", url=bridge.settings.url, error=str(error))
