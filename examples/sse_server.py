@@ -418,14 +418,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(LogConfig(level=args.log_level))
     try:
-        trio.run(partial(serve_sse, args.broker, args.port, host=args.host))
+        return _run(args.broker, args.host, args.port)
     except KeyboardInterrupt:
         return 0
-    except ClientError as e:
-        LOG.error("sse.broker_unreachable", error=str(e))
-        return 1
-    return 0
 
+
+def _run(broker_url: str, host: str, port: int) -> int:
+    status = 0
+    try:
+        trio.run(partial(serve_sse, broker_url, port, host=host))
+    except* (ClientError, OSError) as group:
+        # Nested nurseries wrap what they raise in nested exception groups.
+        LOG.error("sse.stopped", error=str(_first_cause(group)))
+        status = 1
+    return status
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -102,3 +102,79 @@ async def raw_session(url: str, *, fmt: Format = Format.MSGPACK, hello: bool = T
         with trio.move_on_after(1, shield=True):
             await ws.aclose()
         nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class TcpProxy:
+    """A TCP proxy in front of a port, whose live connections a test can cut at will."""
+
+    target_port: int
+    port: int = 0
+    _connections: trio.Nursery | None = None
+    cuts: int = 0
+
+    async def cut(self) -> None:
+        """Drop every connection going through now (abruptly); new ones still get through."""
+        assert self._connections is not None
+        self._connections.cancel_scope.cancel()
+        self.cuts += 1
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as accepting:
+            await accepting.start(self._rotate)
+            task_status.started()
+            while True:
+                client = await listeners[0].accept()
+                assert self._connections is not None
+                self._connections.start_soon(self._pipe_both, client)
+
+    async def _rotate(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+        """Keep a live nursery for connections; `cut` cancels it and a new one takes over."""
+        while True:
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep_forever()
+
+    async def _pipe_both(self, client: trio.SocketStream) -> None:
+        try:
+            server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, server, trio.open_nursery() as pipes:
+            pipes.start_soon(_pipe, client, server, pipes.cancel_scope)
+            pipes.start_soon(_pipe, server, client, pipes.cancel_scope)
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream,
+                done: trio.CancelScope) -> None:
+    try:
+        async for chunk in source:
+            await sink.send_all(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    done.cancel()
+
+
+@asynccontextmanager
+async def tcp_proxy(target_port: int) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(target_port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy._serve)
+        yield proxy
+        nursery.cancel_scope.cancel()
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for a broker restarted on the same port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
