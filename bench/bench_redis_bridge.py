@@ -19,10 +19,13 @@ one draft each unless said otherwise. Reports messages per second for:
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import platform
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +129,9 @@ async def end_to_end(settings: RedisSettings, count: int, publishers: int) -> st
 
 async def asyncio_publishes(url: str, count: int, publishers: int) -> str:
     import redis.asyncio
-    import trio_asyncio
+
+    # Optional, and not a dependency: imported by name so type checking does not need it.
+    trio_asyncio: Any = importlib.import_module("trio_asyncio")
 
     call = publish_call("ba:")
     all_drafts = drafts(count)
@@ -157,9 +162,7 @@ async def main(count: int, publishers: int) -> None:
                 (f"writer, {publishers} publishers", publishers, 1),
                 ("writer, batches of 100", 1, 100),
             ):
-                await timed(
-                    label, count, lambda p=p, size=size: through_writer(bridge, count, p, size)
-                )
+                await timed(label, count, partial(through_writer, bridge, count, p, size))
         finally:
             bridge.close()
         await timed(
@@ -167,9 +170,7 @@ async def main(count: int, publishers: int) -> None:
             count,
             lambda: end_to_end(settings, count, publishers),
         )
-        try:
-            import trio_asyncio  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("trio_asyncio") is None:
             print("  redis.asyncio under trio-asyncio: not run (pip install trio-asyncio)")
         else:
             await timed(

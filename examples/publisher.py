@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         trio.run(partial(run, args.broker, args.session, args.count, args.broadcast))
+    except* KeyboardInterrupt:
+        status = 130  # the shell's code for "stopped by SIGINT"
     except* (ClientError, OSError) as group:
         print(f"publisher: {_first_cause(group)}", file=sys.stderr)
         status = 1

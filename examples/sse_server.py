@@ -133,6 +133,10 @@ class Refusal:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+UNAVAILABLE = Refusal(status=503, text="the broker is unavailable",
+                      headers=(("retry-after", "1"),))
+
+
 def parse_request(request: h11.Request) -> StreamRequest | Refusal:
     target = request.target.decode("ascii", "replace").partition("?")[0]
     match = _EVENTS_PATH.fullmatch(target)
@@ -169,7 +173,7 @@ class Outgoing:
             self.send.send_nowait(chunk)
         except trio.WouldBlock:
             if not self.scope.cancel_called:
-                self.log.warning("sse.slow_client", buffered=STREAM_BUFFER)
+                self.log.warning("sse.slow_client", buffered=self.send.statistics().max_buffer_size)
             self.scope.cancel()
 
 
@@ -180,7 +184,10 @@ async def subscribed(client: Client, topic: str, since: str | None) -> AsyncIter
     try:
         yield subscription
     finally:
-        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+        # Not shielded: when the server is shutting down, the broker session closes and takes
+        # its subscriptions along; waiting for an answer the cancelled client cannot read would
+        # only delay the shutdown.
+        with trio.move_on_after(CLEANUP_TIMEOUT):
             try:
                 await subscription.unsubscribe()
             except ClientError:
@@ -276,6 +283,8 @@ class SseServer:
 
     client: Client
     ping_interval: float = PING_INTERVAL
+    #: How many encoded events may wait for one client's socket (see STREAM_BUFFER).
+    buffer: int = STREAM_BUFFER
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one HTTP connection (one request); never raises."""
@@ -312,26 +321,31 @@ class SseServer:
 
     async def _stream(self, stream: trio.SocketStream, connection: h11.Connection,
                       request: StreamRequest, log: FilteringBoundLogger) -> None:
-        async with AsyncExitStack() as stack:
-            try:
-                session, broadcast, preface = await open_feeds(stack, self.client, request, log)
-            except ClientError as e:
-                log.warning("sse.subscribe_failed", error=str(e))
-                await send_refusal(stream, connection, Refusal(
-                    status=503, text="the broker is unavailable", headers=(("retry-after", "1"),)))
-                return
-            # The head goes out only once the subscriptions are live: a client that has it
-            # will not miss a message published from then on.
-            await send_head(stream, connection)
-            log.info("sse.stream_opened", last_event_id=request.last_event_id)
-            await self._pump(stream, connection, session, broadcast, preface, log)
-        log.info("sse.stream_closed")
+        opened = False
+        try:
+            async with AsyncExitStack() as stack:
+                try:
+                    session, broadcast, preface = await open_feeds(stack, self.client, request,
+                                                                   log)
+                except ClientError as e:
+                    log.warning("sse.subscribe_failed", error=str(e))
+                    await send_refusal(stream, connection, UNAVAILABLE)
+                    return
+                # The head goes out only once the subscriptions are live: a client that has it
+                # will not miss a message published from then on.
+                await send_head(stream, connection)
+                log.info("sse.stream_opened", last_event_id=request.last_event_id)
+                opened = True
+                await self._pump(stream, connection, session, broadcast, preface, log)
+        finally:
+            if opened:
+                log.info("sse.stream_closed")  # the subscriptions are gone by now
 
     async def _pump(self, stream: trio.SocketStream, connection: h11.Connection,
                     session: Subscription, broadcast: Subscription, preface: bytes,
                     log: FilteringBoundLogger) -> None:
         """Stream until the client leaves, falls too far behind, or a subscription ends."""
-        send, receive = trio.open_memory_channel[bytes](STREAM_BUFFER)
+        send, receive = trio.open_memory_channel[bytes](self.buffer)
         async with trio.open_nursery() as nursery:
             outgoing = Outgoing(send=send, scope=nursery.cancel_scope, log=log)
             if preface:
@@ -345,12 +359,12 @@ class SseServer:
 
 
 async def serve_sse(broker_url: str, port: int, *, host: str = "127.0.0.1",
-                    ping_interval: float = PING_INTERVAL,
+                    ping_interval: float = PING_INTERVAL, buffer: int = STREAM_BUFFER,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Connect to the broker, then serve event streams on host:port; `task_status` gets the
     bound port (pass port 0 for a free one). Raises ConnectError if the broker is unreachable."""
     async with connect(broker_url, name="sse-example") as client:
-        server = SseServer(client, ping_interval)
+        server = SseServer(client, ping_interval, buffer)
         async with trio.open_nursery() as nursery:
             listeners: list[trio.SocketListener] = await nursery.start(
                 partial(trio.serve_tcp, server.handle, port, host=host))
@@ -417,16 +431,15 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     configure(LogConfig(level=args.log_level))
-    try:
-        return _run(args.broker, args.host, args.port)
-    except KeyboardInterrupt:
-        return 0
+    return _run(args.broker, args.host, args.port)
 
 
 def _run(broker_url: str, host: str, port: int) -> int:
     status = 0
     try:
         trio.run(partial(serve_sse, broker_url, port, host=host))
+    except* KeyboardInterrupt:
+        LOG.info("sse.stopped", signal="SIGINT")
     except* (ClientError, OSError) as group:
         # Nested nurseries wrap what they raise in nested exception groups.
         LOG.error("sse.stopped", error=str(_first_cause(group)))

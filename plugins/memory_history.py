@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
 
-import msgpack
 import structlog
 import trio
 from attrs import define, field, frozen
@@ -38,6 +37,7 @@ from attrs import define, field, frozen
 from mqbroker.config import HistoryConfig
 from mqbroker.history import Gap, Replay
 from mqbroker.message import Draft, Message, Payload, Position
+from mqbroker.protocol.codec import payload_size as encoded_size
 from mqbroker.topics import is_wildcard, matches
 
 #: The weight of a payload msgpack cannot pack (the broker only carries packable ones).
@@ -56,7 +56,7 @@ def new_epoch() -> str:
 def payload_size(payload: Payload) -> int:
     """The msgpack-packed length of a payload (see the module docstring)."""
     try:
-        return len(msgpack.packb(payload))
+        return encoded_size(payload)
     except (TypeError, ValueError, OverflowError):
         return UNPACKABLE_PAYLOAD_SIZE
 

@@ -8,6 +8,8 @@ included.
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from mqbroker.config import HistoryConfig
@@ -31,9 +33,11 @@ async def settle(publisher: Instance, *receivers: Instance, topics: tuple[str, .
     """Publish a barrier on each topic and wait until every receiver has them all."""
     barriers = await publisher.publish(*(draft(topic, "barrier") for topic in topics))
     for receiver in receivers:
-        await receiver.inbox.wait_until(
-            lambda r=receiver: all(b in r.inbox.messages for b in barriers)
-        )
+        await receiver.inbox.wait_until(partial(has_all, receiver.inbox, barriers))
+
+
+def has_all(inbox: Inbox, messages: list[Message]) -> bool:
+    return all(message in inbox.messages for message in messages)
 
 
 def without_barriers(messages: list[Message]) -> list[Message]:

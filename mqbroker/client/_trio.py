@@ -7,6 +7,7 @@ queued into one frame, and a keepalive. When the connection drops the client rec
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -199,7 +200,8 @@ class Client:
                 if stream is not None:
                     # Awaiting a full stream pushes back on the broker, which applies its
                     # slow-consumer policy to this session rather than growing memory here.
-                    await stream.send(outcome.item)
+                    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                        await stream.send(outcome.item)  # unsubscribed meanwhile: dropped
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):
@@ -219,32 +221,44 @@ class Client:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (raising ConnectError if the first attempt fails), then serve and reconnect."""
         try:
-            await self._connection(task_status=task_status)
-        except (OSError, HandshakeError, HandshakeFailed, ConnectionClosed) as e:
-            raise ConnectError(f"cannot connect to {self.url}: {e}") from e
+            failure = await self._connection(task_status=task_status)
+            if failure is not None:
+                raise ConnectError(f"cannot connect to {self.url}: {failure}") from failure
+            await self._reconnect()
+        finally:
+            self._give_up()
+
+    async def _reconnect(self) -> None:
+        """Open a new connection each time one drops, with backoff, until told to stop."""
         attempt = 0
         while self.reconnect.enabled and not self._closed:
             limit = self.reconnect.max_attempts
             if limit is not None and attempt >= limit:
-                break
+                return
             await trio.sleep(self.reconnect.delay(attempt))
-            try:
-                await self._connection()
-                attempt = 0
-            except HandshakeFailed:
-                break  # the broker refuses us: retrying cannot help
-            except (OSError, HandshakeError, ConnectionClosed):
-                attempt += 1
-        self._give_up()
+            failure = await self._connection()
+            if isinstance(failure, HandshakeFailed):
+                return  # the broker refuses us: retrying cannot help
+            attempt = 0 if failure is None else attempt + 1
 
-    async def _connection(self, *,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """One connection's life: handshake, resume, then serve until it drops."""
+    async def _connection(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> BaseException | None:
+        """One connection's life: handshake, resume, then serve until it drops.
+
+        Returns why it could not be opened, or None once it was opened and has ended. Errors are
+        returned, not raised, so that they do not leave the nursery wrapped in a group.
+        """
         async with trio.open_nursery() as connection:  # owns trio-websocket's reader task
-            ws = await connect_websocket_url(connection, self.url,
-                                             max_message_size=self.max_frame_bytes)
+            try:
+                ws = await connect_websocket_url(connection, self.url,
+                                                 max_message_size=self.max_frame_bytes)
+            except (OSError, HandshakeError) as e:
+                return e
             try:
                 await self._handshake(ws)
+            except (HandshakeFailed, ConnectionClosed) as e:
+                return e
+            else:
                 self._ws = ws
                 task_status.started()
                 async with trio.open_nursery() as tasks:
@@ -258,6 +272,7 @@ class Client:
                     await ws.aclose()
                 # The reader finishes the close handshake by itself; give it a bounded time.
                 connection.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        return None
 
     async def _handshake(self, ws: WebSocketConnection) -> None:
         await ws.send_message(self.core.open_connection())
@@ -353,13 +368,20 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
     """
     core = ClientCore(format=Format(format), client_name=name)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One error (the application's own, or ConnectError) comes out as itself, so that
+        # `except InvalidTopic:` around the block works as it reads.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 __all__ = ["Client", "Gap", "Message", "Reconnect", "Subscription", "connect"]

@@ -151,7 +151,7 @@ class _FieldSpec(NamedTuple):
     required: bool
 
 
-def _field_specs(cls: type) -> tuple[_FieldSpec, ...]:
+def _field_specs(cls: type[Any]) -> tuple[_FieldSpec, ...]:
     hints = typing.get_type_hints(cls)
     specs = []
     for f in attrs.fields(cls):
@@ -377,5 +377,10 @@ def _subs_prefix(subs: tuple[int, ...]) -> bytes:
 
 
 def payload_size(payload: Any) -> int:
-    """The payload's encoded size in msgpack: what `max_frame_bytes` is measured against."""
+    """The payload's encoded size in msgpack: what `max_frame_bytes` is measured against.
+
+    Binary payloads, the common case on the hot path, are measured without encoding them.
+    """
+    if type(payload) is bytes:
+        return len(payload) + (2 if len(payload) < 256 else 3 if len(payload) < 65536 else 5)
     return len(_packb(payload))

@@ -33,10 +33,11 @@ from .channels import KeyLayout
 Arg = bytes | str | int | float
 ScriptName = Literal["publish", "read"]
 
-# ARGV of PUBLISH_LUA: these header fields, then one msgpack array of every draft's
-# [mode, topic, msg_id, epoch, offset], then the drafts' bodies. Few, large arguments: redis-py
-# packs each argument in Python, which cost more than the script itself did at six per draft.
-HEADER = 7
+# ARGV of PUBLISH_LUA: seven header fields (see PublishCall.args), then one msgpack array of
+# every draft's [mode, topic, msg_id, epoch, offset], then the drafts' bodies. Few, large
+# arguments: redis-py packs each argument in Python, which cost more than the script itself
+# did at six arguments per draft.
+
 #: msgpack's header byte of a four-element array.
 ARRAY4 = b"\x94"
 
