@@ -203,8 +203,8 @@ async def open_feeds(stack: AsyncExitStack, client: Client, request: StreamReque
         session = await stack.enter_async_context(subscribed(client, topic, since))
     except BadEventId:
         log.info("sse.bad_last_event_id", last_event_id=since)
+        since, preface = None, resync_event("bad_event_id")
         session = await stack.enter_async_context(subscribed(client, topic, None))
-        preface = resync_event("bad_event_id")
     if session.ack is not None and since is not None:
         log.info("sse.resumed", since=since, recovered=session.ack.recovered,
                  reason=session.ack.reason)

@@ -87,3 +87,21 @@ async def test_unsubscribe_while_its_stream_is_full() -> None:
             async for item in other:
                 assert isinstance(item, Message) and item.payload == "still here"
                 break
+
+
+async def test_publish_nowait_queues_in_order_and_pushes_back_when_full() -> None:
+    """publish_nowait queues without waiting, in order; a full send queue raises WouldBlock."""
+    async with running_broker() as broker, connect(broker.url) as subscriber, \
+            connect(broker.url, buffer=10) as publisher:
+        subscription = await subscriber.subscribe("burst")
+        with pytest.raises(trio.WouldBlock):
+            for n in range(11):  # no checkpoint in between: the writer cannot drain meanwhile
+                publisher.publish_nowait("burst", n)
+        received = []
+        with trio.fail_after(5):
+            async for item in subscription:
+                assert isinstance(item, Message)
+                received.append(item.payload)
+                if len(received) == 10:
+                    break
+        assert received == list(range(10))

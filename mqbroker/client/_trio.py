@@ -173,6 +173,13 @@ class Client:
         result: str = await self._request(("publish", event.id), event)
         return result
 
+    def publish_nowait(self, topic: str, payload: Any = None, *,
+                       msg_id: str | None = None) -> None:
+        """Queue a fire-and-forget publish without waiting; raises trio.WouldBlock when the send
+        queue is full. Publishes queued together go out together, in one frame."""
+        self._check_usable()
+        self._send.send_nowait(self.core.publish(topic, payload, ack=False, msg_id=msg_id))
+
     async def forget(self, filter: str) -> int:
         """Drop the recorded history of the topics `filter` matches; returns how many."""
         self._check_usable()
@@ -201,7 +208,10 @@ class Client:
                     # Awaiting a full stream pushes back on the broker, which applies its
                     # slow-consumer policy to this session rather than growing memory here.
                     with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                        await stream.send(outcome.item)  # unsubscribed meanwhile: dropped
+                        try:
+                            stream.send_nowait(outcome.item)  # no task switch per message
+                        except trio.WouldBlock:
+                            await stream.send(outcome.item)  # unsubscribed meanwhile: dropped
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):
