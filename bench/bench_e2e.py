@@ -48,9 +48,10 @@ def machine() -> str:
 class Broker:
     """The broker in its own process, on a free port."""
 
-    def __init__(self, outbox: int) -> None:
+    def __init__(self, outbox: int, extra: str = "") -> None:
         self.config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
         self.config.write(f"[server]\noutbox_messages = {outbox}\n[log]\nlevel = \"warning\"\n")
+        self.config.write(extra)
         self.config.close()
         self.path = self.config.name
         self.port = _free_port()
@@ -131,9 +132,9 @@ def publish_frame(topic: str, count: int) -> bytes:
         [Publish(topic=topic, payload=b"x" * PAYLOAD_BYTES) for _ in range(count)])
 
 
-async def throughput(url: str, subscribers: int, messages: int) -> float:
+async def throughput(url: str, subscribers: int, messages: int,
+                     topic: str = "bench/fanout") -> float:
     """Deliveries per second from one publisher to `subscribers` sessions."""
-    topic = "bench/fanout"
     async with trio.open_nursery() as nursery:
         sessions = [await open_session(nursery, url) for _ in range(subscribers)]
         for ws in sessions:
