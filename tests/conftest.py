@@ -14,3 +14,6 @@ async def broker() -> AsyncIterator[RunningBroker]:
     """A broker with the default configuration on an ephemeral port."""
     async with running_broker() as running:
         yield running
+
+# The Redis tests' fixtures: private redis-server processes, never the shared one on 6379.
+from tests.redis_fixtures import redis_server, redis_settings  # noqa: E402, F401
