@@ -133,13 +133,14 @@ def publish_frame(topic: str, count: int) -> bytes:
 
 
 async def throughput(url: str, subscribers: int, messages: int,
-                     topic: str = "bench/fanout") -> float:
-    """Deliveries per second from one publisher to `subscribers` sessions."""
+                     topic: str = "bench/fanout", publish_url: str | None = None) -> float:
+    """Deliveries per second from one publisher (on `publish_url`, by default `url` too) to
+    `subscribers` sessions on `url`."""
     async with trio.open_nursery() as nursery:
         sessions = [await open_session(nursery, url) for _ in range(subscribers)]
         for ws in sessions:
             await subscribe(ws, topic)
-        publisher = await open_session(nursery, url)
+        publisher = await open_session(nursery, publish_url or url)
         frame = publish_frame(topic, BATCH)
         done = trio.Event()
         remaining = [subscribers]
@@ -163,7 +164,8 @@ async def throughput(url: str, subscribers: int, messages: int,
     return messages * subscribers / elapsed
 
 
-async def latency(url: str, subscribers: int, rate: float, seconds: float) -> list[float]:
+async def latency(url: str, subscribers: int, rate: float, seconds: float,
+                  publish_url: str | None = None) -> list[float]:
     """Publish-to-delivery latencies (ms) at a paced rate of messages per second."""
     topic = "bench/latency"
     latencies: list[float] = []
@@ -171,7 +173,7 @@ async def latency(url: str, subscribers: int, rate: float, seconds: float) -> li
         sessions = [await open_session(nursery, url) for _ in range(subscribers)]
         for ws in sessions:
             await subscribe(ws, topic)
-        publisher = await open_session(nursery, url)
+        publisher = await open_session(nursery, publish_url or url)
         total = int(rate * seconds)
         expected = total * subscribers
         done = trio.Event()

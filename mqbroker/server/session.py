@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
+from functools import partial
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from mqbroker.protocol import (
     join,
 )
 from mqbroker.server.outbox import Outbox, Overflowed
+from mqbroker.server.publishing import PublishQueue
 
 if TYPE_CHECKING:
     from mqbroker.broker import Broker
@@ -58,6 +60,7 @@ class Session:
     closing: CloseCode | None = None
     #: The scope of the reader and writer, once running.
     _tasks: trio.CancelScope | None = None
+    _publishes: PublishQueue = field(factory=PublishQueue)
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
@@ -123,10 +126,15 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     self._tasks = nursery.cancel_scope
                     nursery.start_soon(self._write_loop, nursery.cancel_scope)
+                    nursery.start_soon(self._publishes.run, partial(broker.publish, self))
                     # Events batched with the hello are handled once the writer runs: one
                     # may be a replay that needs the outbox drained.
                     await self._handle(broker, first_events)
                     await self._read_loop(broker)
+                    # What the peer sent before leaving is still published (acknowledged or
+                    # not), within the grace period.
+                    with trio.move_on_after(self.config.shutdown_grace):
+                        await self._publishes.drained()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(self.config.shutdown_grace, shield=True):
@@ -176,18 +184,20 @@ class Session:
             await self._handle(broker, self.protocol.receive(frame))
 
     async def _handle(self, broker: Broker, events: list[Any]) -> None:
-        """Handle one frame's events in order; runs of publishes go to the broker as a batch."""
+        """Handle one frame's events in order. Runs of publishes are queued for the publishing
+        task; any other event first waits for the publishes queued before it."""
         publishes: list[Publish] = []
         for event in events:
             if isinstance(event, Publish):
                 publishes.append(event)
                 continue
             if publishes:
-                await broker.publish(self, publishes)
+                await self._publishes.put(publishes)
                 publishes = []
+            await self._publishes.drained()
             await self._handle_one(broker, event)
         if publishes:
-            await broker.publish(self, publishes)
+            await self._publishes.put(publishes)
 
     async def _handle_one(self, broker: Broker, event: Any) -> None:
         if isinstance(event, Rejected):

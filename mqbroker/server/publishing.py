@@ -1,0 +1,54 @@
+"""A session's publishes in flight: queued in order by its reader, published in batches.
+
+The reader does not wait for a publish to be carried (through Redis, say) before reading the
+next frame: it queues it here, and one task publishes whatever has queued meanwhile as one
+batch. Under load the batches grow by themselves, so a session sending one message per frame
+costs one fan-out round trip per batch, not per message, while its publishes keep their order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from mqbroker.protocol import Publish
+
+#: How many events one fan-out call carries at most.
+MAX_BATCH = 1000
+#: How many runs of publishes may wait before the reader waits too (pushing back on the peer).
+MAX_QUEUED_RUNS = 64
+
+
+class PublishQueue:
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[list[Publish]](MAX_QUEUED_RUNS)
+        self._unfinished = 0
+        self._drained = trio.Event()
+        self._drained.set()
+
+    async def put(self, publishes: list[Publish]) -> None:
+        """Queue a run of publishes, after every run queued before it."""
+        self._unfinished += 1
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        await self._send.send(publishes)
+
+    async def drained(self) -> None:
+        """Wait until every queued publish has been published (or refused)."""
+        await self._drained.wait()
+
+    async def run(self, publish: Callable[[list[Publish]], Awaitable[None]]) -> None:
+        """Publish queued runs, as many together as have queued, in order, until cancelled."""
+        async for first in self._receive:
+            batch, runs = list(first), 1
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch += self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                runs += 1
+            await publish(batch)
+            self._unfinished -= runs
+            if not self._unfinished:
+                self._drained.set()
