@@ -183,3 +183,26 @@ async def _metrics(port: int) -> dict[str, float]:
     return values
 
 
+
+
+async def test_an_sse_stream_dropped_on_one_instance_resumes_on_the_other(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """The SSE example across two instances: a browser's stream served through instance A
+    drops; it reconnects, through instance B, with Last-Event-ID and gets exactly what it
+    missed (examples/README.md, "Two instances")."""
+    from tests.test_sse_example import open_stream, publish, serving_sse
+
+    async with instances(tmp_path, redis_server, "a", "b") as (a, b), \
+            serving_sse(a.url) as sse_a, serving_sse(b.url) as sse_b, \
+            connect(a.url) as publisher:
+        with trio.fail_after(20):
+            async with open_stream(sse_a, "s1") as first:
+                ids = [await publish(publisher, "s1", n) for n in range(1, 6)]
+                read = await first.next_events(3)
+            last_id = first.parser.last_event_id
+            ids += [await publish(publisher, "s1", n) for n in range(6, 9)]
+            async with open_stream(sse_b, "s1", last_event_id=last_id) as second:
+                resumed = await second.next_events(5)
+    assert [e.id for e in read] == ids[:3]
+    assert [e.id for e in resumed] == ids[3:]
+    assert [e.payload["n"] for e in resumed] == [4, 5, 6, 7, 8]
