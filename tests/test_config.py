@@ -25,6 +25,7 @@ from mqbroker.config import (
     plugin_settings,
 )
 from mqbroker.plugins import Plugin
+from mqbroker_plugins.redis.settings import RedisSettings
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 SERVER_KEYS = ", ".join(a.name for a in attrs.fields(ServerConfig))
@@ -76,13 +77,13 @@ def test_repo_config_toml_names_every_key() -> None:
 
 
 def test_repo_config_toml_sketches_the_redis_plugin() -> None:
-    """The commented [plugins.redis] example becomes valid TOML once uncommented."""
+    """The commented [plugins.redis] table, once uncommented, is valid TOML holding every
+    Redis setting at its default: the file documents all of them and cannot drift."""
     lines = REPO_CONFIG.read_text(encoding="utf-8").splitlines()
     start = lines.index("# [plugins.redis]")
     sketch = "\n".join(line.removeprefix("# ") for line in lines[start:])
-    assert tomllib.loads(sketch) == {
-        "plugins": {"redis": {"url": "redis://127.0.0.1:6379/0", "key_prefix": "mqb:"}}
-    }
+    table = tomllib.loads(sketch)["plugins"]["redis"]
+    assert table == attrs.asdict(RedisSettings())
 
 
 # --- Reading values --------------------------------------------------------------------------
