@@ -40,7 +40,7 @@ from mqbroker.client.errors import (
     ConnectError,
     ConnectionLost,
 )
-from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck, join
+from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -312,29 +312,21 @@ class Client:
             await self._apply(self.core.receive(frame))
 
     async def _write_loop(self, ws: WebSocketConnection) -> None:
-        fmt = self.core.format
-        budget = (self.core.connection.welcome.limits.get("max_frame_bytes", 1 << 20)
-                  if self.core.connection.welcome else 1 << 20)
         while True:
-            events = [await self._queued.receive()]
-            fragments = [self.core.connection.encode(events[0])]
-            size = len(fragments[0])
-            while size < budget // 2:
-                try:
-                    event = self._queued.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                fragment = self.core.connection.encode(event)
-                fragments.append(fragment)
-                size += len(fragment)
+            frame = self.core.encode_queued(await self._queued.receive(), self._next_queued)
             try:
-                await ws.send_message(join(fragments, fmt))
+                await ws.send_message(frame)
             except ConnectionClosed:
                 return  # unanswered requests are resent on the next connection
 
+    def _next_queued(self) -> ClientEvent | None:
+        try:
+            return self._queued.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
     async def _keepalive(self, ws: WebSocketConnection) -> None:
-        welcome = self.core.connection.welcome
-        interval = float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+        interval = self.core.ping_interval
         self._last_seen = trio.current_time()
         while True:
             await trio.sleep(interval)

@@ -37,7 +37,7 @@ from mqbroker.client.core import (
     Unsolicited,
 )
 from mqbroker.client.errors import BrokerError, ClientClosed, ConnectError, ConnectionLost
-from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck, join
+from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: How long opening one connection (TCP, WebSocket upgrade, hello and welcome) may take, so a
 #: peer that accepts and then says nothing cannot stall the reconnect loop.
@@ -302,29 +302,21 @@ class Client:
             await self._apply(self.core.receive(frame))
 
     async def _write_loop(self, ws: WebSocket) -> None:
-        fmt = self.core.format
-        budget = (self.core.connection.welcome.limits.get("max_frame_bytes", 1 << 20)
-                  if self.core.connection.welcome else 1 << 20)
         while True:
-            events = [await self._queued.get()]
-            fragments = [self.core.connection.encode(events[0])]
-            size = len(fragments[0])
-            while size < budget // 2:
-                try:
-                    event = self._queued.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                fragment = self.core.connection.encode(event)
-                fragments.append(fragment)
-                size += len(fragment)
+            frame = self.core.encode_queued(await self._queued.get(), self._next_queued)
             try:
-                await ws.send_message(join(fragments, fmt))
+                await ws.send_message(frame)
             except ConnectionClosed:
                 return  # unanswered requests are resent on the next connection
 
+    def _next_queued(self) -> ClientEvent | None:
+        try:
+            return self._queued.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     async def _keepalive(self, ws: WebSocket) -> None:
-        welcome = self.core.connection.welcome
-        interval = float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+        interval = self.core.ping_interval
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         while True:

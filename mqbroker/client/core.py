@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from attrs import define, field, frozen
@@ -33,6 +33,7 @@ from mqbroker.protocol import (
     Subscribe,
     UnsubAck,
     Unsubscribe,
+    join,
 )
 from mqbroker.topics import is_wildcard
 
@@ -151,6 +152,31 @@ class ClientCore:
             else:
                 events.append(event)
         return events, outcomes
+
+    # --- what the drivers send --------------------------------------------------------------
+
+    @property
+    def ping_interval(self) -> float:
+        """How often to ping while connected, as the broker's welcome asks."""
+        welcome = self.connection.welcome
+        return float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+
+    def encode_queued(self, first: ClientEvent,
+                      next_queued: Callable[[], ClientEvent | None]) -> Frame:
+        """One frame: `first`, then queued events (`next_queued` gives None when there are no
+        more) up to half the broker's frame limit. Coalescing what queued up while the previous
+        frame was being sent is what lets throughput grow with load."""
+        welcome = self.connection.welcome
+        budget = int(welcome.limits.get("max_frame_bytes", 1 << 20)) if welcome else 1 << 20
+        fragments = [self.connection.encode(first)]
+        size = len(fragments[0])
+        while size < budget // 2:
+            event = next_queued()
+            if event is None:
+                break
+            fragments.append(self.connection.encode(event))
+            size += len(fragments[-1])
+        return join(fragments, self.format)
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from .scripts import (
     Outbound,
     PublishCall,
     StreamBounds,
-    decode_wire,
+    decode_published,
     read_args,
     replay_of,
 )
@@ -313,12 +313,11 @@ class RedisFanout:
             self._counts["copies_dropped"] += 1
         else:
             try:
-                message, recorded = decode_wire(item.data)
+                carried = decode_published(item.data)
             except ValueError:
                 self._counts["malformed"] += 1
                 return
-            if not recorded or self._is_new(message):
-                deliveries.append(message)
+            deliveries += [m for m, recorded in carried if not recorded or self._is_new(m)]
 
     def _refilled(self, item: Refilled, deliveries: list[Message]) -> None:
         fresh = [message for message in item.messages if self._is_new(message)]

@@ -90,6 +90,35 @@ local function record(topic, body)
   return offset
 end
 
+-- Consecutive drafts to one topic leave as one PUBLISH: one wire alone, several as a msgpack
+-- array of wires. A channel carries one topic, so its order is unchanged, and subscribers
+-- parse (and Redis sends) one pub/sub message per run instead of one per draft.
+local run_topic, run = false, {}
+
+local function array_header(n)
+  if n < 16 then return string.char(144 + n) end
+  if n < 65536 then return '\220' .. string.char(math.floor(n / 256), n % 256) end
+  return '\221' .. string.char(math.floor(n / 16777216), math.floor(n / 65536) % 256,
+                               math.floor(n / 256) % 256, n % 256)
+end
+
+local function publish_run()
+  if #run == 1 then
+    redis.call('PUBLISH', prefix .. 't:' .. run_topic, run[1])
+  elseif #run > 1 then
+    redis.call('PUBLISH', prefix .. 't:' .. run_topic, array_header(#run) .. table.concat(run))
+  end
+  run = {}
+end
+
+local function publish_later(topic, wire)
+  if topic ~= run_topic then
+    publish_run()
+    run_topic = topic
+  end
+  run[#run + 1] = wire
+end
+
 local results = {}
 for i, draft in ipairs(drafts) do
   local mode, topic, msg_id = draft[1], draft[2], draft[3]
@@ -113,11 +142,13 @@ for i, draft in ipairs(drafts) do
       local recorded = mode == 'r' and '\195' or '\194'
       local wire = '\151' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. recorded .. body
       if dedup_key then redis.call('SET', dedup_key, wire, 'PX', ARGV[3]) end
-      if publish then redis.call('PUBLISH', prefix .. 't:' .. topic, wire) end
+      if publish then publish_later(topic, wire) end
     end
     results[i] = {ep, string.format('%d', offset)}
   end
 end
+
+publish_run()
 
 -- Bounds and expiry once per topic of the batch, after its appends.
 for topic in pairs(touched) do
@@ -179,12 +210,30 @@ class Carried(NamedTuple):
 
 def decode_wire(wire: bytes) -> Carried:
     """A published (or dedup-remembered) message; raises ValueError if it is not one."""
+    return _carried(_unpacked(wire))
+
+
+def decode_published(data: bytes) -> list[Carried]:
+    """The messages one channel message carries, in order: one wire, or an array of wires
+    (a batch's consecutive drafts to the topic); raises ValueError if it is neither."""
+    value = _unpacked(data)
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return [_carried(fields) for fields in value]
+    return [_carried(value)]
+
+
+def _unpacked(data: bytes) -> Any:
     try:
-        epoch, offset, recorded, topic, payload, published_at, msg_id = msgpack.unpackb(
-            wire, raw=False
-        )
-        position = Position(epoch, offset)
+        return msgpack.unpackb(data, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise ValueError(f"not a message: {error}") from error
+
+
+def _carried(fields: Any) -> Carried:
+    try:
+        epoch, offset, recorded, topic, payload, published_at, msg_id = fields
+        position = Position(epoch, offset)
+    except (ValueError, TypeError) as error:
         raise ValueError(f"not a message: {error}") from error
     message = Message(
         topic=topic, payload=payload, published_at=published_at, position=position, msg_id=msg_id
