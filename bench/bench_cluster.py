@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_e2e import Broker, latency, machine, percentile, throughput  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from bench_e2e import Broker, latency, machine, percentile, throughput
+
+from tests.redis_server import RedisServer
 
 TOPIC = "mcp/session/bench/message"
 
@@ -40,12 +42,12 @@ def main() -> None:
             Broker(20_000, redis_config(redis.url)) as b, Broker(20_000) as single:
         for label, pub, sub in (("single instance (memory)", single.url, single.url),
                                 ("A -> B through Redis", a.url, b.url)):
-            values = trio.run(lambda: latency(sub, 1, 5_000, seconds, publish_url=pub))
+            values = trio.run(partial(latency, sub, 1, 5_000, seconds, publish_url=pub))
             print(f"{label:26} latency at 5,000 msg/s: p50 {percentile(values, 0.5):.2f} ms, "
                   f"p99 {percentile(values, 0.99):.2f} ms ({len(values)} samples)")
         for label, pub, sub in (("single instance (memory)", single.url, single.url),
                                 ("A -> B through Redis", a.url, b.url)):
-            rate = trio.run(lambda: throughput(sub, 1, messages, TOPIC, publish_url=pub))
+            rate = trio.run(partial(throughput, sub, 1, messages, TOPIC, publish_url=pub))
             print(f"{label:26} throughput: {rate:>9,.0f} messages/s ({messages:,} messages)")
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
