@@ -1,4 +1,5 @@
-"""How filters become Redis subscriptions, and which pub/sub copies an instance keeps.
+"""How filters become Redis subscriptions, which pub/sub copies an instance keeps, and what
+a channel message carries.
 
 The glob of a wildcard filter must match at least every topic the filter matches (the index
 does the exact matching downstream), and our reading of the glob must be Redis' own: the
@@ -7,10 +8,13 @@ copy filter decides with it which copy of a message to keep.
 
 from __future__ import annotations
 
+import msgpack
+import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mqbroker.message import Message, Position
 from mqbroker.topics import is_wildcard, matches
 from mqbroker_plugins.redis.channels import (
     Confirmed,
@@ -21,6 +25,7 @@ from mqbroker_plugins.redis.channels import (
     filter_glob,
     glob_regex,
 )
+from mqbroker_plugins.redis.scripts import ARRAY_HEADER_LUA, Carried, decode_published
 from tests.redis_fixtures import WAIT, redis_server
 from tests.redis_server import RedisServer
 
@@ -142,3 +147,60 @@ def test_a_new_connection_starts_with_nothing_confirmed() -> None:
     assert copies.is_live(channel)
     copies.reset()
     assert not copies.is_live(channel)
+
+
+# --- What one channel message carries ------------------------------------------------------
+
+CARRIED = st.builds(
+    Carried,
+    st.builds(
+        Message,
+        topic=st.just("a/b"),
+        payload=st.one_of(st.binary(max_size=8), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1)),
+        published_at=st.floats(0, 2e9),
+        position=st.builds(Position, st.text(max_size=6), st.integers(0, 2**63)),
+        msg_id=st.one_of(st.none(), st.text(max_size=4)),
+    ),
+    st.booleans(),
+)
+
+
+def _wire(carried: Carried) -> bytes:
+    """A message as the publish script sends it (tests/test_redis_fanout.py runs the script)."""
+    m = carried.message
+    fields = [m.position.epoch, m.position.offset, carried.recorded]
+    packed: bytes = msgpack.packb(
+        [*fields, m.topic, m.payload, m.published_at, m.msg_id], use_bin_type=True
+    )
+    return packed
+
+
+@given(st.lists(CARRIED, min_size=1, max_size=40))
+def test_a_channel_message_is_one_wire_or_an_array_of_wires(run: list[Carried]) -> None:
+    """One message travels as its wire form, several as a msgpack array of wire forms; both
+    decode back to the messages in order."""
+    wires = [_wire(carried) for carried in run]
+    if len(wires) == 1:
+        data = wires[0]
+    else:
+        data = msgpack.Packer().pack_array_header(len(wires)) + b"".join(wires)
+    assert decode_published(data) == run
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\xc1", b"\x92\x01\x02", b"\x92" + b"\x97" + b"\x00" * 7 + b"\x91\x01"]
+)
+def test_a_malformed_channel_message_is_refused_whole(data: bytes) -> None:
+    """Anything but a wire or an array of wires raises ValueError (counted as malformed)."""
+    with pytest.raises(ValueError, match="not a message"):
+        decode_published(data)
+
+
+def test_the_scripts_array_header_is_msgpacks(redis_server: RedisServer) -> None:
+    """The publish script's array header, run by Redis, is the one msgpack writes, for every
+    size class (fixarray, array 16, array 32)."""
+    script = ARRAY_HEADER_LUA + "return array_header(tonumber(ARGV[1]))"
+    sizes = [0, 1, 15, 16, 255, 256, 65535, 65536, 70000, 2**24 + 3]
+    with redis.Redis.from_url(redis_server.url) as client:
+        headers = [client.eval(script, 0, n) for n in sizes]
+    assert headers == [msgpack.Packer().pack_array_header(n) for n in sizes]

@@ -148,6 +148,36 @@ async def test_an_instance_receives_only_the_channels_it_watches(
     assert b.inbox.messages == [mine]
 
 
+async def test_a_run_of_one_batch_to_one_topic_is_one_pubsub_message(
+    redis_settings: RedisSettings,
+) -> None:
+    """One batch's consecutive drafts to one topic travel as one PUBLISH: B receives three
+    pub/sub messages for runs a, b, a (the b run longer than 15, the a run with a repeat of
+    a msg_id, answered with the original and not delivered again), and delivers every message
+    once, in the batch's order."""
+    async with (
+        open_instance(redis_settings, "a") as a,
+        open_instance(redis_settings, "b") as b,
+    ):
+        await b.watch("g/a", "g/b")
+        batch = [
+            *(draft("g/a", n, record=True) for n in range(3)),
+            *(draft("g/b", n, record=n % 2 == 0) for n in range(20)),
+            draft("g/a", "first", msg_id="x", record=True),
+            draft("g/a", "repeat", msg_id="x", record=True),
+            draft("g/a", "last", record=True),
+        ]
+        published = await a.publish(*batch)
+        await b.inbox.wait_until(lambda: len(b.inbox.messages) >= len(published) - 1)
+        await settle(a, b, topics=("g/a", "g/b"))
+        received_by_b = b.fanout.stats()["pubsub_received"]
+
+    assert published[-2] == published[-3]
+    assert without_barriers(b.inbox.messages) == published[:-2] + published[-1:]
+    # The three runs, then settle's barriers: one batch, two runs (g/a, then g/b).
+    assert received_by_b == 3 + 2
+
+
 async def test_a_repeat_from_another_instance_is_not_delivered_again(
     redis_settings: RedisSettings,
 ) -> None:

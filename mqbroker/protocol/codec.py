@@ -24,6 +24,7 @@ from mqbroker.protocol.events import (
     SERVER_EVENTS,
     ErrorCode,
     Event,
+    Publish,
 )
 
 #: Ids are unsigned and JSON-safe (exactly representable as a double).
@@ -229,8 +230,28 @@ def _request_id(item: dict[Any, Any]) -> int | None:
     return value if type(value) is int and 0 <= value <= MAX_ID else None
 
 
+_SCALAR_PAYLOADS = (str, bytes, bool, float, type(None))
+
+
+def _fast_publish(item: dict[Any, Any]) -> Publish | None:
+    """A well-formed publish, checked inline; None sends it to the generic path (which also
+    words the errors). Publishes are most of the traffic, so they skip the field loop."""
+    topic, payload = item.get("topic"), item.get("payload")
+    request_id, msg_id = item.get("id"), item.get("msg_id")
+    if (type(topic) is not str or type(payload) not in _SCALAR_PAYLOADS
+            or (request_id is not None and (type(request_id) is not int
+                                            or not 0 <= request_id <= MAX_ID))
+            or (msg_id is not None and type(msg_id) is not str)):
+        return None
+    return Publish(topic=topic, payload=payload, id=request_id, msg_id=msg_id)
+
+
 def decode_item(item: Any, specs: dict[str, _EventSpec]) -> Any:
     """One event from its map, or a `Rejected` saying what is wrong with it."""
+    if type(item) is dict and item.get("op") == "publish" and specs is CLIENT_SPECS:
+        fast = _fast_publish(item)
+        if fast is not None:
+            return fast
     if type(item) is not dict:
         return Rejected(ErrorCode.BAD_FRAME, "an event must be a map with an `op` key")
     op = item.get("op")

@@ -67,7 +67,9 @@ class ServerConnection:
         if self.state is State.AWAITING_HELLO:
             self._open(frame, items[0])
             items = items[1:]
-        return [self._check_open(item) for item in items]
+        if any(type(item) is Hello for item in items):  # rare: spare the common case the call
+            return [self._check_open(item) for item in items]
+        return items
 
     def _open(self, frame: Frame, first: Any) -> None:
         self.format = Format.of(frame)

@@ -41,7 +41,17 @@ ScriptName = Literal["publish", "read"]
 #: msgpack's header byte of a four-element array.
 ARRAY4 = b"\x94"
 
-PUBLISH_LUA = r"""
+#: msgpack's header of an array of n elements (fixarray, array 16 or array 32).
+ARRAY_HEADER_LUA = r"""
+local function array_header(n)
+  if n < 16 then return string.char(144 + n) end
+  if n < 65536 then return '\220' .. string.char(math.floor(n / 256), n % 256) end
+  return '\221' .. string.char(math.floor(n / 16777216), math.floor(n / 65536) % 256,
+                               math.floor(n / 256) % 256, n % 256)
+end
+"""
+
+PUBLISH_LUA = ARRAY_HEADER_LUA + r"""
 local prefix, candidate = ARGV[1], ARGV[2]
 local dedup_ms, max_messages = tonumber(ARGV[3]), ARGV[4]
 local max_age_ms, offset_ttl_ms = ARGV[5], ARGV[6]
@@ -94,13 +104,6 @@ end
 -- array of wires. A channel carries one topic, so its order is unchanged, and subscribers
 -- parse (and Redis sends) one pub/sub message per run instead of one per draft.
 local run_topic, run = false, {}
-
-local function array_header(n)
-  if n < 16 then return string.char(144 + n) end
-  if n < 65536 then return '\220' .. string.char(math.floor(n / 256), n % 256) end
-  return '\221' .. string.char(math.floor(n / 16777216), math.floor(n / 65536) % 256,
-                               math.floor(n / 256) % 256, n % 256)
-end
 
 local function publish_run()
   if #run == 1 then
