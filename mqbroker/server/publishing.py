@@ -32,7 +32,12 @@ class PublishQueue:
         self._unfinished += 1
         if self._drained.is_set():
             self._drained = trio.Event()
-        await self._send.send(publishes)
+        try:
+            # No checkpoint when there is room: the reader goes on to its next frame, and the
+            # publishing task runs at the reader's next wait, one task switch per frame.
+            self._send.send_nowait(publishes)
+        except trio.WouldBlock:
+            await self._send.send(publishes)
 
     async def drained(self) -> None:
         """Wait until every queued publish has been published (or refused)."""
