@@ -156,7 +156,9 @@ CARRIED = st.builds(
     st.builds(
         Message,
         topic=st.just("a/b"),
-        payload=st.one_of(st.binary(max_size=8), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1)),
+        payload=st.one_of(
+            st.binary(max_size=8), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1)
+        ),
         published_at=st.floats(0, 2e9),
         position=st.builds(Position, st.text(max_size=6), st.integers(0, 2**63)),
         msg_id=st.one_of(st.none(), st.text(max_size=4)),

@@ -11,6 +11,8 @@ as the dedup answer) is the *wire* form
 [epoch, offset, recorded, topic, payload, published_at, msg_id]: the script prepends the
 seven-element array header, the position and whether Redis recorded the message to the body,
 so the payload is packed once, in Python, and never unpacked by Redis.
+A batch's consecutive drafts to one topic (a run) are published as one channel message: the
+wire alone for a run of one, else a msgpack array of the wires (`decode_published` reads both).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ local function array_header(n)
 end
 """
 
-PUBLISH_LUA = ARRAY_HEADER_LUA + r"""
+_PUBLISH_BODY_LUA = r"""
 local prefix, candidate = ARGV[1], ARGV[2]
 local dedup_ms, max_messages = tonumber(ARGV[3]), ARGV[4]
 local max_age_ms, offset_ttl_ms = ARGV[5], ARGV[6]
@@ -162,6 +164,8 @@ for topic in pairs(touched) do
 end
 return cmsgpack.pack({evicted, results})
 """
+
+PUBLISH_LUA = ARRAY_HEADER_LUA + _PUBLISH_BODY_LUA
 
 READ_LUA = r"""
 local prefix, candidate, topic, since_epoch, start = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
