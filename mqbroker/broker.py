@@ -53,8 +53,9 @@ logger = structlog.get_logger("mqbroker.broker")
 
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
-COUNTERS = ("sessions_opened", "published", "deliveries",
-            *(f"sessions_closed_{code.name.lower()}" for code in CloseCode))
+COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries",
+            *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
+            "sessions_closed_other")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 
@@ -114,8 +115,10 @@ class Broker:
         self.index.remove_session(session)
         for filter in filters:
             await self._unwatch(filter)
-        if session.closing is not None:
-            self.counters[f"sessions_closed_{session.closing.name.lower()}"] += 1
+        code = session.close_code
+        reason = CloseCode(code).name.lower() if code in set(CloseCode) else "other"
+        self.counters["sessions_closed"] += 1
+        self.counters[f"sessions_closed_{reason}"] += 1
 
     async def handle(self, session: Session, event: Any) -> None:
         if isinstance(event, Subscribe):

@@ -100,3 +100,12 @@ async def test_batches_in_both_directions(broker: RunningBroker) -> None:
         assert [e.payload for e in events if isinstance(e, Delivery)] == list(range(50))
         assert sorted(e.id for e in events if isinstance(e, PubAck)) == [100 + n for n in range(50)]
         assert frames < 50  # coalesced: fewer frames than messages
+
+
+async def test_closed_sessions_are_counted_by_close_code(broker: RunningBroker) -> None:
+    """Every session close is counted, by its code: the client's normal close as `normal`."""
+    async with connect(broker.url):
+        pass
+    await broker.wait_sessions(0)
+    counters = broker.broker.counters
+    assert (counters["sessions_closed"], counters["sessions_closed_normal"]) == (1, 1)

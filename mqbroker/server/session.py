@@ -142,9 +142,12 @@ class Session:
         finally:
             with trio.move_on_after(self.config.shutdown_grace, shield=True):
                 await broker.detach(self)
-            self.log.info("session.closed", code=self._close_code())
+            self.log.info("session.closed", code=self.close_code)
 
-    def _close_code(self) -> int | None:
+    @property
+    def close_code(self) -> int | None:
+        """The code this session closed (or is closing) with: ours if we closed it, else the
+        peer's; None while it is open."""
         if self.closing is not None:
             return int(self.closing)
         closed = self.ws.closed
