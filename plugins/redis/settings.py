@@ -66,6 +66,18 @@ class _Prefix:
             raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
 
 
+@frozen
+class _Distinct:
+    """An attrs validator: shard URLs that are all different, and different from `url`."""
+
+    expected: str = "URLs of further Redis servers, each listed once and none equal to url"
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+        servers = (instance.url, *value)
+        if len(set(servers)) != len(servers):
+            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+
+
 _POSITIVE_SECONDS = _Seconds("a finite number of seconds greater than 0")
 _SECONDS = _Seconds("a finite number of seconds, 0 or more", exclusive=False)
 
@@ -90,6 +102,24 @@ class RedisSettings:
     #: How long a topic's offset counter outlives its last message, so that a subscriber
     #: resuming from the newest position is told it missed nothing. Never below max_age.
     offset_ttl: float = field(default=86_400.0, validator=_POSITIVE_SECONDS)
+
+    #: URLs of further Redis servers: with any, topics are sharded over (url, *shards) by a
+    #: hash of the topic. Every instance of one broker lists the same servers in one order.
+    #: A list, not a tuple, so that the defaults sketched in config.toml (`shards = []`, a TOML
+    #: array) compare equal to `attrs.asdict(RedisSettings())`; it takes no part in hashing.
+    shards: list[str] = field(
+        factory=list,
+        hash=False,
+        validator=attrs.validators.and_(
+            attrs.validators.deep_iterable(_Url(), attrs.validators.instance_of(list)),
+            _Distinct(),
+        ),
+    )
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """Every Redis server that holds topics: `url` first, then `shards`, in order."""
+        return (self.url, *self.shards)
 
     def same_redis(self, other: RedisSettings) -> bool:
         """Whether both settings name the same keys on the same server."""
