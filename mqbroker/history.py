@@ -47,8 +47,9 @@ class HistoryStore(Protocol):
     Contract (tests/contract/test_history_contract.py checks it for every backend):
     - `append` gives each draft a position, records it and returns the messages in draft order.
       Positions strictly increase per topic and carry the current epoch of the topic's store
-      (one epoch for a whole store, or one per server when topics are sharded over several). Appending is
-      atomic per draft: a message is either readable with its position or was never returned.
+      (one epoch for a whole store, or one per server when topics are sharded over several).
+      Appending is atomic per draft: a message is either readable with its position or was
+      never returned.
     - `read(topic, since)` returns, in position order, every retained message of `topic` after
       `since`. If a message after `since` was evicted, or `since.epoch` is not the topic's current
       epoch, it still returns what is retained after `since` (everything of the current epoch,
