@@ -71,6 +71,11 @@ class _Mismatch(_Invalid):
         self.value = value
 
 
+#: For plugins: raise `SettingMismatch(expected, value, (attribute.name,))` from a settings
+#: class's attrs validator, and the error names the key (`plugins.NAME.KEY: expected ...`).
+SettingMismatch = _Mismatch
+
+
 class _WrongType(_Mismatch):
     """Raised by structure hooks; the key's validator may phrase the expectation more precisely."""
 

@@ -40,12 +40,12 @@ def test_the_three_url_schemes_are_accepted(url: str) -> None:
 @pytest.mark.parametrize(
     ("table", "key", "expected"),
     [
-        ({"url": "http://h:6379"}, "plugins.redis: url", "redis://, rediss:// or unix://"),
+        ({"url": "http://h:6379"}, "plugins.redis.url", "redis://, rediss:// or unix://"),
         ({"url": 6379}, "plugins.redis.url", "redis://, rediss:// or unix://"),
-        ({"key_prefix": ""}, "plugins.redis: key_prefix", "non-empty key prefix"),
-        ({"pool_size": 0}, "plugins.redis: pool_size", "1 or more"),
-        ({"probe_interval": 0}, "plugins.redis: probe_interval", "greater than 0"),
-        ({"publish_timeout": -1}, "plugins.redis: publish_timeout", "0 or more"),
+        ({"key_prefix": ""}, "plugins.redis.key_prefix", "non-empty key prefix"),
+        ({"pool_size": 0}, "plugins.redis.pool_size", "1 or more"),
+        ({"probe_interval": 0}, "plugins.redis.probe_interval", "greater than 0"),
+        ({"publish_timeout": -1}, "plugins.redis.publish_timeout", "0 or more"),
         ({"socket_timeout": "5"}, "plugins.redis.socket_timeout", "seconds"),
         ({"probe_intervall": 1}, "plugins.redis.probe_intervall", "probe_interval"),
     ],

@@ -20,7 +20,7 @@ from attrs import define
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqbroker.config import Config, ConfigError, HistoryConfig, plugin_settings
+from mqbroker.config import Config, ConfigError, HistoryConfig, SettingMismatch, plugin_settings
 from mqbroker.fanout import FanoutContext, FanoutUnavailable
 from mqbroker.history import Gap
 from mqbroker.message import Draft, Message
@@ -143,8 +143,9 @@ def test_topics_spread_over_the_shards() -> None:
 
 def test_shard_urls_are_validated() -> None:
     """A shard URL is checked like `url`; repeating a server is refused."""
-    with pytest.raises(ValueError, match="shards: expected a redis://"):
+    with pytest.raises(SettingMismatch, match="expected a redis://") as refused:
         RedisSettings(shards=["http://example:6379"])
+    assert refused.value.key == ("shards",)
     with pytest.raises(ValueError, match="each listed once"):
         RedisSettings(url="redis://a:1/0", shards=["redis://b:1/0", "redis://a:1/0"])
 

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import attrs
 from attrs import field, frozen
 
+from mqbroker.config import SettingMismatch
+
 SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -26,7 +28,7 @@ class _Url:
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         scheme = urlsplit(value).scheme
         if scheme not in SCHEMES:
-            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+            raise SettingMismatch(self.expected, value, (attribute.name,))
 
 
 @frozen
@@ -40,7 +42,7 @@ class _Seconds:
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
         low_ok = value > self.minimum if self.exclusive else value >= self.minimum
         if not (math.isfinite(value) and low_ok):
-            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+            raise SettingMismatch(self.expected, value, (attribute.name,))
 
 
 @frozen
@@ -52,7 +54,7 @@ class _AtLeast:
 
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         if value < self.minimum:
-            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+            raise SettingMismatch(self.expected, value, (attribute.name,))
 
 
 @frozen
@@ -63,7 +65,7 @@ class _Prefix:
 
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         if not value:
-            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+            raise SettingMismatch(self.expected, value, (attribute.name,))
 
 
 @frozen
@@ -75,7 +77,7 @@ class _Distinct:
     def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
         servers = (instance.url, *value)
         if len(set(servers)) != len(servers):
-            raise ValueError(f"{attribute.name}: expected {self.expected}, got {value!r}")
+            raise SettingMismatch(self.expected, value, (attribute.name,))
 
 
 _POSITIVE_SECONDS = _Seconds("a finite number of seconds greater than 0")
