@@ -55,7 +55,9 @@ async def collect(subscription: object, count: int) -> list[Message]:
 async def test_every_instance_gets_every_message_once_in_one_order(
         tmp_path: Path, redis_server: RedisServer) -> None:
     """Publishers on two instances; subscribers (exact and wildcard) on three: each gets every
-    message exactly once, and all see the same order, which is the history's order."""
+    message exactly once, all see the same order, which is the history's order, and each
+    publisher's messages keep the order it published them in (several of its batches are in
+    flight at once)."""
     async with instances(tmp_path, redis_server, "a", "b", "c") as (a, b, c), \
             connect(a.url) as on_a, connect(b.url) as on_b, connect(c.url) as on_c:
         subscriptions = [await on_a.subscribe(TOPIC), await on_b.subscribe(TOPIC),
@@ -68,9 +70,13 @@ async def test_every_instance_gets_every_message_once_in_one_order(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(publish, on_a, "a")
             nursery.start_soon(publish, on_b, "b")
-        orders = [[m.event_id for m in await collect(s, 200)] for s in subscriptions]
+        received = [await collect(s, 200) for s in subscriptions]
+        orders = [[m.event_id for m in messages] for messages in received]
         assert len(set(orders[0])) == 200
         assert orders[0] == orders[1] == orders[2]
+        for name in ("a", "b"):  # each publisher's messages in the order it published them
+            assert [n for (p, n) in (m.payload for m in received[0]) if p == name] == list(
+                range(100))
         offsets = [int(event.rsplit("-", 1)[1]) for event in orders[0]]
         assert offsets == sorted(offsets)
 
