@@ -246,6 +246,25 @@ def test_fire_and_forget_publish(broker_thread: BrokerThread) -> None:
     run(scenario)
 
 
+def test_publish_nowait_queues_in_order_and_pushes_back_when_full(
+        broker_thread: BrokerThread) -> None:
+    """publish_nowait queues without waiting, in order; a full send queue raises QueueFull."""
+
+    async def scenario() -> None:
+        async with connect(broker_thread.url) as subscriber, \
+                connect(broker_thread.url, buffer=10) as publisher:
+            sub = await subscriber.subscribe("burst")
+            accepted = 0
+            with pytest.raises(asyncio.QueueFull):
+                while accepted < 100:  # no await in between: the writer cannot drain meanwhile
+                    publisher.publish_nowait("burst", accepted)
+                    accepted += 1
+            assert accepted == 10
+            assert [(await next_message(sub)).payload for _ in range(10)] == list(range(10))
+
+    run(scenario)
+
+
 def test_typed_errors(broker_thread: BrokerThread) -> None:
     """Refusals raise their own error class, and the client stays usable after each."""
 

@@ -40,6 +40,7 @@ from mqbroker.client.errors import (
     ConnectError,
     ConnectionLost,
 )
+from mqbroker.client.operations import Operations
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
@@ -117,7 +118,7 @@ class Subscription:
 
 
 @define(eq=False)
-class Client:
+class Client(Operations[Subscription]):
     url: str
     core: ClientCore
     reconnect: Reconnect
@@ -137,66 +138,23 @@ class Client:
     def __attrs_post_init__(self) -> None:
         self._send, self._queued = trio.open_memory_channel(self.buffer)
 
-    # --- the application's operations ----------------------------------------------------------
+    # --- the primitives the shared operations use -------------------------------------------
 
-    async def subscribe(self, filter: str, *, since: str | None = None) -> Subscription:
-        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
-        self._check_usable()
-        event = self.core.subscribe(filter, since)
+    def _open_subscription(self, sub_id: int, filter: str) -> Subscription:
         send, receive = trio.open_memory_channel[StreamItem](self.buffer)
-        self._streams[event.id] = send
-        subscription = Subscription(event.id, filter, self, receive)
-        try:
-            subscription.ack = await self._request(("subscribe", event.id), event)
-        except BaseException:
-            self.core.subscriptions.pop(event.id, None)
-            self._streams.pop(event.id, None)
-            raise
-        return subscription
-
-    async def unsubscribe(self, subscription: Subscription) -> None:
-        event = self.core.unsubscribe(subscription.id)
-        stream = self._streams.pop(subscription.id, None)
-        if stream is not None:
-            stream.close()
-        if event is not None and self.failure is None and not self._closed:
-            await self._request(("unsubscribe", event.id), event)
-
-    async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
-                      msg_id: str | None = None) -> str | None:
-        """Publish; with ack, wait for the broker and return the message's event id."""
-        self._check_usable()
-        event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
-        if event.id is None:
-            await self._send.send(event)
-            return None
-        result: str = await self._request(("publish", event.id), event)
-        return result
-
-    def publish_nowait(self, topic: str, payload: Any = None, *,
-                       msg_id: str | None = None) -> None:
-        """Queue a fire-and-forget publish without waiting; raises trio.WouldBlock when the send
-        queue is full. Publishes queued together go out together, in one frame."""
-        self._check_usable()
-        self._send.send_nowait(self.core.publish(topic, payload, ack=False, msg_id=msg_id))
-
-    async def forget(self, filter: str) -> int:
-        """Drop the recorded history of the topics `filter` matches; returns how many."""
-        self._check_usable()
-        event = self.core.forget(filter)
-        result: int = await self._request(("forget", event.id), event)
-        return result
+        self._streams[sub_id] = send
+        return Subscription(sub_id, filter, self, receive)
 
     async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
         waiter = self._waiters[key] = _Waiter()
         await self._send.send(event)
         return await waiter.wait()
 
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
-        if self.failure is not None:
-            raise self.failure
+    async def _enqueue(self, event: ClientEvent) -> None:
+        await self._send.send(event)
+
+    def _enqueue_nowait(self, event: ClientEvent) -> None:
+        self._send.send_nowait(event)
 
     # --- applying what the core decided ----------------------------------------------------------
 

@@ -37,6 +37,7 @@ from mqbroker.client.core import (
     Unsolicited,
 )
 from mqbroker.client.errors import BrokerError, ClientClosed, ConnectError, ConnectionLost
+from mqbroker.client.operations import Operations
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: How long opening one connection (TCP, WebSocket upgrade, hello and welcome) may take, so a
@@ -119,7 +120,7 @@ class Subscription:
 
 
 @define(eq=False)
-class Client:
+class Client(Operations[Subscription]):
     url: str
     core: ClientCore
     reconnect: Reconnect
@@ -139,58 +140,22 @@ class Client:
     def __attrs_post_init__(self) -> None:
         self._queued = asyncio.Queue(self.buffer)
 
-    # --- the application's operations ----------------------------------------------------------
+    # --- the primitives the shared operations use -------------------------------------------
 
-    async def subscribe(self, filter: str, *, since: str | None = None) -> Subscription:
-        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
-        self._check_usable()
-        event = self.core.subscribe(filter, since)
-        stream = self._streams[event.id] = _Stream(self.buffer)
-        subscription = Subscription(event.id, filter, self, stream)
-        try:
-            subscription.ack = await self._request(("subscribe", event.id), event)
-        except BaseException:
-            self.core.subscriptions.pop(event.id, None)
-            self._streams.pop(event.id, None)
-            raise
-        return subscription
-
-    async def unsubscribe(self, subscription: Subscription) -> None:
-        event = self.core.unsubscribe(subscription.id)
-        stream = self._streams.pop(subscription.id, None)
-        if stream is not None:
-            stream.close()
-        if event is not None and self.failure is None and not self._closed:
-            await self._request(("unsubscribe", event.id), event)
-
-    async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
-                      msg_id: str | None = None) -> str | None:
-        """Publish; with ack, wait for the broker and return the message's event id."""
-        self._check_usable()
-        event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
-        if event.id is None:
-            await self._queued.put(event)
-            return None
-        result: str = await self._request(("publish", event.id), event)
-        return result
-
-    async def forget(self, filter: str) -> int:
-        """Drop the recorded history of the topics `filter` matches; returns how many."""
-        self._check_usable()
-        event = self.core.forget(filter)
-        result: int = await self._request(("forget", event.id), event)
-        return result
+    def _open_subscription(self, sub_id: int, filter: str) -> Subscription:
+        stream = self._streams[sub_id] = _Stream(self.buffer)
+        return Subscription(sub_id, filter, self, stream)
 
     async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
         waiter = self._waiters[key] = asyncio.get_running_loop().create_future()
         await self._queued.put(event)
         return await waiter
 
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
-        if self.failure is not None:
-            raise self.failure
+    async def _enqueue(self, event: ClientEvent) -> None:
+        await self._queued.put(event)
+
+    def _enqueue_nowait(self, event: ClientEvent) -> None:
+        self._queued.put_nowait(event)
 
     # --- applying what the core decided ----------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""The application's operations, the same for the trio and the asyncio client.
+
+Each driver supplies four primitives (queue an event to send, with and without waiting; open a
+subscription's stream; send a request and wait for its answer); what the operations mean is
+decided here and in the sans-IO `ClientCore`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Protocol, TypeVar
+
+from mqbroker.client.core import ClientCore
+from mqbroker.client.errors import ClientClosed, ConnectionLost
+from mqbroker.protocol import ClientEvent, SubAck
+
+
+class _Stream(Protocol):
+    def close(self) -> None: ...
+
+
+class _Subscription(Protocol):
+    ack: SubAck | None
+
+
+SubscriptionT = TypeVar("SubscriptionT", bound=_Subscription)
+
+
+class Operations(Generic[SubscriptionT]):
+    core: ClientCore
+    failure: ConnectionLost | None
+    _closed: bool
+    _streams: dict[int, Any]
+
+    # --- what each driver provides ---------------------------------------------------------
+
+    def _open_subscription(self, sub_id: int, filter: str) -> SubscriptionT:
+        """A subscription object, its stream registered in `_streams` under `sub_id`."""
+        raise NotImplementedError
+
+    async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
+        """Send `event` and wait for the broker's answer to request `key`."""
+        raise NotImplementedError
+
+    async def _enqueue(self, event: ClientEvent) -> None:
+        """Queue `event` to be sent, waiting for room."""
+        raise NotImplementedError
+
+    def _enqueue_nowait(self, event: ClientEvent) -> None:
+        """Queue `event` to be sent; raises the driver's would-block error when full."""
+        raise NotImplementedError
+
+    # --- the operations ----------------------------------------------------------------------
+
+    async def subscribe(self, filter: str, *, since: str | None = None) -> SubscriptionT:
+        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
+        self._check_usable()
+        event = self.core.subscribe(filter, since)
+        subscription = self._open_subscription(event.id, filter)
+        try:
+            subscription.ack = await self._request(("subscribe", event.id), event)
+        except BaseException:
+            self.core.subscriptions.pop(event.id, None)
+            self._streams.pop(event.id, None)
+            raise
+        return subscription
+
+    async def unsubscribe(self, subscription: Any) -> None:
+        event = self.core.unsubscribe(subscription.id)
+        stream: _Stream | None = self._streams.pop(subscription.id, None)
+        if stream is not None:
+            stream.close()
+        if event is not None and self.failure is None and not self._closed:
+            await self._request(("unsubscribe", event.id), event)
+
+    async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
+                      msg_id: str | None = None) -> str | None:
+        """Publish; with ack, wait for the broker and return the message's event id."""
+        self._check_usable()
+        event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
+        if event.id is None:
+            await self._enqueue(event)
+            return None
+        result: str = await self._request(("publish", event.id), event)
+        return result
+
+    def publish_nowait(self, topic: str, payload: Any = None, *,
+                       msg_id: str | None = None) -> None:
+        """Queue a fire-and-forget publish without waiting (raising the driver's would-block
+        error, trio.WouldBlock or asyncio.QueueFull, when the send queue is full). Publishes
+        queued together go out together, in one frame."""
+        self._check_usable()
+        self._enqueue_nowait(self.core.publish(topic, payload, ack=False, msg_id=msg_id))
+
+    async def forget(self, filter: str) -> int:
+        """Drop the recorded history of the topics `filter` matches; returns how many."""
+        self._check_usable()
+        event = self.core.forget(filter)
+        result: int = await self._request(("forget", event.id), event)
+        return result
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self.failure is not None:
+            raise self.failure
