@@ -73,7 +73,8 @@ class Broker:
         dict.fromkeys(COUNTERS, 0)))
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
-    _valid_topics: set[str] = field(factory=set)
+    #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
+    _valid_topics: dict[str, int] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
@@ -160,24 +161,25 @@ class Broker:
                 session.reply(PubAck(id=event.id, event=message.event_id))
 
     def _check_publish(self, event: Publish) -> Error | None:
-        if event.topic not in self._valid_topics:
+        topic_bytes = self._valid_topics.get(event.topic)
+        if topic_bytes is None:
             try:
                 validate_topic(event.topic, self.topic_limits)
             except InvalidTopic as e:
                 return _error(ErrorCode.INVALID_TOPIC, str(e), event)
             if len(self._valid_topics) >= VALID_TOPICS_CACHE:
                 self._valid_topics.clear()
-            self._valid_topics.add(event.topic)
-        if self._too_large(event):
+            topic_bytes = self._valid_topics[event.topic] = len(event.topic.encode())
+        if self._too_large(event.payload, self.max_message_bytes - topic_bytes):
             return _error(ErrorCode.MESSAGE_TOO_LARGE,
                           f"topic and payload exceed max_message_bytes ({self.max_message_bytes})",
                           event)
         return None
 
-    def _too_large(self, event: Publish) -> bool:
-        # Cheap bounds first: most payloads are far below the limit and need no encoding.
-        payload = event.payload
-        limit = self.max_message_bytes - len(event.topic.encode())
+    @staticmethod
+    def _too_large(payload: Any, limit: int) -> bool:
+        """Whether the payload's encoding exceeds `limit` bytes (what is left beside the topic).
+        Cheap bounds first: most payloads are far below the limit and need no encoding."""
         if isinstance(payload, bytes):
             return len(payload) > limit - 5
         if isinstance(payload, str) and len(payload) * 4 < limit - 5:

@@ -132,6 +132,8 @@ class Client(Operations[Subscription]):
     _closed: bool = False
     #: Set when the client gave up on the broker; every operation raises it from then on.
     failure: ConnectionLost | None = None
+    #: When the last frame arrived (trio's clock): the keepalive's evidence the broker is there.
+    _last_seen: float = 0.0
     #: Errors that answer no request (a fire-and-forget publish with a bad topic, say).
     unsolicited: list[BrokerError] = field(factory=list)
 
@@ -292,8 +294,6 @@ class Client(Operations[Subscription]):
                 await ws.aclose(1000, "no answer to ping")  # the reader sees the close
                 return
             await self._send.send(Ping())
-
-    _last_seen: float = 0.0
 
     def _give_up(self) -> None:
         if self._closed:

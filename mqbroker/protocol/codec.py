@@ -337,10 +337,6 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def fragment_size(fragment: Frame) -> int:
-    return len(fragment)
-
-
 class EncodedMessage:
     """A message encoded once for all the sessions it reaches.
 
