@@ -75,13 +75,28 @@ def serve(config: Config) -> int:
     import trio
 
     from mqbroker.daemon import run
+    from mqbroker.server.listener import ListenError
 
     try:
         trio.run(run, config)
     except KeyboardInterrupt:
         # The daemon handles SIGINT once it runs; this is a ^C during start-up.
         return 130
+    except BaseExceptionGroup as group:
+        # A taken port is the operator's to fix, like a bad config: one line, no traceback.
+        cannot_listen, rest = group.split(ListenError)
+        if cannot_listen is None or rest is not None:
+            raise
+        for error in _leaves(cannot_listen):
+            print(f"mqbroker: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside nested groups (each nursery on the way up wraps them once)."""
+    return [leaf for error in group.exceptions
+            for leaf in (_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])]
 
 
 def _override(config: Config, flag: str, section: str, change: dict[str, object]) -> Config:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -53,3 +56,25 @@ async def test_new_connections_are_refused_after_shutdown() -> None:
             await daemon.process.wait()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", daemon.port)
+
+
+@pytest.mark.parametrize("where", ["server", "metrics"])
+async def test_a_taken_port_is_one_clear_line_and_exit_2(tmp_path: Path, where: str) -> None:
+    """A port already in use stops the start with `cannot listen on HOST:PORT: ...` and exit
+    code 2, no traceback: like a bad config, it is the operator's to fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--port", str(port)]
+        if where == "metrics":
+            config = tmp_path / "config.toml"
+            config.write_text(f"[metrics]\nport = {port}\n")
+            args = ["--port", "0", "--config", str(config)]
+        with trio.fail_after(20):
+            result = await trio.run_process([sys.executable, "-m", "mqbroker", "serve", *args],
+                                            capture_stderr=True, check=False)
+    assert result.returncode == 2
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert last == f"mqbroker: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in result.stderr.decode()

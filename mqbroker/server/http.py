@@ -19,6 +19,7 @@ import trio
 from attrs import define, field, frozen
 
 from mqbroker.config import MetricsConfig
+from mqbroker.server.listener import ListenError
 
 if TYPE_CHECKING:
     from mqbroker.broker import Broker
@@ -179,8 +180,11 @@ async def serve_http(broker: Broker, config: MetricsConfig, *,
     """Serve `/health` and `/metrics` on config.host:config.port; `task_status` gets the port."""
     endpoints = Endpoints(broker)
     async with trio.open_nursery() as nursery:
-        listeners: list[trio.SocketListener] = await nursery.start(
-            partial(trio.serve_tcp, endpoints.handle, config.port, host=config.host))
+        try:
+            listeners: list[trio.SocketListener] = await nursery.start(
+                partial(trio.serve_tcp, endpoints.handle, config.port, host=config.host))
+        except OSError as error:
+            raise ListenError.of(config.host, config.port, error) from error
         port: int = listeners[0].socket.getsockname()[1]
         logger.info("http.listening", host=config.host, port=port)
         task_status.started(port)

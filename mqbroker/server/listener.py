@@ -22,6 +22,14 @@ logger = structlog.get_logger("mqbroker.server")
 RECEIVE_BUFFER_BYTES = 64 * 1024
 
 
+class ListenError(Exception):
+    """An address could not be listened on (taken, not ours, not resolvable): said at start."""
+
+    @classmethod
+    def of(cls, host: str, port: int, error: OSError) -> ListenError:
+        return cls(f"cannot listen on {host}:{port}: {error.strerror or error}")
+
+
 @define(eq=False)
 class Listener:
     """A running listener: its bound port, and the way to shut it down gracefully."""
@@ -60,15 +68,18 @@ async def serve(broker: Broker, config: ServerConfig, *,
 
     async with trio.open_nursery() as sessions:
         async with trio.open_nursery() as accepting:
-            server = await accepting.start(partial(
-                serve_websocket, handle, config.host, config.port, ssl_context=None,
-                handler_nursery=sessions, max_message_size=config.max_frame_bytes,
-                # Bound the opening and closing handshakes by our own settings: a peer that
-                # reads nothing must not hold its connection for trio-websocket's default 60 s.
-                connect_timeout=config.hello_timeout, disconnect_timeout=config.shutdown_grace,
-                # Batched frames are tens of kilobytes; trio-websocket's 4 KiB default would
-                # take several reads for each.
-                receive_buffer_size=RECEIVE_BUFFER_BYTES))
+            try:
+                server = await accepting.start(partial(
+                    serve_websocket, handle, config.host, config.port, ssl_context=None,
+                    handler_nursery=sessions, max_message_size=config.max_frame_bytes,
+                    # Bound the opening and closing handshakes by our own settings: a peer that
+                    # reads nothing must not hold its connection for trio-websocket's default 60 s.
+                    connect_timeout=config.hello_timeout, disconnect_timeout=config.shutdown_grace,
+                    # Batched frames are tens of kilobytes; trio-websocket's 4 KiB default would
+                    # take several reads for each.
+                    receive_buffer_size=RECEIVE_BUFFER_BYTES))
+            except OSError as error:
+                raise ListenError.of(config.host, config.port, error) from error
             port = server.port
             logger.info("server.listening", host=config.host, port=port)
             task_status.started(Listener(broker, config, port, accepting.cancel_scope,
