@@ -2,13 +2,20 @@
 
 Pure: no I/O. Exact filters live in a dict keyed by topic, so routing to an exact subscription
 never looks at a wildcard; wildcard filters live in a trie keyed by level, with `+` and `#`
-as ordinary children. Match results are cached per topic: an exact change forgets the one topic
-it can affect, a wildcard change forgets them all.
+as ordinary children. Match results are cached per topic, and a change forgets only the cached
+topics it can affect: an exact filter the one topic spelled like it, a wildcard filter the cached
+topics it matches, found by walking a second trie that holds the cached topics (so a wildcard
+subscribe costs what it touches, not a cleared cache that every later publish pays for again).
+
+A match gathers the holders of every matching filter and merges them in one pass; the index
+also counts wildcard subscriptions, per session and in all, for the broker's limits: each
+overlapping wildcard filter adds to the cost of every publish it matches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Generic, TypeVar
 
 from attrs import define, field
@@ -34,6 +41,86 @@ class _Node(Generic[K]):
         return not self.holders and not self.children
 
 
+@define(slots=True)
+class _TopicNode:
+    """A node of the trie of cached topics: whether the topic ending here is cached, and below."""
+
+    cached: bool = False
+    children: dict[str, _TopicNode] = field(factory=dict)
+
+
+@define(slots=True)
+class _CachedTopics:
+    """The topics the match cache holds, as a trie by level, to find those a wildcard matches."""
+
+    root: _TopicNode = field(factory=_TopicNode)
+
+    def add(self, topic: str) -> None:
+        node = self.root
+        for level in topic.split(SEPARATOR):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _TopicNode()
+            node = child
+        node.cached = True
+
+    def discard(self, topic: str) -> None:
+        levels = topic.split(SEPARATOR)
+        path = [self.root]
+        for level in levels:
+            child = path[-1].children.get(level)
+            if child is None:
+                return
+            path.append(child)
+        path[-1].cached = False
+        # Prune the nodes left empty, deepest first, so the trie only holds cached topics.
+        for depth in range(len(levels), 0, -1):
+            node = path[depth]
+            if node.cached or node.children:
+                break
+            del path[depth - 1].children[levels[depth - 1]]
+
+    def matching(self, filter: str) -> Iterator[str]:
+        """The cached topics that the wildcard `filter` matches (as `topics.matches` says)."""
+        yield from _walk_topics(self.root, filter.split(SEPARATOR), 0, [])
+
+    def is_empty(self) -> bool:
+        return not self.root.children
+
+
+def _walk_topics(node: _TopicNode, levels: list[str], depth: int, path: list[str]
+                 ) -> Iterator[str]:
+    if depth == len(levels):
+        if node.cached:
+            yield SEPARATOR.join(path)
+        return
+    level = levels[depth]
+    if level == MULTI_LEVEL:
+        # MQTT-4.7.1-2: `#` matches its parent level and everything below it...
+        if depth > 0 and node.cached:
+            yield SEPARATOR.join(path)
+        for name, child in node.children.items():
+            # ...but MQTT-4.7.2-1: a filter starting with a wildcard never matches a `$` topic.
+            if depth > 0 or not name.startswith("$"):
+                yield from _subtree(child, [*path, name])
+        return
+    if level == SINGLE_LEVEL:
+        for name, child in node.children.items():
+            if depth > 0 or not name.startswith("$"):
+                yield from _walk_topics(child, levels, depth + 1, [*path, name])
+        return
+    child = node.children.get(level)
+    if child is not None:
+        yield from _walk_topics(child, levels, depth + 1, [*path, level])
+
+
+def _subtree(node: _TopicNode, path: list[str]) -> Iterator[str]:
+    if node.cached:
+        yield SEPARATOR.join(path)
+    for name, child in node.children.items():
+        yield from _subtree(child, [*path, name])
+
+
 @define(kw_only=True)
 class SubscriptionIndex(Generic[K]):
     """Every subscription of every session on this instance, indexed for `match`.
@@ -51,7 +138,12 @@ class SubscriptionIndex(Generic[K]):
     _exact: dict[str, Holders[K]] = field(init=False, factory=dict)
     _root: _Node[K] = field(init=False, factory=_Node)
     _cache: dict[str, Match[K]] = field(init=False, factory=dict)
+    _cached_topics: _CachedTopics = field(init=False, factory=_CachedTopics)
     _count: int = field(init=False, default=0)
+    #: session -> how many of its subscriptions have a wildcard filter.
+    _wildcards_of: dict[K, int] = field(init=False, factory=dict)
+    #: Wildcard subscriptions of every session.
+    _wildcards: int = field(init=False, default=0)
 
     def add(self, key: K, sub_id: int, filter: str) -> bool:
         """Subscribe; True when no subscription used `filter` before.
@@ -63,6 +155,9 @@ class SubscriptionIndex(Generic[K]):
         self.remove(key, sub_id)
         self._by_session.setdefault(key, {})[sub_id] = filter
         self._count += 1
+        if is_wildcard(filter):
+            self._wildcards_of[key] = self._wildcards_of.get(key, 0) + 1
+            self._wildcards += 1
         uses = self._uses.get(filter, 0)
         self._uses[filter] = uses + 1
         holders = self._holders_for(filter)
@@ -83,6 +178,13 @@ class SubscriptionIndex(Generic[K]):
         if not subs:
             del self._by_session[key]
         self._count -= 1
+        if is_wildcard(filter):
+            self._wildcards -= 1
+            left = self._wildcards_of[key] - 1
+            if left:
+                self._wildcards_of[key] = left
+            else:
+                del self._wildcards_of[key]
         self._drop_holder(filter, key, sub_id)
         self._forget(filter)
         return filter, self._release(filter)
@@ -111,6 +213,15 @@ class SubscriptionIndex(Generic[K]):
         """sub_id -> filter for one session's subscriptions (a copy; empty if it has none)."""
         return dict(self._by_session.get(key, {}))
 
+    def wildcards_of(self, key: K) -> int:
+        """How many of one session's subscriptions have a wildcard filter."""
+        return self._wildcards_of.get(key, 0)
+
+    @property
+    def wildcards(self) -> int:
+        """How many subscriptions, of all sessions, have a wildcard filter."""
+        return self._wildcards
+
     def __len__(self) -> int:
         return self._count
 
@@ -124,9 +235,14 @@ class SubscriptionIndex(Generic[K]):
         if self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
                 # Dicts keep insertion order, so the first key is the oldest entry.
-                del self._cache[next(iter(self._cache))]
+                self._uncache(next(iter(self._cache)))
             self._cache[topic] = result
+            self._cached_topics.add(topic)
         return result
+
+    def _uncache(self, topic: str) -> None:
+        if self._cache.pop(topic, None) is not None:
+            self._cached_topics.discard(topic)
 
     def _holders_for(self, filter: str) -> Holders[K]:
         if not is_wildcard(filter):
@@ -163,11 +279,16 @@ class SubscriptionIndex(Generic[K]):
         return True
 
     def _forget(self, filter: str) -> None:
-        # An exact filter only ever matches the topic spelled like it.
-        if is_wildcard(filter):
-            self._cache.clear()
-        else:
-            self._cache.pop(filter, None)
+        """Drop the cached results that a change of `filter`'s subscriptions can affect."""
+        if not self._cache:
+            return
+        if not is_wildcard(filter):
+            # An exact filter only ever matches the topic spelled like it.
+            self._uncache(filter)
+            return
+        # Listed first: the walk must not see the trie change under it.
+        for topic in list(self._cached_topics.matching(filter)):
+            self._uncache(topic)
 
 
 def _collect(root: _Node[K], levels: list[str], dollar: bool, found: list[Holders[K]]) -> None:
@@ -207,14 +328,31 @@ def _collect_ends(nodes: list[_Node[K]], found: list[Holders[K]]) -> None:
 
 
 def _merge(found: list[Holders[K]]) -> Match[K]:
+    """One entry per session, its ids from every matching filter in one ascending tuple.
+
+    Each session's id tuples are gathered first and sorted once at the end: re-sorting the
+    merged tuple at every further filter cost O(n^2 log n) for a session whose n wildcard
+    filters all match (999 filters: 5 ms per publish). The index keeps each tuple sorted and a
+    session's ids are distinct, so the final sort only merges sorted runs (Timsort finds them).
+    """
     if len(found) == 1:
         return tuple(found[0].items())
     merged: dict[K, tuple[int, ...]] = {}
+    # Sessions matched through more than one filter: every id tuple they were found with.
+    runs_of: dict[K, list[tuple[int, ...]]] = {}
     for holders in found:
         for key, ids in holders.items():
             prior = merged.get(key)
-            # The index keeps ids sorted: only a session matched through two filters needs a sort.
-            merged[key] = ids if prior is None else tuple(sorted((*prior, *ids)))
+            if prior is None:
+                merged[key] = ids
+                continue
+            runs = runs_of.get(key)
+            if runs is None:
+                runs_of[key] = [prior, ids]
+            else:
+                runs.append(ids)
+    for key, runs in runs_of.items():
+        merged[key] = tuple(sorted(chain.from_iterable(runs)))
     return tuple(merged.items())
 
 

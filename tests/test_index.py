@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from mqbroker.index import SubscriptionIndex
-from mqbroker.topics import matches, validate_filter, validate_topic
+from mqbroker.topics import is_wildcard, matches, validate_filter, validate_topic
 
 
 def as_dict(result: Sequence[tuple[object, tuple[int, ...]]]) -> dict[object, tuple[int, ...]]:
@@ -235,6 +235,64 @@ def test_exact_change_keeps_other_cached_topics_right() -> None:
     assert as_dict(index.match("b")) == {"s2": (1,), "s4": (1,)}
 
 
+def recomputed(index: SubscriptionIndex[str], before: dict[str, object]) -> set[str]:
+    """The topics of `before` whose match is no longer the very result cached before."""
+    return {topic for topic, result in before.items() if index.match(topic) is not result}
+
+
+PUBLISHED = ["a/1", "a/2", "b/1", "$SYS/a", "a"]
+
+
+@pytest.mark.parametrize(("filter", "affected"), [
+    ("a/+", {"a/1", "a/2"}), ("+/1", {"a/1", "b/1"}), ("a/#", {"a", "a/1", "a/2"}),
+    ("#", {"a", "a/1", "a/2", "b/1"}), ("$SYS/#", {"$SYS/a"}), ("+/+/+", set()),
+])
+def test_a_wildcard_change_forgets_only_the_cached_topics_it_matches(
+    filter: str, affected: set[str]
+) -> None:
+    """A wildcard subscribe or unsubscribe recomputes the topics its filter matches and keeps
+    every other cached answer: one overlapping subscribe must not make every publish pay again."""
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    for n, topic in enumerate(PUBLISHED):
+        index.add("s1", n, topic)  # every answer non-empty, so each is a new object when computed
+    cached = {topic: index.match(topic) for topic in PUBLISHED}
+    index.add("s2", 1, filter)
+    assert recomputed(index, cached) == affected
+    cached = {topic: index.match(topic) for topic in PUBLISHED}
+    index.remove("s2", 1)
+    assert recomputed(index, cached) == affected
+    for n, topic in enumerate(PUBLISHED):
+        assert as_dict(index.match(topic)) == {"s1": (n,)}
+
+
+def test_an_exact_change_forgets_only_its_own_topic() -> None:
+    """An exact subscribe recomputes its one topic and no other."""
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    index.add("s1", 1, "a")
+    index.add("s1", 2, "b")
+    cached = {topic: index.match(topic) for topic in ["a", "b"]}
+    index.add("s2", 1, "a")
+    assert recomputed(index, cached) == {"a"}
+    assert as_dict(index.match("a")) == {"s1": (1,), "s2": (1,)}
+
+
+def test_wildcard_subscriptions_are_counted_per_session_and_in_all() -> None:
+    """The counts the broker's wildcard limits use: exact filters do not count, replacing a
+    subscription moves it between the counts, removing one gives its place back."""
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    index.add("s1", 1, "a/+")
+    index.add("s1", 2, "a/#")
+    index.add("s1", 3, "a/b")
+    index.add("s2", 1, "#")
+    assert (index.wildcards_of("s1"), index.wildcards_of("s2"), index.wildcards) == (2, 1, 3)
+    index.add("s1", 1, "a/c")
+    assert (index.wildcards_of("s1"), index.wildcards) == (1, 2)
+    index.remove_session("s1")
+    assert (index.wildcards_of("s1"), index.wildcards) == (0, 1)
+    index.remove("s2", 1)
+    assert (index.wildcards_of("s2"), index.wildcards) == (0, 0)
+
+
 @pytest.mark.parametrize("cache_size", [0, 1, 3])
 def test_cache_is_bounded(cache_size: int) -> None:
     """The cache never holds more than cache_size topics (none when 0), and answers stay right
@@ -351,8 +409,19 @@ class IndexAgainstModel(RuleBasedStateMachine):
             assert not self.index._exact and not self.index._uses
 
     @invariant()
+    def cached_topics_are_the_cache(self) -> None:
+        # The trie of cached topics follows the cache exactly: evicted topics do not stay in it.
+        cached = self.index._cached_topics
+        assert set(cached.matching("#")) | set(cached.matching("$SYS/#")) | set(
+            cached.matching("$/#")) == set(self.index._cache)
+
+    @invariant()
     def sizes_agree(self) -> None:
         assert len(self.index) == len(self.model)
+        wildcards = [k for (k, _), f in self.model.items() if is_wildcard(f)]
+        assert self.index.wildcards == len(wildcards)
+        for key in KEYS:
+            assert self.index.wildcards_of(key) == wildcards.count(key)
         for key in KEYS:
             mine = {s: f for (k, s), f in self.model.items() if k == key}
             assert self.index.filters_of(key) == mine
