@@ -93,6 +93,8 @@ class Broker:
             "max_frame_bytes": s.max_frame_bytes,
             "max_message_bytes": self.max_message_bytes,
             "max_subscriptions": s.max_subscriptions,
+            "max_wildcard_subscriptions": s.max_wildcard_subscriptions,
+            "max_wildcard_filters": s.max_wildcard_filters,
             "max_topic_length": s.max_topic_length,
             "max_topic_levels": s.max_topic_levels,
             "outbox_messages": s.outbox_messages,
@@ -236,6 +238,10 @@ class Broker:
             return _error(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                           f"at most {self.config.server.max_subscriptions} subscriptions "
                           "per session", event)
+        if is_wildcard(event.filter):
+            problem = self._check_wildcards(session, event)
+            if problem is not None:
+                return problem
         try:
             validate_filter(event.filter, self.topic_limits)
         except InvalidTopic as e:
@@ -249,6 +255,19 @@ class Broker:
             Position.parse(event.since)
         except InvalidEventId as e:
             return _error(ErrorCode.BAD_EVENT_ID, str(e), event)
+        return None
+
+    def _check_wildcards(self, session: Session, event: Subscribe) -> Error | None:
+        """The wildcard limits: each overlapping wildcard filter costs every matching publish."""
+        server = self.config.server
+        if self.index.wildcards_of(session) >= server.max_wildcard_subscriptions:
+            return _error(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                          f"at most {server.max_wildcard_subscriptions} wildcard subscriptions "
+                          "per session (max_wildcard_subscriptions)", event)
+        if self.index.wildcards >= server.max_wildcard_filters:
+            return _error(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                          f"at most {server.max_wildcard_filters} wildcard subscriptions on this "
+                          "broker instance (max_wildcard_filters)", event)
         return None
 
     async def _recover(self, session: Session, event: Subscribe, since: Position) -> None:

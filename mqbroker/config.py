@@ -149,6 +149,10 @@ class ServerConfig:
     instance_id: str = ""
     max_frame_bytes: int = field(default=1 * MiB, validator=_FRAME_BYTES)
     max_subscriptions: int = field(default=1000, validator=_POSITIVE)
+    #: Every overlapping wildcard filter adds to the cost of each publish it matches: these two
+    #: bound that cost, per session and over all the sessions of the instance.
+    max_wildcard_subscriptions: int = field(default=100, validator=_POSITIVE)
+    max_wildcard_filters: int = field(default=10_000, validator=_POSITIVE)
     max_topic_length: int = field(default=1024, validator=_POSITIVE)
     max_topic_levels: int = field(default=32, validator=_POSITIVE)
     outbox_messages: int = field(default=10_000, validator=_POSITIVE)

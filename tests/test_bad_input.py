@@ -171,6 +171,42 @@ async def test_too_many_subscriptions() -> None:
         await expect_error(session, ErrorCode.TOO_MANY_SUBSCRIPTIONS)
 
 
+async def test_too_many_wildcard_subscriptions_in_one_session() -> None:
+    """Past max_wildcard_subscriptions, a session's wildcard subscribe is refused with
+    too_many_subscriptions; exact filters are still accepted, and so is a wildcard once one of
+    its wildcard subscriptions is gone."""
+    async with running_broker(broker_config(max_wildcard_subscriptions=2)) as broker, \
+            raw_session(broker.url) as session:
+        await session.send(Subscribe(id=1, filter="a/+"), Subscribe(id=2, filter="a/#"),
+                           Subscribe(id=3, filter="+/b"), Subscribe(id=4, filter="a/b"))
+        assert isinstance(await session.next_event(), SubAck)
+        assert isinstance(await session.next_event(), SubAck)
+        error = await expect_error(session, ErrorCode.TOO_MANY_SUBSCRIPTIONS)
+        assert error.id == 3 and "max_wildcard_subscriptions" in error.message
+        assert await session.next_event() == SubAck(id=4)
+        await session.send(Unsubscribe(id=1), Subscribe(id=5, filter="+/b"))
+        assert (await session.next_event()).OP == "unsuback"
+        assert await session.next_event() == SubAck(id=5)
+
+
+async def test_too_many_wildcard_subscriptions_in_all() -> None:
+    """Past max_wildcard_filters, counted over every session of the instance, a wildcard
+    subscribe is refused with too_many_subscriptions; a session that closes gives its back."""
+    config = broker_config(max_wildcard_filters=2)
+    async with running_broker(config) as broker, raw_session(broker.url) as second:
+        async with raw_session(broker.url) as first:
+            await first.send(Subscribe(id=1, filter="a/+"), Subscribe(id=2, filter="a/+"))
+            assert isinstance(await first.next_event(), SubAck)
+            assert isinstance(await first.next_event(), SubAck)
+            await second.send(Subscribe(id=1, filter="b/#"), Subscribe(id=2, filter="b"))
+            error = await expect_error(second, ErrorCode.TOO_MANY_SUBSCRIPTIONS)
+            assert "max_wildcard_filters" in error.message
+            assert await second.next_event() == SubAck(id=2)
+        await broker.wait_sessions(1)
+        await second.send(Subscribe(id=3, filter="b/#"))
+        assert await second.next_event() == SubAck(id=3)
+
+
 async def test_message_too_large_is_refused() -> None:
     """A payload that would not fit in a delivery frame is refused with message_too_large."""
     async with running_broker(broker_config(max_frame_bytes=4096)) as broker, \

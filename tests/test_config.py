@@ -76,6 +76,23 @@ def test_repo_config_toml_names_every_key() -> None:
         assert list(document[section]) == [a.name for a in attrs.fields(cls)], section
 
 
+def comment_of(key: str) -> str:
+    """The comment lines just above `key = ...` in config.toml, joined."""
+    lines = REPO_CONFIG.read_text(encoding="utf-8").splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith(f"{key} = "))
+    comment: list[str] = []
+    while at > 0 and lines[at - 1].startswith("#"):
+        at -= 1
+        comment.insert(0, lines[at].removeprefix("#").strip())
+    return " ".join(comment)
+
+
+def test_repo_config_toml_gives_topic_lengths_in_bytes() -> None:
+    """max_topic_length counts UTF-8 bytes, as the broker and docs/protocol.md do."""
+    comment = comment_of("max_topic_length")
+    assert "in UTF-8 bytes" in comment and "in characters" not in comment
+
+
 def test_repo_config_toml_sketches_the_redis_plugin() -> None:
     """The commented [plugins.redis] table, once uncommented, is valid TOML holding every
     Redis setting at its default: the file documents all of them and cannot drift."""
