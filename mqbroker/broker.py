@@ -355,7 +355,9 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
         broker = Broker(instance_id=instance_id, config=config, history=history)
         context = FanoutContext(instance_id=instance_id, history=history,
                                 deliver=broker.deliver,
-                                dedup_window=config.server.dedup_window)
+                                dedup_window=config.server.dedup_window,
+                                dedup_max_entries=config.server.dedup_max_entries,
+                                dedup_max_bytes=config.server.dedup_max_bytes)
         async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
             broker.fanout = fanout
             yield broker

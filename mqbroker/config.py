@@ -169,6 +169,9 @@ class ServerConfig:
     shutdown_grace: float = field(default=5.0, validator=_SECONDS)
     #: A repeated (topic, msg_id) publish within this many seconds is not delivered again.
     dedup_window: float = field(default=120.0, validator=_SECONDS)
+    #: Bounds of what an instance remembers for that (the pairs and their positions, no payload).
+    dedup_max_entries: int = field(default=100_000, validator=_POSITIVE)
+    dedup_max_bytes: int = field(default=64 * MiB, validator=_POSITIVE)
 
 
 @frozen(kw_only=True)

@@ -31,6 +31,9 @@ class FanoutContext:
     deliver: Deliver
     #: A repeat of (topic, msg_id) within this many seconds is not delivered again.
     dedup_window: float
+    #: Bounds of the (topic, msg_id) pairs an instance remembers for that, where it keeps them.
+    dedup_max_entries: int = 100_000
+    dedup_max_bytes: int = 64 * 1024 * 1024
 
 
 @frozen(kw_only=True)
@@ -48,8 +51,10 @@ class Fanout(Protocol):
       instance that watches a matching filter, and returns them in draft order.
       Every instance sees one topic's messages in the same order, and that order agrees with
       the history's positions.
-    - A draft whose (topic, msg_id) was published within `dedup_window` returns the original
-      message and is not delivered again.
+    - A draft whose (topic, msg_id) was published within `dedup_window` is not delivered
+      again; it returns a message with the original's position (so its event id) and
+      `published_at`. Its payload may be the repeat's own: a backend need not keep payloads
+      to recognise a repeat (the broker only answers it with the event id).
     - `watch(filter)` returns once messages matching `filter` published from then on are
       certain to reach this instance's `deliver`; `unwatch` undoes one `watch`
       (watches are counted: two watches of one filter need two unwatches).

@@ -3,7 +3,8 @@
 Recorded drafts are positioned by the history store (one `append` per publish); the others by
 this fan-out's own counter under its own epoch. Publishes run one at a time, in arrival order,
 so delivery order agrees with history order even when the store awaits real I/O, and the dedup
-check cannot race with the publish it guards.
+check cannot race with the publish it guards. A task of the fan-out's own expires the dedup
+window every DEDUP_EXPIRE_PERIOD seconds, so its memory is freed when no publish comes.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from contextlib import asynccontextmanager
 import trio
 from attrs import define, field
 
-from mqbroker.dedup import DedupKey, DedupWindow
+from mqbroker.dedup import DedupKey, DedupWindow, Original
 from mqbroker.fanout import FanoutContext, FanoutUnavailable, Health
 from mqbroker.history import HistoryUnavailable
 from mqbroker.message import Draft, Message, Position
 
 from .memory_history import new_epoch
 
-#: At most this many (topic, msg_id) pairs are remembered for dedup (about 300 bytes each).
-DEDUP_MAX_ENTRIES = 100_000
+#: Seconds between two expiries of the dedup window: an entry's memory is freed at most this
+#: long after its window ends.
+DEDUP_EXPIRE_PERIOD = 1.0
 
-#: Per draft of a publish: the message it is a duplicate of, the index of an earlier draft of
-#: the same publish it repeats, or None for a fresh draft.
-_Plan = Message | int | None
+#: Per draft of a publish: the first publish it is a duplicate of, the index of an earlier draft
+#: of the same publish it repeats, or None for a fresh draft.
+_Plan = Original | int | None
 
 
 @define
@@ -50,7 +52,9 @@ class MemoryFanout:
 
     @_dedup.default
     def _new_dedup(self) -> DedupWindow:
-        return DedupWindow(self.context.dedup_window, DEDUP_MAX_ENTRIES)
+        context = self.context
+        return DedupWindow(context.dedup_window, context.dedup_max_entries,
+                           context.dedup_max_bytes)
 
     async def publish(self, drafts: Sequence[Draft]) -> Sequence[Message]:
         async with self._lock:
@@ -63,12 +67,19 @@ class MemoryFanout:
                     [d for d, s in zip(drafts, plan, strict=True) if s is None])
                 for message in fresh:
                     if message.msg_id is not None:
-                        self._dedup.put(message.topic, message.msg_id, message, now)
+                        self._dedup.put(message.topic, message.msg_id, Original.of(message),
+                                        now)
             if fresh:
                 self.context.deliver(fresh)
             self._counts["published"] += len(fresh)
             self._counts["duplicates"] += len(drafts) - len(fresh)
-            return fresh if plan is None else _in_draft_order(plan, fresh)
+            return fresh if plan is None else _in_draft_order(drafts, plan, fresh)
+
+    async def expire_dedup(self, period: float = DEDUP_EXPIRE_PERIOD) -> None:
+        """Expire the dedup window every `period` seconds, forever (the fan-out's own task)."""
+        while True:
+            await trio.sleep(period)
+            self._dedup.expire(trio.current_time())
 
     async def watch(self, filter: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -92,6 +103,7 @@ class MemoryFanout:
             "watched_filters": len(self._watches),
             "watches": self._watches.total(),
             "dedup_entries": len(self._dedup),
+            "dedup_bytes": self._dedup.bytes,
             "dedup_evicted": self._dedup.evicted,
         }
 
@@ -124,21 +136,29 @@ class MemoryFanout:
         return Message.from_draft(draft, Position(self.epoch, self._last_offset))
 
 
-def _in_draft_order(plan: Sequence[_Plan], fresh: Sequence[Message]) -> list[Message]:
-    """Every draft's message: a fresh one, or the one it repeats."""
+def _in_draft_order(drafts: Sequence[Draft], plan: Sequence[_Plan], fresh: Sequence[Message]
+                    ) -> list[Message]:
+    """Every draft's message: a fresh one, the one it repeats in this publish, or, for a repeat
+    of an earlier publish, the draft as it was first published (the window keeps no payload)."""
     fresh_messages = iter(fresh)
     messages: list[Message] = []
-    for step in plan:
+    for draft, step in zip(drafts, plan, strict=True):
         if step is None:
             messages.append(next(fresh_messages))
         elif isinstance(step, int):
             messages.append(messages[step])
         else:
-            messages.append(step)
+            messages.append(Message(topic=draft.topic, payload=draft.payload,
+                                    published_at=step.published_at, position=step.position,
+                                    msg_id=draft.msg_id))
     return messages
 
 
 @asynccontextmanager
 async def open_memory_fanout(settings: None, context: FanoutContext) -> AsyncIterator[MemoryFanout]:
-    """An in-process fan-out over `context`; it owns no task, so closing it is immediate."""
-    yield MemoryFanout(context)
+    """An in-process fan-out over `context`, with its task that expires the dedup window."""
+    fanout = MemoryFanout(context)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fanout.expire_dedup)
+        yield fanout
+        nursery.cancel_scope.cancel()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqbroker.dedup import DedupWindow
+from mqbroker.dedup import ENTRY_OVERHEAD, DedupWindow, Original
 from mqbroker.message import Message, Position
 
 
-def message(n: int, topic: str = "t") -> Message:
-    return Message(topic=topic, payload=n, published_at=0.0, position=Position("e", n))
+def message(n: int, topic: str = "t") -> Original:
+    """The identity of the n-th first publish (the window keeps nothing else)."""
+    return Original(Position("e", n), published_at=float(n))
 
 
 def test_a_pair_is_a_duplicate_until_its_window_ends() -> None:
@@ -79,3 +82,54 @@ def test_the_window_stays_bounded_and_remembers_the_newest(puts: list[tuple[int,
         window.put("t", str(key), message(n), now)
         assert len(window) <= 8
         assert window.get("t", str(key), now) == message(n)
+
+
+def test_the_window_keeps_no_payload() -> None:
+    """What a repeat needs is the original's position and time: Original.of keeps only those."""
+    published = Message(topic="t", payload=b"x" * 1024, published_at=3.0,
+                        position=Position("e", 7), msg_id="k")
+    window = DedupWindow(window=10.0, max_entries=10)
+    window.put("t", "k", Original.of(published), now=0.0)
+    assert window.get("t", "k", now=1.0) == Original(Position("e", 7), 3.0)
+    assert window.bytes < 1024
+
+
+def test_past_max_bytes_the_oldest_pairs_are_forgotten_and_counted() -> None:
+    """Long msg_ids cannot grow the window past max_bytes: the oldest pairs go first."""
+    msg_id = "m" * 10_000
+    entry = sys.getsizeof("t") + sys.getsizeof(msg_id + "0") + ENTRY_OVERHEAD
+    window = DedupWindow(window=100.0, max_entries=1000, max_bytes=3 * entry)
+    for n in range(5):
+        window.put("t", f"{msg_id}{n}", message(n), now=0.0)
+        assert window.bytes <= 3 * entry
+    assert (len(window), window.evicted, window.bytes) == (3, 2, 3 * entry)
+    assert window.get("t", f"{msg_id}1", now=0.0) is None
+    assert window.get("t", f"{msg_id}2", now=0.0) == message(2)
+
+
+def test_expire_lets_go_of_ended_pairs_without_a_put() -> None:
+    """expire(now), called by the fan-out's timer, frees what aged out with no publish needed."""
+    window = DedupWindow(window=10.0, max_entries=100)
+    for n in range(5):
+        window.put("t", f"k{n}", message(n), now=float(n))
+    window.expire(now=12.0)
+    assert (len(window), window.evicted) == (2, 0)  # k3 and k4 are inside their window
+    window.expire(now=14.0)
+    assert (len(window), window.bytes) == (0, 0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 300), st.floats(0, 3)),
+                max_size=200))
+def test_the_byte_count_is_the_entries_sizes(puts: list[tuple[int, int, float]]) -> None:
+    """Whatever is put, re-put and expired, `bytes` is the sum of the kept entries' sizes and
+    stays within max_bytes."""
+    window = DedupWindow(window=5.0, max_entries=50, max_bytes=4000)
+    now = 0.0
+    kept: dict[str, int] = {}
+    for n, (key, length, elapsed) in enumerate(puts):
+        now += elapsed
+        msg_id = str(key) * length
+        window.put("t", msg_id, message(n), now)
+        kept[msg_id] = sys.getsizeof("t") + sys.getsizeof(msg_id) + ENTRY_OVERHEAD
+        assert window.bytes <= 4000
+        assert window.bytes == sum(kept[m] for t, m in window._entries)

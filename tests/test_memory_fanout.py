@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tracemalloc
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
@@ -16,6 +18,7 @@ from mqbroker.history import HistoryStore, HistoryUnavailable, Replay
 from mqbroker.message import Draft, Message, Position
 from mqbroker.plugins import load_plugin
 from mqbroker_plugins.memory import MemoryFanout, open_memory_fanout, open_memory_history
+from mqbroker_plugins.memory_fanout import DEDUP_EXPIRE_PERIOD
 
 
 def draft(topic: str, payload: object, *, msg_id: str | None = None, record: bool = False) -> Draft:
@@ -68,7 +71,8 @@ class Rig:
 
 
 @asynccontextmanager
-async def open_rig(dedup_window: float = 60.0) -> AsyncIterator[Rig]:
+async def open_rig(dedup_window: float = 60.0, dedup_max_bytes: int = 64 << 20
+                   ) -> AsyncIterator[Rig]:
     batches: list[list[Message]] = []
     async with open_memory_history(None, HistoryConfig()) as store:
         history = CountedHistory(store)
@@ -77,6 +81,7 @@ async def open_rig(dedup_window: float = 60.0) -> AsyncIterator[Rig]:
             history=history,
             deliver=lambda messages: batches.append(list(messages)),
             dedup_window=dedup_window,
+            dedup_max_bytes=dedup_max_bytes,
         )
         async with open_memory_fanout(None, context) as fanout:
             yield Rig(fanout, history, batches)
@@ -124,7 +129,7 @@ async def test_only_fresh_messages_are_delivered_and_duplicates_are_counted() ->
             [draft("a", 2, msg_id="k", record=True), draft("a", 3, msg_id="j", record=True)]
         )
         stats = rig.fanout.stats()
-    assert repeat == original
+    assert (repeat.event_id, repeat.published_at) == (original.event_id, original.published_at)
     assert rig.batches == [[original], [fresh]]
     assert rig.history.appends == [1, 1]
     assert (stats["published"], stats["duplicates"], stats["dedup_entries"]) == (2, 1, 2)
@@ -143,10 +148,58 @@ async def test_the_dedup_window_runs_on_trio_clock(autojump_clock: MockClock) ->
     async with open_rig(dedup_window=30.0) as rig:
         [original] = await rig.fanout.publish([draft("a", 1, msg_id="k")])
         await trio.sleep(29.9)
-        assert await rig.fanout.publish([draft("a", 2, msg_id="k")]) == [original]
+        [repeat] = await rig.fanout.publish([draft("a", 2, msg_id="k")])
+        assert repeat.event_id == original.event_id
         await trio.sleep(0.2)
         [again] = await rig.fanout.publish([draft("a", 3, msg_id="k")])
     assert again != original and rig.batches == [[original], [again]]
+
+
+async def test_the_dedup_window_is_freed_on_time_without_another_publish(
+    autojump_clock: MockClock,
+) -> None:
+    """Entries leave the window once it has passed, by the fan-out's timer: no later publish is
+    needed to give their memory back."""
+    async with open_rig(dedup_window=5.0) as rig:
+        await rig.fanout.publish([draft("a", n, msg_id=f"m{n}") for n in range(100)])
+        assert rig.fanout.stats()["dedup_entries"] == 100
+        await trio.sleep(5.0 + DEDUP_EXPIRE_PERIOD)
+        stats = rig.fanout.stats()
+    assert stats["dedup_entries"] == 0
+    assert (stats["dedup_bytes"], stats["dedup_evicted"]) == (0, 0)
+
+
+async def test_the_dedup_window_holds_no_payloads() -> None:
+    """The issue's case: many 256 KiB publishes with a msg_id. Once delivered (and not
+    recorded), their payloads are not held by the fan-out: what it keeps per publish is a few
+    hundred bytes, not the payload."""
+    async with open_rig(dedup_window=60.0) as rig:
+        payloads = 200
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(payloads):
+                await rig.fanout.publish([draft(f"big/{n}", os.urandom(256 * 1024),
+                                                msg_id=f"m{n}")])
+                rig.batches.clear()  # as the broker would, once delivered
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        stats = rig.fanout.stats()
+    assert stats["dedup_entries"] == payloads
+    assert held < payloads * 2048, f"{held:,} bytes held after {payloads} publishes"
+    assert stats["dedup_bytes"] < payloads * 1024
+
+
+async def test_the_dedup_window_is_bounded_in_bytes() -> None:
+    """dedup_max_bytes bounds the window, whatever the size of the msg_ids; the oldest pairs go
+    first and are counted."""
+    async with open_rig(dedup_window=60.0, dedup_max_bytes=100_000) as rig:
+        for n in range(50):
+            await rig.fanout.publish([draft("a", n, msg_id=f"{n}:" + "x" * 10_000)])
+        stats = rig.fanout.stats()
+    assert 0 < stats["dedup_bytes"] <= 100_000
+    assert stats["dedup_entries"] + stats["dedup_evicted"] == 50
 
 
 async def test_watches_are_counted_per_filter() -> None:

@@ -45,7 +45,7 @@ EXPOSITION = "text/plain; version=0.0.4; charset=utf-8"
 GAUGES = frozenset({
     "sessions", "subscriptions",
     "history_topics", "history_messages", "history_bytes", "history_tombstones",
-    "fanout_watched_filters", "fanout_watches", "fanout_dedup_entries",
+    "fanout_watched_filters", "fanout_watches", "fanout_dedup_entries", "fanout_dedup_bytes",
 })
 PREFIX = "mqbroker_"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
