@@ -36,6 +36,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 from cattrs.literals import is_literal
 
+from mqbroker.redact import redact
 from mqbroker.topics import InvalidTopic, validate_filter
 
 if TYPE_CHECKING:
@@ -217,7 +218,13 @@ class Config:
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used: names the file, the key path and what was expected."""
+    """A configuration that cannot be used: names the file, the key path and what was expected.
+
+    The message is printed and may be logged: a URL it echoes has its credentials masked.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 # --- Loading ---------------------------------------------------------------------------------

@@ -109,9 +109,9 @@ def _walk_topics(node: _TopicNode, levels: list[str], depth: int, path: list[str
             if depth > 0 or not name.startswith("$"):
                 yield from _walk_topics(child, levels, depth + 1, [*path, name])
         return
-    child = node.children.get(level)
-    if child is not None:
-        yield from _walk_topics(child, levels, depth + 1, [*path, level])
+    same = node.children.get(level)
+    if same is not None:
+        yield from _walk_topics(same, levels, depth + 1, [*path, level])
 
 
 def _subtree(node: _TopicNode, path: list[str]) -> Iterator[str]:

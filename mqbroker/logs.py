@@ -2,20 +2,28 @@
 
 Events are dotted nouns (`session.opened`, `fanout.degraded`) with structured fields:
 `logger("mqbroker.session").info("session.opened", session=sid, peer=peer)`.
+
+Every string written passes `mqbroker.redact.for_log`: URL credentials are masked and strings
+over LOG_STRING_LIMIT characters cut, with their length noted, whoever logs them (a plugin too):
+clients supply some of them (a hello's `client`, topics), and a log is no place for a secret.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any, TextIO
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
-from structlog.typing import EventDict, FilteringBoundLogger, Processor
+from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor
 
 from mqbroker.config import LogConfig
+from mqbroker.redact import LOG_STRING_LIMIT, for_log
 
 ROOT = "mqbroker"
+#: Longest rendered exception (traceback) written whole.
+EXCEPTION_LIMIT = 16 * 1024
 
 
 def configure(config: LogConfig, *, stream: TextIO | None = None) -> None:
@@ -55,11 +63,38 @@ def _enrich() -> list[Processor]:
 def _json() -> list[Processor]:
     # Locals in tracebacks could carry secrets (a Redis URL with a password) into the logs.
     tracebacks = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-    return [tracebacks, structlog.processors.JSONRenderer()]
+    # Sanitised after the traceback is rendered: an exception's message may hold a URL too.
+    return [tracebacks, _sanitise, structlog.processors.JSONRenderer()]
 
 
 def _console(out: TextIO) -> list[Processor]:
-    return [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+    return [_sanitise, structlog.dev.ConsoleRenderer(colors=out.isatty(),
+                                                     exception_formatter=_redacted_traceback)]
+
+
+def _sanitise(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+    """Every string value, nested ones too, as `for_log` shows it (exc_info is the renderer's,
+    and a rendered exception keeps more of its text: it is the broker's, not a client's)."""
+    return {key: value if key == "exc_info" else
+            _clean(value, EXCEPTION_LIMIT if key == "exception" else LOG_STRING_LIMIT)
+            for key, value in event_dict.items()}
+
+
+def _clean(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return for_log(value, limit)
+    if isinstance(value, dict):
+        return {key: _clean(item, limit) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(item, limit) for item in value]
+    return value
+
+
+def _redacted_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
+    """The console's traceback, plain, with URL credentials masked like every other string."""
+    text = io.StringIO()
+    structlog.dev.plain_traceback(text, exc_info)
+    sio.write(for_log(text.getvalue(), EXCEPTION_LIMIT))
 
 
 def _add_logger_name(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:

@@ -94,6 +94,20 @@ def test_console_script_returns_main_status(tmp_path: Path) -> None:
     assert (good.returncode, good.stdout) == (0, f"mqbroker {__version__}\n")
 
 
+@pytest.mark.parametrize(("table", "shown"), [
+    ("url = 'http://alice:s3cret@10.0.0.1:6379/0'", "got 'http://alice:***@10.0.0.1:6379/0'"),
+    ("shards = ['redis://:s3cret@10.0.0.2/0', 'redis://:s3cret@10.0.0.2/0']",
+     "got ['redis://:***@10.0.0.2/0', 'redis://:***@10.0.0.2/0']"),
+])
+def test_check_config_does_not_echo_a_url_password(tmp_path: Path, table: str, shown: str) -> None:
+    """A bad Redis URL is named in the error with its password masked, never echoed."""
+    path = write(tmp_path, f"[fanout]\nplugin = 'redis'\n[plugins.redis]\n{table}\n")
+    done = run("check-config", str(path))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "s3cret" not in done.stderr
+    assert shown in done.stderr
+
+
 # --- In process ------------------------------------------------------------------------------
 
 

@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 import structlog
 
-from mqbroker.config import LogConfig
+from mqbroker.config import LogConfig, LogFormat
 from mqbroker.logs import configure, logger
+from mqbroker.protocol import Welcome
+from mqbroker.redact import LOG_STRING_LIMIT
+from tests.harness import broker_config, raw_session, running_broker
 
 #: Created before any `configure`, as a module-level logger elsewhere in the code base is.
 EARLY = structlog.get_logger("mqbroker.early")
@@ -132,3 +135,52 @@ def test_auto_is_console_on_a_terminal() -> None:
         text = rx.read(4096).decode()
     assert "x.tty" in text
     assert not text.lstrip().startswith("{")
+
+
+SECRET_URL = "redis://alice:s3cret-pw@10.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("format", ["json", "console"])
+def test_no_url_password_reaches_a_log_line(format: LogFormat) -> None:
+    """Whoever logs a URL with credentials (a plugin, an exception's message, a nested field),
+    the line shows it as redis://alice:***@host: the password never appears."""
+    out = io.StringIO()
+    configure(LogConfig(format=format), stream=out)
+    log = logger("mqbroker.fanout")
+    log.warning("fanout.degraded", url=SECRET_URL, reason=f"cannot reach {SECRET_URL}")
+    log.info("x.nested", servers=[SECRET_URL], detail={"url": SECRET_URL})
+    try:
+        raise ConnectionError(f"connecting to {SECRET_URL} failed")
+    except ConnectionError:
+        log.exception("history.redis_unreachable")
+    text = out.getvalue()
+    assert "s3cret" not in text
+    assert "redis://alice:***@10.0.0.1:6379/0" in text
+
+
+@pytest.mark.parametrize("format", ["json", "console"])
+def test_long_strings_are_cut_in_log_lines(format: LogFormat) -> None:
+    """A client-supplied string of megabytes gives a short line that says how long it was."""
+    out = io.StringIO()
+    configure(LogConfig(format=format), stream=out)
+    logger("mqbroker.session").info("session.opened", client="c" * 3_000_000, topics=["t" * 5000])
+    [line] = out.getvalue().splitlines()
+    assert len(line) < 2000
+    assert f"(+{3_000_000 - LOG_STRING_LIMIT} chars)" in line
+    assert f"(+{5000 - LOG_STRING_LIMIT} chars)" in line
+
+
+async def test_a_huge_hello_client_field_gives_a_short_log_line() -> None:
+    """The issue's flood: a hello whose `client` is megabytes long (100 MB once wrote 100 MB
+    of log) is logged cut short, with its length noted; the session still opens."""
+    out = io.StringIO()
+    configure(LogConfig(format="json"), stream=out)
+    client = "c" * (4 * 1024 * 1024)
+    config = broker_config(max_frame_bytes=8 * 1024 * 1024)
+    async with running_broker(config) as broker, \
+            raw_session(broker.url, hello=False) as session:
+        await session.send_frame(session.connection.hello(client))
+        assert isinstance(await session.next_event(), Welcome)
+    [opened] = [line for line in out.getvalue().splitlines() if "session.opened" in line]
+    assert len(opened) < 2000
+    assert json.loads(opened)["client"].endswith(f"… (+{len(client) - LOG_STRING_LIMIT} chars)")

@@ -25,6 +25,7 @@ from mqbroker.config import HistoryConfig
 from mqbroker.fanout import FanoutContext, FanoutUnavailable, Health
 from mqbroker.history import HistoryUnavailable
 from mqbroker.message import Draft, Message, Position
+from mqbroker.redact import redact
 from mqbroker.topics import is_wildcard
 
 from .bridge import PubSubReceiver, RedisBridge, RedisUnavailable
@@ -401,9 +402,10 @@ class RedisFanout:
             return
         self._reported_ok = health.ok
         if health.ok:
-            _log.info("fanout.recovered", url=self.settings.url)
+            _log.info("fanout.recovered", url=redact(self.settings.url))
         else:
-            _log.warning("fanout.degraded", url=self.settings.url, reason=health.detail)
+            _log.warning("fanout.degraded", url=redact(self.settings.url),
+                         reason=redact(health.detail))
 
 
 @asynccontextmanager

@@ -19,6 +19,7 @@ from attrs import define, field
 from mqbroker.config import HistoryConfig
 from mqbroker.history import Replay
 from mqbroker.message import Draft, Message, Position
+from mqbroker.redact import redact
 from mqbroker.topics import FilterSet, is_wildcard, matches
 
 from .bridge import RedisBridge, RedisUnavailable
@@ -133,7 +134,8 @@ async def open_redis_history(
             await bridge.load_scripts()
         except RedisUnavailable as error:
             # Not fatal: calls fail until Redis is back, and the first one loads them then.
-            _log.warning("history.redis_unreachable", url=settings.url, error=str(error))
+            _log.warning("history.redis_unreachable", url=redact(settings.url),
+                         error=redact(str(error)))
         async with trio.open_nursery() as nursery:
             await nursery.start(history.writer.serve)
             try:
