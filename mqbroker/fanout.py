@@ -52,9 +52,10 @@ class Fanout(Protocol):
       Every instance sees one topic's messages in the same order, and that order agrees with
       the history's positions.
     - A draft whose (topic, msg_id) was published within `dedup_window` is not delivered
-      again; it returns a message with the original's position (so its event id) and
-      `published_at`. Its payload may be the repeat's own: a backend need not keep payloads
-      to recognise a repeat (the broker only answers it with the event id).
+      again; it returns a message with the original's position (so its event id), whose other
+      fields may be the repeat's own: a backend need not keep payloads to recognise a repeat
+      (the broker answers it with the event id only). A repeat within one publish returns the
+      first draft's message itself.
     - `watch(filter)` returns once messages matching `filter` published from then on are
       certain to reach this instance's `deliver`; `unwatch` undoes one `watch`
       (watches are counted: two watches of one filter need two unwatches).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import redis
 import trio
 
 from mqbroker.config import HistoryConfig
@@ -25,6 +26,7 @@ from tests.redis_fixtures import (
     redis_server,
     redis_settings,
 )
+from tests.redis_server import RedisServer
 
 __all__ = ["redis_server", "redis_settings"]  # fixtures used by name below
 
@@ -181,7 +183,7 @@ async def test_a_run_of_one_batch_to_one_topic_is_one_pubsub_message(
 async def test_a_repeat_from_another_instance_is_not_delivered_again(
     redis_settings: RedisSettings,
 ) -> None:
-    """Dedup is shared: B repeating (topic, msg_id) that A published gets A's message back,
+    """Dedup is shared: B repeating (topic, msg_id) that A published gets A's position back,
     and no instance delivers it twice."""
     async with (
         open_instance(redis_settings, "a") as a,
@@ -195,10 +197,26 @@ async def test_a_repeat_from_another_instance_is_not_delivered_again(
         await settle(b, a, b, topics=("d/t",))
         stats = b.fanout.stats()
 
-    assert repeat == original
+    assert (repeat.position, repeat.topic, repeat.msg_id) == (original.position, "d/t", "k1")
     assert without_barriers(a.inbox.messages) == [original, other]
     assert without_barriers(b.inbox.messages) == [original, other]
     assert stats["duplicates"] == 1
+
+
+async def test_the_dedup_key_keeps_the_position_not_the_payload(
+    redis_server: RedisServer, redis_settings: RedisSettings
+) -> None:
+    """What Redis remembers for a (topic, msg_id) is the first publish's position: a few bytes,
+    however large the payload (a 256 KiB payload once stayed in Redis for the whole window)."""
+    payload = b"x" * (256 * 1024)
+    async with open_instance(redis_settings, "a") as a:
+        [original] = await a.publish(draft("d/big", payload, msg_id="k", record=True))
+        [repeat] = await a.publish(draft("d/big", payload, msg_id="k", record=True))
+    assert repeat.event_id == original.event_id
+    with redis.Redis.from_url(redis_server.url) as client:
+        [key] = client.keys(f"{redis_settings.key_prefix}d:*")
+        assert client.strlen(key) < 100
+        assert 0 < client.pttl(key) <= 60_000
 
 
 async def test_watch_returns_only_once_redis_confirmed_it(redis_settings: RedisSettings) -> None:

@@ -10,7 +10,8 @@ without its one-byte array header; a stream entry keeps the body. What is publis
 as the dedup answer) is the *wire* form
 [epoch, offset, recorded, topic, payload, published_at, msg_id]: the script prepends the
 seven-element array header, the position and whether Redis recorded the message to the body,
-so the payload is packed once, in Python, and never unpacked by Redis.
+so the payload is packed once, in Python, and never unpacked by Redis. A dedup key keeps only
+[epoch, offset], the first publish's position: a repeat is answered with its event id.
 A batch's consecutive drafts to one topic (a run) are published as one channel message: the
 wire alone for a run of one, else a msgpack array of the wires (`decode_published` reads both).
 """
@@ -42,6 +43,8 @@ ScriptName = Literal["publish", "read"]
 
 #: msgpack's header byte of a four-element array.
 ARRAY4 = b"\x94"
+#: msgpack's header byte of a two-element array: what a dedup key holds, [epoch, offset].
+REMEMBERED_HEADER = b"\x92"
 
 #: msgpack's header of an array of n elements (fixarray, array 16 or array 32).
 ARRAY_HEADER_LUA = r"""
@@ -143,11 +146,14 @@ for i, draft in ipairs(drafts) do
     else
       ep, offset = draft[4], draft[5]
     end
-    if dedup_key or publish then
+    if dedup_key then
+      -- The position only, [epoch, offset]: a repeat needs its event id, not the payload.
+      redis.call('SET', dedup_key, '\146' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset),
+                 'PX', ARGV[3])
+    end
+    if publish then
       local recorded = mode == 'r' and '\195' or '\194'
-      local wire = '\151' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. recorded .. body
-      if dedup_key then redis.call('SET', dedup_key, wire, 'PX', ARGV[3]) end
-      if publish then publish_later(topic, wire) end
+      publish_later(topic, '\151' .. cmsgpack.pack(ep) .. cmsgpack.pack(offset) .. recorded .. body)
     end
     results[i] = {ep, string.format('%d', offset)}
   end
@@ -342,12 +348,20 @@ class PublishCall:
         ]
 
     def written(self, reply: bytes, batch: Sequence[Outbound]) -> Written:
-        # raw: a dedup answer is a wire message, bytes that need not be UTF-8.
+        # raw: a dedup answer (from an older broker, a wire message) need not be UTF-8.
         evicted, results = msgpack.unpackb(reply, raw=True)
         pairs = list(zip(results, batch, strict=True))
         duplicates = sum(len(result) == 1 for result in results)
+        messages: list[Message] = []
+        # A repeat of a draft of this same batch is answered with that draft's message.
+        in_batch: dict[Position, Message] = {}
+        for result, outbound in pairs:
+            message = _message(result, outbound.draft)
+            if len(result) == 2:
+                in_batch[message.position] = message
+            messages.append(in_batch.get(message.position, message))
         return Written(
-            messages=[_message(result, o.draft) for result, o in pairs],
+            messages=messages,
             recorded=sum(len(result) == 2 and o.position is None for result, o in pairs),
             duplicates=duplicates,
             evicted=int(evicted),
@@ -363,9 +377,15 @@ def _head(outbound: Outbound) -> list[str | int]:
 
 
 def _message(result: Sequence[bytes], draft: Draft) -> Message:
-    if len(result) == 1:
-        return decode_wire(result[0]).message
-    epoch, offset = result
+    if len(result) == 2:
+        epoch, offset = result
+        return Message.from_draft(draft, Position(epoch.decode(), int(offset)))
+    remembered = result[0]
+    if not remembered.startswith(REMEMBERED_HEADER):
+        # A whole wire message: remembered by a broker from before positions alone were.
+        return decode_wire(remembered).message
+    # A repeat: the first publish's position, with the repeat's own draft (the same message).
+    epoch, offset = msgpack.unpackb(remembered, raw=True)
     return Message.from_draft(draft, Position(epoch.decode(), int(offset)))
 
 
