@@ -14,6 +14,8 @@ the ratios, not the absolute figures across runs). Cases:
 - overlap 20 x 1,000 own: 20 sessions each hold 1,000 filters of their own (bits over the first
   15 levels): 20,000 distinct filters, so the trie walk grows too;
 - deep 1 x 999: as overlap 1 x 999 but every filter runs the full 32 levels instead of `#`;
+- at the default limits: 100 sessions x 100 shared overlapping filters, the most the defaults
+  allow (max_wildcard_subscriptions = 100 per session, max_wildcard_filters = 10,000 in all);
 - the reference workload of bench_core.py (issue 2): 10,000 sessions with an exact filter each
   plus 100 wildcard filters, random session topics, routed publishes/s warm and with cache off;
 - subscribe churn: in the reference workload with a warm cache, one wildcard subscribe and
@@ -134,7 +136,8 @@ def main() -> int:
     cases = [("overlap 1 x 999, uncached", 1, 999, False, False, 20),
              ("overlap 20 x 1,000 shared, uncached", 20, 1000, False, False, 3),
              ("overlap 20 x 1,000 own, uncached", 20, 1000, True, False, 1),
-             ("deep 1 x 999 (32 levels), uncached", 1, 999, False, True, 20)]
+             ("deep 1 x 999 (32 levels), uncached", 1, 999, False, True, 20),
+             ("default limits 100 x 100 shared, uncached", 100, 100, False, False, 5)]
     for label, sessions, filters, own, deep, inner in cases:
         timings = []
         for cls in (old, new):
