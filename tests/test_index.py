@@ -429,3 +429,18 @@ class IndexAgainstModel(RuleBasedStateMachine):
 
 IndexAgainstModel.TestCase.settings = settings(max_examples=1000, stateful_step_count=30)
 TestIndexAgainstModel = IndexAgainstModel.TestCase
+
+
+class IndexWithRoomyCacheAgainstModel(IndexAgainstModel):
+    """The same, with a cache that never evicts: every answer must come from invalidation alone
+    (a wildcard change forgets only the cached topics its filter matches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = SubscriptionIndex(cache_size=65536)
+
+
+IndexWithRoomyCacheAgainstModel.TestCase.settings = settings(
+    max_examples=500, stateful_step_count=30
+)
+TestIndexWithRoomyCacheAgainstModel = IndexWithRoomyCacheAgainstModel.TestCase
