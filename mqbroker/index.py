@@ -339,20 +339,24 @@ def _merge(found: list[Holders[K]]) -> Match[K]:
         return tuple(found[0].items())
     merged: dict[K, tuple[int, ...]] = {}
     # Sessions matched through more than one filter: every id tuple they were found with.
-    runs_of: dict[K, list[tuple[int, ...]]] = {}
+    # Made on the first such session only: most publishes have none, and pay nothing for it.
+    runs_of: dict[K, list[tuple[int, ...]]] | None = None
     for holders in found:
         for key, ids in holders.items():
             prior = merged.get(key)
             if prior is None:
                 merged[key] = ids
-                continue
-            runs = runs_of.get(key)
-            if runs is None:
-                runs_of[key] = [prior, ids]
+            elif runs_of is None:
+                runs_of = {key: [prior, ids]}
             else:
-                runs.append(ids)
-    for key, runs in runs_of.items():
-        merged[key] = tuple(sorted(chain.from_iterable(runs)))
+                runs = runs_of.get(key)
+                if runs is None:
+                    runs_of[key] = [prior, ids]
+                else:
+                    runs.append(ids)
+    if runs_of is not None:
+        for key, runs in runs_of.items():
+            merged[key] = tuple(sorted(chain.from_iterable(runs)))
     return tuple(merged.items())
 
 
