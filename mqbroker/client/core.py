@@ -164,8 +164,8 @@ class ClientCore:
     def encode_queued(self, first: ClientEvent,
                       next_queued: Callable[[], ClientEvent | None]) -> Frame:
         """One frame: `first`, then queued events (`next_queued` gives None when there are no
-        more) up to half the broker's frame limit and its item limit. Coalescing what queued up while the previous
-        frame was being sent is what lets throughput grow with load."""
+        more) up to half the broker's frame limit and its item limit. Coalescing what queued up
+        while the previous frame was being sent is what lets throughput grow with load."""
         welcome = self.connection.welcome
         limits = welcome.limits if welcome else {}
         budget = int(limits.get("max_frame_bytes", 1 << 20))
