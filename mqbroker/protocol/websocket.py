@@ -294,15 +294,28 @@ _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
 #: Above this size a payload is unmasked through a memoryview: slicing would copy it first.
 _VIEW_THRESHOLD = 4096
+#: From this size on, unmasking by translation beats the big-integer XOR (measured, CPU time:
+#: XOR 0.56 against 0.90 us at 120 bytes, even at 512, 2.3 against 1.7 us at 1 KiB and 3.0
+#: against 1.4 ms at 1 MiB).
+_TRANSLATE_THRESHOLD = 512
+#: _XOR_TABLES[k] maps each byte to itself XOR k: bytes.translate() then unmasks in C.
+_XOR_TABLES = [bytes(value ^ key for value in range(256)) for key in range(256)]
 
 
 def _unmask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
-    """XOR `data` with the repeated 4-byte `mask`: as one big integer operation, which runs in
-    C at memory speed, instead of a Python loop per byte (100 times slower)."""
+    """XOR `data` with the repeated 4-byte `mask`, in C rather than a Python loop per byte
+    (100 times slower): small payloads as one big-integer XOR, large ones as four strided
+    translations (every 4th byte shares a mask byte), which cost less per byte but more to set
+    up. Both are linear in the size."""
     length = len(data)
-    key = (mask * ((length >> 2) + 1))[:length]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        length, "little")
+    if length < _TRANSLATE_THRESHOLD:
+        key = (mask * ((length >> 2) + 1))[:length]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            length, "little")
+    unmasked = bytearray(data)
+    for offset in range(4):
+        unmasked[offset::4] = unmasked[offset::4].translate(_XOR_TABLES[mask[offset]])
+    return bytes(unmasked)
 
 
 def _valid_close_code(code: int) -> bool:
