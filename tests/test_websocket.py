@@ -330,7 +330,8 @@ def test_an_all_zero_mask_and_any_mask_unmask_alike() -> None:
         assert receive(frame(BINARY, payload, mask=mask)) == [payload]
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 127, 65535, 65536, 1 << 20])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 127, 511, 512, 513, 515, 65535, 65536,
+                                  1 << 20])
 def test_every_length_encoding_round_trips(size: int) -> None:
     """7-bit lengths up to 125, 16-bit up to 65535, 64-bit above; unmasking at every size
     (including those not a multiple of the 4-byte mask)."""
