@@ -363,7 +363,10 @@ def test_unknown_opcodes_are_a_protocol_error(opcode: int) -> None:
 @pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
 def test_control_frames_over_125_bytes_are_a_protocol_error(opcode: int) -> None:
     assert receive(frame(opcode, close_payload(1000, b"r" * 123)))  # 125: fine
-    assert violation(frame(opcode, close_payload(1000, b"r" * 124))).code == 1002
+    too_long = frame(opcode, close_payload(1000, b"r" * 124))
+    assert violation(too_long).code == 1002
+    with pytest.raises(ProtocolViolation):  # refused on the first two bytes, which declare it
+        ServerWebSocket(MAX).receive_data(too_long[:2])
 
 
 @pytest.mark.parametrize("opcode", [PING, PONG, CLOSE])
@@ -476,7 +479,9 @@ def test_a_close_frame_without_payload_has_no_code() -> None:
 
 
 def test_a_close_payload_of_one_byte_is_a_protocol_error() -> None:
-    assert violation(frame(CLOSE, b"\x03")).code == 1002
+    raised = violation(frame(CLOSE, b"\x03"))
+    assert raised.code == 1002
+    assert "1-byte" in raised.reason  # refused as such, not as the code 3 it would spell
 
 
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535])
