@@ -49,6 +49,8 @@ class Connection:
     def start_writing(self, nursery: trio.Nursery) -> None:
         """From now on, what the socket cannot take at once is sent by a task of `nursery`."""
         self._nursery = nursery
+        if self._pending:  # left over from the opening handshake
+            self._start_writer()
 
     @property
     def pending(self) -> int:

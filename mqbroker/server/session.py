@@ -285,6 +285,8 @@ class Session:
             self.last_read = trio.current_time()
             data = await connection.receive()
             if not data:
+                if self.closing is None:
+                    self.peer_code = 1006  # gone without a close frame (RFC 6455 7.1.5)
                 return
             self.busy = True
             try:
