@@ -212,8 +212,10 @@ def _parse(frame: Frame) -> Any:
         raise ValueError(f"the frame is not valid {kind}: {e}") from None
 
 
-def decode(frame: Frame, specs: dict[str, _EventSpec]) -> list[Any]:
-    """Decode one frame into events and `Rejected` items, in frame order."""
+def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = None
+           ) -> list[Any]:
+    """Decode one frame into events and `Rejected` items, in frame order. A batch of more than
+    `max_items` events is refused whole, before any of its events is looked at."""
     try:
         raw = _parse(frame)
     except ValueError as e:
@@ -221,6 +223,9 @@ def decode(frame: Frame, specs: dict[str, _EventSpec]) -> list[Any]:
     if isinstance(raw, list):
         if not raw:
             return [Rejected(ErrorCode.BAD_FRAME, "a batch must hold at least one event")]
+        if max_items is not None and len(raw) > max_items:
+            return [Rejected(ErrorCode.BAD_FRAME,
+                             f"a batch holds at most {max_items} events, not {len(raw)}")]
         return [decode_item(item, specs) for item in raw]
     return [decode_item(raw, specs)]
 
