@@ -14,7 +14,7 @@ PURE = [
     "topics.py", "index.py", "message.py", "history.py", "fanout.py", "dedup.py",
     "plugins.py", "protocol/events.py", "protocol/codec.py", "protocol/connection.py",
     "protocol/__init__.py", "protocol/websocket.py", "client/core.py", "client/errors.py",
-    "resume.py",
+    "resume.py", "redact.py",
 ]
 FORBIDDEN = ("trio", "trio_websocket", "wsproto", "redis", "structlog", "asyncio",
              "mqbroker.server", "mqbroker.broker", "mqbroker.daemon", "mqbroker_plugins")
