@@ -197,6 +197,9 @@ class Broker:
             for session, subs in targets:
                 session.deliver(encoded, subs)
             deliveries += len(targets)
+            if encoded.problem is not None:  # sessions got `dropped` instead (never expected)
+                logger.error("message.unencodable", topic=ascii(message.topic)[:200],
+                             event_id=message.event_id, problem=encoded.problem)
         self.counters["deliveries"] += deliveries
 
     # --- subscriptions ---------------------------------------------------------------------
