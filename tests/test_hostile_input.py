@@ -70,14 +70,17 @@ def _float32_publish(value: float, request_id: int) -> bytes:
             + msgpack.packb(request_id) + b"\xa7payload\xca" + struct.pack(">f", value))
 
 
+def _json_publish(request_id: int, payload: str) -> str:
+    return f'{{"op":"publish","topic":"{TOPIC}","id":{request_id},"payload":{payload}}}'
+
+
 #: (format, frame, request id) of each poisoned publish of issue 8, items 1-4.
 POISON: list[tuple[Format, str | bytes, int]] = [
-    (JSON, '{"op":"publish","topic":"%s","id":10,"payload":"\\ud800"}' % TOPIC, 10),
-    (JSON, '{"op":"publish","topic":"%s","id":11,"payload":{"\\udc00":[1]}}' % TOPIC, 11),
-    (JSON, '{"op":"publish","topic":"%s","id":12,"payload":[1e400]}' % TOPIC, 12),
-    (JSON, '{"op":"publish","topic":"%s","id":13,"payload":{"$base64":"!!!!"}}' % TOPIC, 13),
-    (JSON, '{"op":"publish","topic":"%s","id":14,"payload":{"$base64":"AAEC/w==AAEC"}}'
-     % TOPIC, 14),
+    (JSON, _json_publish(10, '"\\ud800"'), 10),
+    (JSON, _json_publish(11, '{"\\udc00":[1]}'), 11),
+    (JSON, _json_publish(12, "[1e400]"), 12),
+    (JSON, _json_publish(13, '{"$base64":"!!!!"}'), 13),
+    (JSON, _json_publish(14, '{"$base64":"AAEC/w==AAEC"}'), 14),
     (MSGPACK, msgpack.packb({"op": "publish", "topic": TOPIC, "id": 15, "payload": math.nan}),
      15),
     (MSGPACK, _float32_publish(math.inf, 16), 16),

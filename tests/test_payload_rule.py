@@ -28,10 +28,7 @@ from mqbroker.protocol import (
     Rejected,
     ServerConnection,
 )
-from mqbroker.protocol import codec
-from mqbroker.protocol.codec import CLIENT_SPECS, SERVER_SPECS, decode
-
-MAX_DEPTH = 64
+from mqbroker.protocol.codec import CLIENT_SPECS, MAX_DEPTH, SERVER_SPECS, decode
 
 MSGPACK, JSON = Format.MSGPACK, Format.JSON
 
@@ -238,7 +235,7 @@ def nested(depth: int) -> Any:
 @pytest.mark.parametrize("fmt", list(Format))
 def test_nesting_is_bounded(fmt: Format) -> None:
     """MAX_DEPTH (64) nested arrays or maps are carried; one more is refused with bad_event."""
-    assert codec.MAX_DEPTH == MAX_DEPTH
+    assert MAX_DEPTH == 64
     for depth, ok in ((MAX_DEPTH, True), (MAX_DEPTH + 1, False)):
         frame = (publish_frame(json.dumps(nested(depth))) if fmt is JSON
                  else msgpack_publish(nested(depth)))

@@ -108,7 +108,7 @@ def _check_int_tuple(value: Any) -> tuple[int, ...]:
 # refused with bad_event before it is positioned, recorded or delivered.
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-_PLAIN_PAYLOADS = (str, bytes, bool, type(None))
+_PLAIN_PAYLOADS: tuple[type[Any], ...] = (str, bytes, bool, type(None))
 
 
 class _InvalidBase64:
@@ -341,9 +341,9 @@ def _request_id(item: dict[Any, Any]) -> int | None:
 def _fast_publish(item: dict[Any, Any]) -> Publish | None:
     """A well-formed publish, checked inline; None sends it to the generic path (which also
     words the errors). Publishes are most of the traffic, so they skip the field loop."""
-    topic, payload = item.get("topic"), item.get("payload")
-    request_id, msg_id = item.get("id"), item.get("msg_id")
-    kind = type(payload)
+    topic, request_id, msg_id = item.get("topic"), item.get("id"), item.get("msg_id")
+    payload: Any = item.get("payload")
+    kind: type[Any] = type(payload)
     if (type(topic) is not str
             # The payload rule's scalar cases, inline: maps and arrays take the generic path.
             or (kind not in _PLAIN_PAYLOADS and (kind is not float or payload - payload != 0.0))
