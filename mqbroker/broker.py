@@ -12,7 +12,7 @@ import collections
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from attrs import define, field
@@ -32,14 +32,16 @@ from mqbroker.protocol import (
     Forgot,
     PubAck,
     Publish,
+    ServerEvent,
     SubAck,
     Subscribe,
     UnsubAck,
     Unsubscribe,
+    Welcome,
 )
 from mqbroker.protocol.codec import payload_size
-from mqbroker.server.outbox import Overflowed
-from mqbroker.server.session import Session
+from mqbroker.protocol.events import PROTOCOL_VERSION
+from mqbroker.resume import ReplaySwitch
 from mqbroker.topics import (
     FilterSet,
     InvalidTopic,
@@ -58,6 +60,44 @@ COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries",
             "sessions_closed_other")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
+#: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds
+#: the work one frame can ask of the broker.
+MAX_FRAME_ITEMS = 1000
+
+
+class Session(Protocol):
+    """An attached session, as the broker sees it (mqbroker.server.session.Session is the real
+    one; tests/test_broker.py drives the broker with in-memory ones, no sockets).
+
+    Nothing here blocks except `replay`, which waits on that session alone: the broker never
+    waits on a session while routing.
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    def __hash__(self) -> int: ...
+
+    @property
+    def close_code(self) -> int | None:
+        """The code it closed (or is closing) with; None while it is open."""
+
+    def deliver(self, message: EncodedMessage, subs: tuple[int, ...]) -> bool:
+        """Queue a delivery; True when the session needs a `flush` that it did not need before."""
+
+    def reply(self, event: ServerEvent) -> None:
+        """Queue a reply to the session's own request (sent by its next `flush`)."""
+
+    def flush(self) -> None:
+        """Hand what is queued to the connection now, without waiting for the peer."""
+
+    def slow(self) -> None:
+        """A delivery did not fit: apply the session's slow-consumer policy (let it go with
+        4008, or count the delivery as dropped and tell the client)."""
+
+    async def replay(self, message: EncodedMessage, sub: int) -> bool:
+        """Queue a replayed delivery, waiting for room in this session's outbox; False when the
+        session was let go meanwhile."""
 
 
 @define(eq=False)
@@ -68,6 +108,8 @@ class Broker:
     fanout: Fanout = field(init=False)
     index: SubscriptionIndex[Session] = field(factory=SubscriptionIndex)
     sessions: set[Session] = field(factory=set)
+    #: Sessions with subscriptions replaying history: subscription id -> its hold-back.
+    _recovering: dict[Session, dict[int, ReplaySwitch]] = field(factory=dict)
     #: Every counter exists from the start, at 0, so that metrics can be scraped from the start.
     counters: collections.Counter[str] = field(factory=lambda: collections.Counter(
         dict.fromkeys(COUNTERS, 0)))
@@ -86,11 +128,16 @@ class Broker:
     def max_message_bytes(self) -> int:
         return self.config.server.max_frame_bytes - ENVELOPE_BYTES
 
+    def welcome(self, session: Session) -> Welcome:
+        return Welcome(version=PROTOCOL_VERSION, instance=self.instance_id, session=session.id,
+                       limits=self.limits())
+
     def limits(self) -> dict[str, Any]:
         """The limits in force, as the welcome tells them."""
         s = self.config.server
         return {
             "max_frame_bytes": s.max_frame_bytes,
+            "max_frame_items": MAX_FRAME_ITEMS,
             "max_message_bytes": self.max_message_bytes,
             "max_subscriptions": s.max_subscriptions,
             "max_topic_length": s.max_topic_length,
@@ -112,6 +159,7 @@ class Broker:
     async def detach(self, session: Session) -> None:
         """Forget a session: drop its subscriptions and the fan-out's watches for them."""
         self.sessions.discard(session)
+        self._recovering.pop(session, None)
         filters = list(self.index.filters_of(session).values())
         self.index.remove_session(session)
         for filter in filters:
@@ -122,6 +170,7 @@ class Broker:
         self.counters[f"sessions_closed_{reason}"] += 1
 
     async def handle(self, session: Session, event: Any) -> None:
+        """Handle one request other than a publish; its replies are queued on `session`."""
         if isinstance(event, Subscribe):
             await self.subscribe(session, event)
         elif isinstance(event, Unsubscribe):
@@ -187,20 +236,45 @@ class Broker:
         return payload_size(payload) > limit
 
     def deliver(self, messages: Sequence[Message]) -> None:
-        """The fan-out's callback: queue each message on every matching session. Never blocks."""
+        """The fan-out's callback: queue each message on every matching session, then flush
+        each of those sessions once (one write per session for the whole batch). Never blocks."""
         deliveries = 0
+        to_flush: list[Session] = []
+        recovering = self._recovering
         for message in messages:
             targets = self.index.match(message.topic)
             if not targets:
                 continue
             encoded = EncodedMessage(message)
             for session, subs in targets:
-                session.deliver(encoded, subs)
+                if recovering and session in recovering:
+                    subs = self._hold_back(session, encoded, subs)
+                    if not subs:
+                        continue
+                if session.deliver(encoded, subs):
+                    to_flush.append(session)
             deliveries += len(targets)
             if encoded.problem is not None:  # sessions got `dropped` instead (never expected)
                 logger.error("message.unencodable", topic=ascii(message.topic)[:200],
                              event_id=message.event_id, problem=encoded.problem)
+        for session in to_flush:
+            session.flush()
         self.counters["deliveries"] += deliveries
+
+    def _hold_back(self, session: Session, message: EncodedMessage, subs: tuple[int, ...]
+                   ) -> tuple[int, ...]:
+        """The subscriptions of `subs` that are live; the message is held for the others."""
+        switches = self._recovering[session]
+        live = []
+        for sub in subs:
+            switch = switches.get(sub)
+            if switch is None:
+                live.append(sub)
+            elif not switch.hold(message):
+                # More arrived while this subscription replays than its outbox could hold:
+                # the session's slow-consumer policy applies, as for a full outbox.
+                session.slow()
+        return tuple(live)
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -212,23 +286,31 @@ class Broker:
         since = Position.parse(event.since) if event.since is not None else None
         if since is not None:
             # Hold back live messages from here on, so none slips between history and live.
-            session.recovering[event.id] = collections.deque()
+            switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages)
+            self._recovering.setdefault(session, {})[event.id] = switch
         self.index.add(session, event.id, event.filter)
         try:
             # The watch is live (confirmed) before the suback and before history is read.
             await self.fanout.watch(event.filter)
         except FanoutUnavailable as e:
             self.index.remove(session, event.id)
-            session.recovering.pop(event.id, None)
+            self._stop_holding(session, event.id)
             session.reply(_error(ErrorCode.UNAVAILABLE, f"subscribe failed: {e}", event))
             return
         if since is None:
             session.reply(SubAck(id=event.id))
             return
         try:
-            await self._recover(session, event, since)
-        except Overflowed:
-            pass  # the session is being closed as a slow consumer
+            await self._recover(session, event, switch)
+        finally:
+            self._stop_holding(session, event.id)
+
+    def _stop_holding(self, session: Session, sub: int) -> None:
+        switches = self._recovering.get(session)
+        if switches is not None:
+            switches.pop(sub, None)
+            if not switches:
+                del self._recovering[session]
 
     def _check_subscribe(self, session: Session, event: Subscribe) -> Error | None:
         subs = self.index.filters_of(session)
@@ -254,21 +336,26 @@ class Broker:
             return _error(ErrorCode.BAD_EVENT_ID, str(e), event)
         return None
 
-    async def _recover(self, session: Session, event: Subscribe, since: Position) -> None:
+    async def _recover(self, session: Session, event: Subscribe, switch: ReplaySwitch) -> None:
         """Suback with `recovered`, replay what was missed, then switch to live, in order."""
-        replay = await self._read_history(event.filter, since)
+        replay = await self._read_history(event.filter, switch.since)
         gap = replay.gap.value if replay.gap is not None else None
         session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap))
-        await session.replay(replay.messages, event.id)
-        last = replay.messages[-1].position if replay.messages else since
-        held = session.recovering[event.id]
-        while held:
-            message = held.popleft()
-            position = message.message.position
-            if position.epoch == last.epoch and position.offset <= last.offset:
-                continue  # already replayed from history
-            await session.outbox.put(message.fragment(session.protocol.format, (event.id,)))
-        del session.recovering[event.id]
+        session.flush()
+        for message in switch.replayed(EncodedMessage(m) for m in replay.messages):
+            if not await self._replay_one(session, event.id, switch, message):
+                return
+        # What arrived live meanwhile, after the last position replayed. Between the last
+        # `next_live` and the caller's `_stop_holding` nothing awaits, so none can slip by.
+        while (live := switch.next_live()) is not None:
+            if not await self._replay_one(session, event.id, switch, live):
+                return
+
+    async def _replay_one(self, session: Session, sub: int, switch: ReplaySwitch,
+                          message: EncodedMessage) -> bool:
+        """Queue one replayed message; False once the session is let go or unsubscribed."""
+        return (await session.replay(message, sub)
+                and self._recovering.get(session, {}).get(sub) is switch)
 
     async def _read_history(self, topic: str, since: Position) -> Replay:
         if not self.recorded.matches_any(topic):
@@ -284,7 +371,7 @@ class Broker:
             session.reply(_error(ErrorCode.UNKNOWN_SUBSCRIPTION,
                                  f"no subscription with id {event.id}", event))
             return
-        session.recovering.pop(event.id, None)
+        self._stop_holding(session, event.id)
         session.reply(UnsubAck(id=event.id))
         await self._unwatch(removed[0])
 

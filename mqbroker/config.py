@@ -148,6 +148,8 @@ class ServerConfig:
     #: Empty: a random id per process run.
     instance_id: str = ""
     max_frame_bytes: int = field(default=1 * MiB, validator=_FRAME_BYTES)
+    #: Connections served at once (handshaking ones included); past it, HTTP 503.
+    max_connections: int = field(default=50_000, validator=_POSITIVE)
     max_subscriptions: int = field(default=1000, validator=_POSITIVE)
     max_topic_length: int = field(default=1024, validator=_POSITIVE)
     max_topic_levels: int = field(default=32, validator=_POSITIVE)

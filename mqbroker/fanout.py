@@ -7,7 +7,7 @@ which bridges instances, in `mqbroker_plugins.redis`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from attrs import frozen
 
@@ -56,6 +56,12 @@ class Fanout(Protocol):
     - `publish` raises `FanoutUnavailable` when the message cannot be carried; a message
       whose publish returned is never lost by the fan-out.
     """
+
+    #: True when `publish` waits on no I/O (the in-process fan-out): sessions then publish
+    #: inline, from the task that reads their frames. Otherwise each session pipelines its
+    #: publishes through a task of its own, so that a round trip to the backend does not stop
+    #: it reading (its publishes keep their order either way).
+    local: ClassVar[bool]
 
     async def publish(self, drafts: Sequence[Draft]) -> Sequence[Message]: ...
 

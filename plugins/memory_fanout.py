@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import ClassVar
 
 import trio
 from attrs import define, field
@@ -38,6 +39,8 @@ class MemoryFanout:
     always ok. A `HistoryUnavailable` from the store is raised as `FanoutUnavailable`, having
     delivered nothing.
     """
+
+    local: ClassVar[bool] = True
 
     context: FanoutContext
     #: The epoch of the positions of drafts that are not recorded.

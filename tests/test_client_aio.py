@@ -498,8 +498,8 @@ def test_clean_close(broker_thread: BrokerThread) -> None:
             with pytest.raises(StopAsyncIteration):
                 await reading
         # The broker noted our close before answering it, and we waited for the answer.
-        closed = await broker_thread.call_sync(lambda: session.ws.closed)
-        assert closed is not None and (closed.code, closed.reason) == (1000, "client closed")
+        closed = await broker_thread.call_sync(lambda: (session.peer_code, session.peer_reason))
+        assert closed == (1000, "client closed")
         with pytest.raises(ClientClosed):
             await client.publish("q", 1)
 
@@ -528,8 +528,8 @@ def test_application_errors_are_not_wrapped(broker_thread: BrokerThread) -> None
             async with connect(broker_thread.url, name="e"):
                 session = await broker_thread.session_of("e")
                 raise KeyError("mine")
-        closed = await broker_thread.call_sync(lambda: session.ws.closed)
-        assert closed is not None and closed.code == 1000
+        closed = await broker_thread.call_sync(lambda: session.peer_code)
+        assert closed == 1000
 
     run(scenario)
 
@@ -557,8 +557,8 @@ def test_cancelled_block_closes_the_session(broker_thread: BrokerThread) -> None
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert [item async for item in subs[0]] == []
-        closed = await broker_thread.call_sync(lambda: session.ws.closed)
-        assert closed is not None and closed.code == 1000
+        closed = await broker_thread.call_sync(lambda: session.peer_code)
+        assert closed == 1000
 
     run(scenario)
 

@@ -164,13 +164,16 @@ class ClientCore:
     def encode_queued(self, first: ClientEvent,
                       next_queued: Callable[[], ClientEvent | None]) -> Frame:
         """One frame: `first`, then queued events (`next_queued` gives None when there are no
-        more) up to half the broker's frame limit. Coalescing what queued up while the previous
-        frame was being sent is what lets throughput grow with load."""
+        more) up to half the broker's frame limit and its item limit. Coalescing what queued up
+        while the previous frame was being sent is what lets throughput grow with load."""
         welcome = self.connection.welcome
-        budget = int(welcome.limits.get("max_frame_bytes", 1 << 20)) if welcome else 1 << 20
+        limits = welcome.limits if welcome else {}
+        budget = int(limits.get("max_frame_bytes", 1 << 20))
+        # Brokers before max_frame_items took any batch; 1000 is what they all take.
+        max_items = int(limits.get("max_frame_items", 1000))
         fragments = [self.connection.encode(first)]
         size = len(fragments[0])
-        while size < budget // 2:
+        while size < budget // 2 and len(fragments) < max_items:
             event = next_queued()
             if event is None:
                 break

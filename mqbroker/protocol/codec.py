@@ -317,20 +317,29 @@ def _parse(frame: Frame, object_hook: Callable[[dict[str, Any]], Any]) -> Any:
         raise ValueError("the frame is not valid JSON: nested too deeply to parse") from None
 
 
-def decode(frame: Frame, specs: dict[str, _EventSpec]) -> list[Any]:
-    """Decode one frame into events and `Rejected` items, in frame order."""
+def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = None
+           ) -> list[Any]:
+    """Decode one frame into events and `Rejected` items, in frame order. A batch of more than
+    `max_items` events is refused whole, before any of its events is looked at."""
     from_client = specs is CLIENT_SPECS
     try:
         raw = _parse(frame, _from_client_json_object if from_client else _from_json_object)
     except ValueError as e:
         return [Rejected(ErrorCode.BAD_FRAME, str(e))]
-    # A string that is not Unicode text can only come from a \u escape in a JSON frame.
-    check_text = from_client and isinstance(frame, str) and "\\u" in frame
     if isinstance(raw, list):
         if not raw:
             return [Rejected(ErrorCode.BAD_FRAME, "a batch must hold at least one event")]
-        return [decode_item(item, specs, check_text) for item in raw]
-    return [decode_item(raw, specs, check_text)]
+        if max_items is not None and len(raw) > max_items:
+            return [Rejected(ErrorCode.BAD_FRAME,
+                             f"a batch holds at most {max_items} events, not {len(raw)}")]
+        items = [decode_item(item, specs) for item in raw]
+    else:
+        raw, items = [raw], [decode_item(raw, specs)]
+    # A string that is not Unicode text can only come from a \u escape in a JSON frame: only
+    # such frames are searched, after decoding, so that the common case pays nothing for it.
+    if from_client and isinstance(frame, str) and "\\u" in frame:
+        _refuse_non_text(raw, items)
+    return items
 
 
 def _request_id(item: dict[Any, Any]) -> int | None:
@@ -354,13 +363,8 @@ def _fast_publish(item: dict[Any, Any]) -> Publish | None:
     return Publish(topic=topic, payload=payload, id=request_id, msg_id=msg_id)
 
 
-def decode_item(item: Any, specs: dict[str, _EventSpec], check_text: bool = False) -> Any:
-    """One event from its map, or a `Rejected` saying what is wrong with it. `check_text`: the
-    event may hold strings that are not Unicode text (see `_text_problem`)."""
-    if check_text and type(item) is dict:
-        problem = _text_problem(item)
-        if problem is not None:
-            return _not_text(item, problem)
+def decode_item(item: Any, specs: dict[str, _EventSpec]) -> Any:
+    """One event from its map, or a `Rejected` saying what is wrong with it."""
     if type(item) is dict and item.get("op") == "publish" and specs is CLIENT_SPECS:
         fast = _fast_publish(item)
         if fast is not None:
@@ -390,6 +394,15 @@ def decode_item(item: Any, specs: dict[str, _EventSpec], check_text: bool = Fals
             return Rejected(ErrorCode.BAD_EVENT, f"{op}: `{name}` must be {e}",
                             _request_id(item), op)
     return spec.cls(**values)
+
+
+def _refuse_non_text(raw: list[Any], items: list[Any]) -> None:
+    """Replace, in `items`, each event whose map in `raw` holds a string that is not text."""
+    for n, item in enumerate(raw):
+        if type(item) is dict:
+            problem = _text_problem(item)
+            if problem is not None:
+                items[n] = _not_text(item, problem)
 
 
 def _not_text(item: dict[Any, Any], problem: str) -> Rejected:

@@ -80,10 +80,12 @@ class ServerConnection:
     #: The session's format, set by the frame type of its `hello`.
     format: Format = Format.MSGPACK
     client: str = ""
+    #: A batch of more events than this is refused whole (`max_frame_items` in the welcome).
+    max_items: int | None = None
 
     def receive(self, frame: Frame) -> list[ClientEvent | Rejected]:
         """The events of one received frame; `Rejected` items are to be answered with errors."""
-        items: list[Any] = decode(frame, CLIENT_SPECS)
+        items: list[Any] = decode(frame, CLIENT_SPECS, self.max_items)
         if self.state is State.AWAITING_HELLO:
             self._open(frame, items[0])
             items = items[1:]

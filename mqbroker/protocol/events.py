@@ -69,6 +69,8 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # the broker is shutting down
+    PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (unmasked, bad opcode, bad length...)
+    INVALID_DATA = 1007  # a text frame (or close reason) that is not valid UTF-8
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes
     INTERNAL_ERROR = 1011
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version

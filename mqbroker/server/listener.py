@@ -1,17 +1,26 @@
-"""The listener: accepts WebSocket connections and runs one session for each, until shutdown."""
+"""The listener: accepts TCP connections, upgrades them to WebSocket, and serves one session
+on each, until shutdown.
+
+Every connection is served inside its own crash boundary: nothing that happens on one, from
+the accept through the handshake to the last byte, can reach the listener or another session.
+Accept errors (out of file descriptors, say) are logged once per burst and retried with a
+backoff. Past `max_connections`, a new connection is refused with HTTP 503.
+"""
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING
+import errno
+import socket
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
-from attrs import define
-from trio_websocket import WebSocketRequest, serve_websocket
+from attrs import define, field
 
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import CloseCode
+from mqbroker.protocol.websocket import Handshake, HandshakeRejected, ServerWebSocket
+from mqbroker.server.connection import Connection
 from mqbroker.server.session import Session
 
 if TYPE_CHECKING:
@@ -19,7 +28,15 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger("mqbroker.server")
 
-RECEIVE_BUFFER_BYTES = 64 * 1024
+#: Accept errors that mean "out of a resource for now": wait and try again.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Accept errors that concern one connection only (it was reset before we took it).
+_ONE_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+#: A refused connection (over max_connections) gets this long to send its request.
+REFUSAL_TIMEOUT = 1.0
+LISTEN_BACKLOG = 1024
 
 
 class ListenError(Exception):
@@ -32,55 +49,220 @@ class ListenError(Exception):
 
 @define(eq=False)
 class Listener:
-    """A running listener: its bound port, and the way to shut it down gracefully."""
+    """A running listener: its bound port, its sessions, the way to shut it down gracefully."""
 
     broker: Broker
     config: ServerConfig
     port: int
     _accepting: trio.CancelScope
-    _sessions: trio.CancelScope
+    _connections: trio.CancelScope
+    sessions: set[Session] = field(factory=set)
+    #: Connections accepted and not yet closed, handshaking ones included.
+    open_connections: int = 0
+    #: Set once shutting down and every session has ended.
+    _all_closed: trio.Event = field(factory=trio.Event)
+    _stopping: bool = False
+
+    def _ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self._stopping and not self.sessions:
+            self._all_closed.set()
 
     async def shutdown(self) -> None:
         """Stop accepting, close every session with 1001, and give up after the grace period."""
         self._accepting.cancel()
+        self._stopping = True
+        if not self.sessions:
+            self._all_closed.set()
+        for session in list(self.sessions):
+            session.close_soon(CloseCode.GOING_AWAY, "broker shutting down")
         with trio.move_on_after(self.config.shutdown_grace):
-            async with trio.open_nursery() as nursery:
-                for session in list(self.broker.sessions):
-                    nursery.start_soon(session.close, CloseCode.GOING_AWAY,
-                                       "broker shutting down")
-        self._sessions.cancel()
+            await self._all_closed.wait()
+        self._connections.cancel()
 
 
 async def serve(broker: Broker, config: ServerConfig, *,
                 task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED) -> None:
     """Accept sessions on config.host:config.port; `task_status` gets the Listener once bound."""
+    sockets = _listen(config)
+    port = sockets[0].getsockname()[1]
+    try:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                listener = Listener(broker, config, port, accepting.cancel_scope,
+                                    connections.cancel_scope)
+                for sock in sockets:
+                    accepting.start_soon(_accept_loop, listener, sock, connections)
+                accepting.start_soon(_watch_idle, listener)
+                logger.info("server.listening", host=config.host, port=port)
+                task_status.started(listener)
+    finally:
+        for sock in sockets:
+            sock.close()
 
-    async def handle(request: WebSocketRequest) -> None:
-        session = Session(await request.accept(), config)
-        broker.attach(session)
+
+def _listen(config: ServerConfig) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of config.host."""
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as error:
+        raise ListenError.of(config.host, config.port, error) from error
+    sockets: list[socket.socket] = []
+    port = config.port
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Port 0: every address gets the port the first one was given.
+            sock.bind((address[0], port, *address[2:]))
+            port = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise ListenError.of(config.host, config.port, error) from error
+    return sockets
+
+
+async def _accept_loop(listener: Listener, sock: socket.socket, nursery: trio.Nursery) -> None:
+    backoff = 0.0
+    while True:
         try:
-            await session.run(broker)
-        except Exception:
-            # A bug met by one session must not take the listener and every other session
-            # down with it: log it, and close this session with 1011.
-            session.log.exception("session.crashed")
-            await session.close(CloseCode.INTERNAL_ERROR, "internal error")
+            conn, address = sock.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as error:
+            if error.errno in _ONE_CONNECTION:
+                continue
+            if error.errno not in _EXHAUSTED:
+                raise
+            if not backoff:  # once per burst, not once per retry
+                logger.error("server.accept_failed", error=error.strerror,
+                             connections=listener.open_connections)
+                listener.broker.counters["accept_errors"] += 1
+            backoff = min(max(backoff * 2, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+            await trio.sleep(backoff)
+            continue
+        if backoff:
+            logger.info("server.accepting_again", connections=listener.open_connections)
+            backoff = 0.0
+        listener.open_connections += 1
+        if listener.open_connections > listener.config.max_connections:
+            nursery.start_soon(_refuse, listener, conn)
+        else:
+            nursery.start_soon(_serve_connection, listener, conn, address)
+        await trio.lowlevel.checkpoint()
 
-    async with trio.open_nursery() as sessions:
-        async with trio.open_nursery() as accepting:
-            try:
-                server = await accepting.start(partial(
-                    serve_websocket, handle, config.host, config.port, ssl_context=None,
-                    handler_nursery=sessions, max_message_size=config.max_frame_bytes,
-                    # Bound the opening and closing handshakes by our own settings: a peer that
-                    # reads nothing must not hold its connection for trio-websocket's default 60 s.
-                    connect_timeout=config.hello_timeout, disconnect_timeout=config.shutdown_grace,
-                    # Batched frames are tens of kilobytes; trio-websocket's 4 KiB default would
-                    # take several reads for each.
-                    receive_buffer_size=RECEIVE_BUFFER_BYTES))
-            except OSError as error:
-                raise ListenError.of(config.host, config.port, error) from error
-            port = server.port
-            logger.info("server.listening", host=config.host, port=port)
-            task_status.started(Listener(broker, config, port, accepting.cancel_scope,
-                                         sessions.cancel_scope))
+
+async def _refuse(listener: Listener, sock: socket.socket) -> None:
+    """Past max_connections: read the request (briefly), answer 503, close."""
+    listener.broker.counters["connections_refused"] += 1
+    connection = Connection(sock)
+    try:
+        with trio.move_on_after(REFUSAL_TIMEOUT):
+            handshake = Handshake()
+            while (data := await connection.receive()) and handshake.receive_data(data) is None:
+                pass
+            connection.write(HandshakeRejected(503, "too many connections").response())
+            await connection.flush_now()
+            await connection.linger()
+    except HandshakeRejected:
+        pass
+    finally:
+        connection.close()
+        listener.open_connections -= 1
+
+
+async def _serve_connection(listener: Listener, sock: socket.socket, address: object) -> None:
+    """One connection, from the handshake to the close, inside its crash boundary."""
+    config = listener.config
+    session: Session | None = None
+    try:
+        connection = Connection(sock)
+        first_events = None
+        with trio.move_on_after(config.hello_timeout) as opening:
+            upgraded = await _upgrade(listener, connection, _peer(address))
+            if upgraded is not None:
+                session, received = upgraded
+                first_events = await session.open(received)
+        if opening.cancelled_caught and session is not None:
+            await session.refuse(CloseCode.HANDSHAKE_FAILED, "no hello in time")
+        if session is None or first_events is None:
+            return
+        await _run(listener, session, first_events)
+    except Exception:
+        # A bug met on one connection must not take the listener and every other session down
+        # with it: log it, and close this connection with 1011.
+        log = session.log if session is not None else logger.bind(peer=_peer(address))
+        log.exception("session.crashed")
+        if session is not None:
+            await session.refuse(CloseCode.INTERNAL_ERROR, "internal error")
+    finally:
+        sock.close()
+        listener.open_connections -= 1
+
+
+async def _upgrade(listener: Listener, connection: Connection, peer: str
+                   ) -> tuple[Session, bytes] | None:
+    """The HTTP upgrade: a session awaiting its hello, and the bytes that came behind the
+    request; None when the request was refused or the peer left."""
+    handshake = Handshake()
+    while True:
+        data = await connection.receive()
+        if not data:
+            return None
+        try:
+            request = handshake.receive_data(data)
+        except HandshakeRejected as rejected:
+            connection.write(rejected.response())
+            await connection.flush_now()
+            with trio.move_on_after(listener.config.shutdown_grace):
+                await connection.linger()
+            return None
+        if request is not None:
+            break
+    connection.write(request.accept())
+    config = listener.config
+    session = Session(connection, ServerWebSocket(config.max_frame_bytes), config,
+                      listener.broker, peer)
+    return session, handshake.leftover
+
+
+async def _run(listener: Listener, session: Session, first_events: list[Any]) -> None:
+    broker = listener.broker
+    listener.sessions.add(session)
+    broker.attach(session)
+    try:
+        await session.run(first_events)
+    finally:
+        with trio.move_on_after(listener.config.shutdown_grace, shield=True):
+            await broker.detach(session)
+        session.log.info("session.closed", code=session.close_code)
+        listener._ended(session)
+
+
+async def _watch_idle(listener: Listener) -> None:
+    """Close sessions that have waited `idle_timeout` for a frame. One watchdog for all the
+    sessions, rather than a timer per session or per read: sessions are many, timeouts rare."""
+    idle = listener.config.idle_timeout
+    period = min(idle / 4, 1.0)
+    while True:
+        await trio.sleep(period)
+        deadline = trio.current_time() - idle
+        for session in list(listener.sessions):
+            if not session.busy and session.last_read <= deadline:
+                session.close_soon(CloseCode.IDLE_TIMEOUT, "idle timeout")
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+

@@ -1,10 +1,15 @@
-"""A session's outbox: the bounded queue between the broker and the session's writer task.
+"""A session's outbox: what waits to be framed and written to the session's connection.
 
-The broker puts deliveries with `put_nowait` and never waits on a session. When the outbox is
-full the slow-consumer policy applies to that session alone: `disconnect` marks it overflowed
-(the writer then closes it with 4008), `drop_oldest` drops the oldest deliveries and counts them
-so the writer can tell the client (`dropped`). Replies (acks, errors) are never dropped and go
-out before pending deliveries, so a suback always precedes the messages it replays.
+Everything the broker sends a session waits here until the connection can take it: deliveries
+and replies alike, both counted against the same bounds (`max_messages`, `max_bytes`), so a
+client that sends requests and reads nothing fills its outbox like one that reads too slowly.
+When a fragment does not fit, the slow-consumer policy applies to that session alone:
+`disconnect` lets it go (4008); `drop_oldest` drops the oldest deliveries, counted, so the client
+can be told (`dropped`). Replies are never dropped: a client waits for each; when replies alone
+fill the outbox the session is let go under either policy.
+
+Replies go out before pending deliveries, so a suback always precedes the messages it replays.
+Sync, except `wait_room`: whoever puts never waits, but a replay paces itself on the writer.
 """
 
 from __future__ import annotations
@@ -17,97 +22,115 @@ from attrs import define, field
 from mqbroker.protocol import Frame
 
 
-class Overflowed(Exception):
-    """The outbox overflowed under the `disconnect` policy: the session must be closed."""
-
-
 @define(eq=False)
 class Outbox:
     max_messages: int
     max_bytes: int
     drop_oldest: bool
-    _deliveries: deque[Frame] = field(factory=deque)
-    _replies: deque[Frame] = field(factory=deque)
+    # Created on first use: most sessions are idle most of the time, and an empty deque is
+    # over half a kilobyte.
+    _deliveries: deque[Frame] | None = None
+    _replies: deque[Frame] | None = None
+    _count: int = 0
     _bytes: int = 0
-    #: Deliveries dropped since the writer last reported them.
-    _dropped: int = 0
+    #: Deliveries dropped since they were last reported.
+    dropped: int = 0
     dropped_total: int = 0
+    #: Set when something did not fit under `disconnect` (or replies alone overflowed).
     overflowed: bool = False
-    _ready: trio.Event = field(factory=trio.Event)
-    _space: trio.Event = field(factory=trio.Event)
+    _room: trio.Event | None = field(default=None)
 
     def __len__(self) -> int:
-        return len(self._deliveries) + len(self._replies)
+        return self._count
 
-    def put_nowait(self, fragment: Frame) -> bool:
-        """Queue a delivery; False when the session is overflowed and must be let go."""
+    def __bool__(self) -> bool:
+        return self._count > 0 or self.dropped > 0
+
+    def put(self, fragment: Frame) -> bool:
+        """Queue a delivery; False when it did not fit and the session must be let go."""
         if self.overflowed:
             return False
-        if not self._fits(len(fragment)) and not self._make_room(len(fragment)):
-            self.overflow()
+        size = len(fragment)
+        if not self._fits(size) and not self._make_room(size):
+            self.overflowed = True
             return False
+        if self._deliveries is None:
+            self._deliveries = deque()
         self._deliveries.append(fragment)
-        self._bytes += len(fragment)
-        self._ready.set()
+        self._count += 1
+        self._bytes += size
         return True
 
-    async def put(self, fragment: Frame) -> None:
-        """Queue a delivery, waiting for room: for replays, paced by this session's own writer."""
-        while not self.overflowed and not self._fits(len(fragment)) and len(self) > 0:
-            if self._space.is_set():
-                self._space = trio.Event()
-            await self._space.wait()
+    def reply(self, fragment: Frame) -> bool:
+        """Queue a reply; False when even dropping deliveries leaves no room for it."""
         if self.overflowed:
-            raise Overflowed
-        self._deliveries.append(fragment)
-        self._bytes += len(fragment)
-        self._ready.set()
-
-    def reply(self, fragment: Frame) -> None:
-        """Queue a reply. Replies answer the client's own requests, so they are bounded by them."""
+            return False
+        size = len(fragment)
+        if not self._fits(size) and not self._make_room(size):
+            self.overflowed = True
+            return False
+        if self._replies is None:
+            self._replies = deque()
         self._replies.append(fragment)
-        self._ready.set()
+        self._count += 1
+        self._bytes += size
+        return True
 
-    async def take(self, max_bytes: int) -> tuple[list[Frame], int]:
-        """Wait for something to send; return what fits in one frame and the count dropped."""
-        while not self._replies and not self._deliveries:
-            if self.overflowed:
-                raise Overflowed
-            self._ready = trio.Event()
-            await self._ready.wait()
-        if self.overflowed:
-            raise Overflowed
-        batch = self._drain(self._replies, max_bytes, count_bytes=False)
-        batch += self._drain(self._deliveries, max_bytes - sum(map(len, batch)), count_bytes=True)
-        dropped, self._dropped = self._dropped, 0
-        self._space.set()
-        return batch, dropped
+    def has_room(self) -> bool:
+        """Whether a replayed delivery may be queued now (at least one slot and some bytes)."""
+        return self._count < self.max_messages and self._bytes < self.max_bytes
 
-    def _drain(self, queue: deque[Frame], budget: int, *, count_bytes: bool) -> list[Frame]:
-        # The first fragment always goes, even alone over budget: it has to go some time.
+    async def wait_room(self) -> None:
+        """Wait until `has_room` (or the session is let go): for replays, paced by the writer."""
+        while not self.has_room() and not self.overflowed:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def take(self, max_bytes: int) -> list[Frame]:
+        """What fits in one frame of `max_bytes`, replies first; empty when nothing waits."""
         batch: list[Frame] = []
-        while queue and (not batch or len(queue[0]) <= budget):
-            fragment = queue.popleft()
-            budget -= len(fragment)
-            if count_bytes:
+        budget = max_bytes
+        for queue in (self._replies, self._deliveries):
+            # The first fragment always goes, even alone over budget: it has to go some time.
+            while queue and (not batch or len(queue[0]) <= budget):
+                fragment = queue.popleft()
+                budget -= len(fragment)
                 self._bytes -= len(fragment)
-            batch.append(fragment)
+                self._count -= 1
+                batch.append(fragment)
+        if self._room is not None and self.has_room():
+            self._room.set()
+            self._room = None
         return batch
 
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def clear(self) -> None:
+        """Forget every queued fragment (a session let go sends none of them)."""
+        self._deliveries = self._replies = None
+        self._count = self._bytes = 0
+        self.let_go()
+
+    def let_go(self) -> None:
+        """Wake whoever waits for room: the session is ending."""
+        self.overflowed = True
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
     def _fits(self, size: int) -> bool:
-        return len(self._deliveries) < self.max_messages and self._bytes + size <= self.max_bytes
+        return self._count < self.max_messages and self._bytes + size <= self.max_bytes
 
     def _make_room(self, size: int) -> bool:
         if not self.drop_oldest:
             return False
-        while self._deliveries and not self._fits(size):
-            self._bytes -= len(self._deliveries.popleft())
-            self._dropped += 1
+        deliveries = self._deliveries
+        while deliveries and not self._fits(size):
+            self._bytes -= len(deliveries.popleft())
+            self._count -= 1
+            self.dropped += 1
             self.dropped_total += 1
         return self._fits(size)
-
-    def overflow(self) -> None:
-        """Mark the session as let go: the writer stops and closes it with 4008."""
-        self.overflowed = True
-        self._ready.set()
-        self._space.set()

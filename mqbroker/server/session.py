@@ -1,27 +1,28 @@
-"""One attached client: its protocol state, outbox and the reader and writer tasks.
+"""One attached client: its connection, its protocol state and its outbox, served by one task.
 
-Each session runs in its own nursery: the reader decodes frames and hands events to the broker,
-the writer drains the outbox, coalescing whatever is queued into one frame. The broker reaches a
-session only through `deliver`, which never blocks.
+The task that serves a session reads its frames, hands their requests to the broker and writes
+what they produced; publishes are handled inline when the fan-out is local, and through a
+publishing task of the session's own when it is not (so that a round trip to Redis does not
+stop it reading). Deliveries from other sessions' publishes are queued on the outbox and
+written at once by whichever task delivered them: the broker never waits on a session, and no
+task is woken per delivery. A writer task exists only while the socket is full.
+
+The session reaches the broker through `Broker`'s methods; the broker reaches the session only
+through the small `mqbroker.broker.Session` protocol (deliver, reply, flush, slow, replay).
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import deque
-from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 from attrs import define, field
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
-from mqbroker.message import Message
 from mqbroker.protocol import (
-    PROTOCOL_VERSION,
     CloseCode,
     Dropped,
     EncodedMessage,
@@ -33,10 +34,18 @@ from mqbroker.protocol import (
     Rejected,
     ServerConnection,
     ServerEvent,
-    Welcome,
     join,
 )
-from mqbroker.server.outbox import Outbox, Overflowed
+from mqbroker.protocol.websocket import (
+    CloseReceived,
+    ProtocolViolation,
+    ServerWebSocket,
+)
+from mqbroker.protocol.websocket import (
+    Ping as WsPing,
+)
+from mqbroker.server.connection import Connection
+from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
 
 if TYPE_CHECKING:
@@ -44,25 +53,43 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger("mqbroker.session")
 
+#: Publishes of one frame are handed to the broker in runs of at most this many, with a
+#: checkpoint between runs: a frame of a thousand publishes does not hold the loop meanwhile.
+PUBLISH_RUN = 100
+
 
 @define(eq=False)
 class Session:
     """A client attached over one WebSocket. Hashable by identity: the index keys on it."""
 
-    ws: WebSocketConnection
+    connection: Connection
+    ws: ServerWebSocket
     config: ServerConfig
+    broker: Broker
+    peer: str
     id: str = field(factory=lambda: secrets.token_hex(6))
     protocol: ServerConnection = field(factory=ServerConnection)
     outbox: Outbox = field(init=False)
-    #: Subscription id -> live messages held back while that subscription replays history.
-    recovering: dict[int, deque[EncodedMessage]] = field(factory=dict)
     log: Any = field(init=False)
+    #: The code we close with, once closing; None while open (or closed by the peer).
     closing: CloseCode | None = None
-    #: The scope of the reader and writer, once running.
-    _tasks: trio.CancelScope | None = None
-    _publishes: PublishQueue = field(factory=PublishQueue)
-    #: When the reader began waiting for the next frame; None while it handles one.
-    _waiting_since: float | None = None
+    #: The code and reason the peer closed with, if it did (1005: a close frame with no code).
+    peer_code: int | None = None
+    peer_reason: str = ""
+    #: When the session last finished handling what it read (trio's clock); the listener's
+    #: watchdog closes sessions idle for `idle_timeout`.
+    last_read: float = 0.0
+    #: Reading a frame's requests, which may wait on this session's own outbox (a replay):
+    #: that is not idleness.
+    busy: bool = False
+    _close_reason: str = ""
+    _dirty: bool = False
+    _reading: trio.CancelScope | None = None
+    _publishes: PublishQueue | None = None
+    _nursery: trio.Nursery | None = None
+    _ended: trio.Event = field(factory=trio.Event)
+    #: WebSocket items that arrived with the hello, handled first by the read loop.
+    _backlog: list[Any] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
@@ -70,186 +97,265 @@ class Session:
             max_bytes=self.config.outbox_bytes,
             drop_oldest=self.config.slow_consumer == "drop_oldest",
         )
-        remote = self.ws.remote
-        peer = remote if isinstance(remote, str) else f"{remote.address}:{remote.port}"
-        self.log = logger.bind(session=self.id, peer=peer)
+        self.log = logger.bind(session=self.id, peer=self.peer)
+        self.protocol.max_items = MAX_FRAME_ITEMS
+        self.last_read = trio.current_time()
+        self.connection.on_drained = self.flush
 
-    # --- what the broker calls ---------------------------------------------------------------
+    # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
-    def deliver(self, message: EncodedMessage, subs: tuple[int, ...]) -> None:
-        """Queue a message for this session's subscriptions `subs`; never blocks."""
-        if self.recovering:
-            subs = self._hold_back(message, subs)
-            if not subs:
-                return
-        if not self.outbox.put_nowait(message.fragment(self.protocol.format, subs)):
-            self._overflowed()
+    def deliver(self, message: EncodedMessage, subs: tuple[int, ...]) -> bool:
+        if not self.outbox.put(message.fragment(self.protocol.format, subs)):
+            self.slow()
+            return False
+        if self._dirty:
+            return False
+        self._dirty = True
+        return True
 
     def reply(self, event: ServerEvent) -> None:
-        self.outbox.reply(self.protocol.encode(event))
+        self._queue_reply(self.protocol.encode(event))
 
-    async def replay(self, messages: Sequence[Message], sub: int) -> None:
-        """Queue replayed messages, paced by this session's writer rather than dropped."""
-        for message in messages:
-            await self.outbox.put(EncodedMessage(message).fragment(self.protocol.format, (sub,)))
+    def _queue_reply(self, fragment: Frame) -> None:
+        if not self.outbox.reply(fragment):
+            self.slow()
+        self._dirty = True
 
-    def _hold_back(self, message: EncodedMessage, subs: tuple[int, ...]) -> tuple[int, ...]:
-        live = []
-        for sub in subs:
-            held = self.recovering.get(sub)
-            if held is None:
-                live.append(sub)
-            elif len(held) < self.config.outbox_messages:
-                held.append(message)
-            else:
-                self._overflowed()
-        return tuple(live)
-
-    def _overflowed(self) -> None:
-        self.outbox.overflow()
+    def slow(self) -> None:
+        if self.outbox.drop_oldest and not self.outbox.overflowed:
+            self.outbox.dropped += 1
+            self.outbox.dropped_total += 1
+            return
         if self.closing is None:
-            self.closing = CloseCode.SLOW_CONSUMER
             self.log.warning("session.slow", outbox=len(self.outbox),
                              policy=self.config.slow_consumer)
-            if self._tasks is not None:
-                # The writer may be stuck sending to a peer that reads nothing, so the 4008
-                # close might never go out: after the grace period the connection is dropped.
-                self._tasks.deadline = trio.current_time() + self.config.shutdown_grace
+            self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed",
+                            discard=True)
 
-    # --- the tasks ---------------------------------------------------------------------------
+    async def replay(self, message: EncodedMessage, sub: int) -> bool:
+        # No flush per message: a replay goes out in full frames, written when the outbox
+        # fills (here) and when the request is done (by the caller).
+        outbox = self.outbox
+        if not outbox.has_room():
+            self.flush()
+            await outbox.wait_room()
+        return outbox.put(message.fragment(self.protocol.format, (sub,)))
 
-    async def run(self, broker: Broker) -> None:
-        """Serve this session until it closes; the broker forgets it on the way out."""
+    def flush(self) -> None:
+        """Frame and write what the outbox holds, while the connection takes it at once."""
+        self._dirty = False
+        connection, outbox = self.connection, self.outbox
+        max_bytes = self.config.max_frame_bytes
+        while outbox and not connection.pending and not connection.broken:
+            fragments = outbox.take(max_bytes)
+            dropped = outbox.take_dropped()
+            if dropped:
+                fragments.insert(0, self.protocol.encode(Dropped(count=dropped)))
+            connection.write(self.ws.send(join(fragments, self.protocol.format)))
+
+    @property
+    def close_code(self) -> int | None:
+        if self.closing is not None:
+            return int(self.closing)
+        return self.peer_code
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def close_soon(self, code: CloseCode, reason: str, *, discard: bool = False) -> None:
+        """Close with `code`: stop reading, send what is queued (unless `discard`), then the
+        close frame. Returns at once; the session's own task does the closing, bounded by
+        shutdown_grace."""
+        if self.closing is not None or self.peer_code is not None:
+            return
+        self.closing = code
+        self._close_reason = reason
+        if discard:
+            self.outbox.clear()
+        else:
+            self.outbox.let_go()  # a replay waiting for room stops; what is queued still goes
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Close with `code` and wait until the session has ended (bounded by shutdown_grace)."""
+        self.close_soon(code, reason)
+        await self._ended.wait()
+
+    async def _finish(self) -> None:
+        """The end of the session: what is queued, the close frame, the peer's close, bounded."""
+        connection = self.connection
+        with trio.move_on_after(self.config.shutdown_grace, shield=True):
+            if self.closing is not None and not connection.broken:
+                while self.outbox and not connection.broken:
+                    self.flush()
+                    await connection.drained()
+                connection.write(self.ws.close(int(self.closing), self._close_reason))
+                await connection.drained()
+                await connection.linger()
+            elif self.peer_code is not None:
+                await connection.drained()
+        connection.close()
+
+    # --- serving -----------------------------------------------------------------------------
+
+    async def open(self, received: bytes) -> list[Any] | None:
+        """Wait for the hello (the caller bounds this by hello_timeout), `received` being what
+        came behind the HTTP request. The events that came with the hello, or None if the
+        session is over (refused, closed by the peer, broken)."""
+        data = received
+        while True:
+            try:
+                items = self.ws.receive_data(data) if data else []
+            except ProtocolViolation as e:
+                await self._refuse(None, e.code, e.reason)
+                return None
+            for index, item in enumerate(items):
+                if isinstance(item, bytes | str):
+                    # Frames the client sent right behind its hello wait for the read loop.
+                    self._backlog = items[index + 1:]
+                    return await self._hello(item)
+                if isinstance(item, CloseReceived):
+                    self.peer_code = item.code or CloseCode.NORMAL
+                    self.connection.write(self.ws.close(item.code or CloseCode.NORMAL, ""))
+                    await self.connection.flush_now()
+                    return None
+                if isinstance(item, WsPing):
+                    self.connection.write(self.ws.pong(item.payload))
+            data = await self.connection.receive()
+            if not data:
+                return None
+
+    async def _hello(self, frame: Frame) -> list[Any] | None:
         try:
-            first_events = await self._open(broker)
-            if first_events is not None:
-                self.log.info("session.opened", client=self.protocol.client,
-                              format=self.protocol.format.value)
-                async with trio.open_nursery() as nursery:
-                    self._tasks = nursery.cancel_scope
-                    nursery.start_soon(self._write_loop, nursery.cancel_scope)
-                    nursery.start_soon(self._publishes.run, partial(broker.publish, self))
-                    nursery.start_soon(self._watch_idle)
-                    # Events batched with the hello are handled once the writer runs: one
-                    # may be a replay that needs the outbox drained.
-                    await self._handle(broker, first_events)
-                    await self._read_loop(broker)
+            events: list[Any] = self.protocol.receive(frame)
+        except HandshakeFailed as e:
+            await self._refuse(self.protocol.encode(e.error), CloseCode.HANDSHAKE_FAILED,
+                               e.error.message)
+            return None
+        self.connection.write(self.ws.send(self.protocol.encode(self.broker.welcome(self))))
+        return events
+
+    async def refuse(self, code: CloseCode, reason: str) -> None:
+        """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
+        if self.closing is None and self.peer_code is None and not self.connection.broken:
+            with trio.move_on_after(self.config.shutdown_grace, shield=True):
+                await self._refuse(None, code, reason)
+        self.connection.close()
+
+    async def _refuse(self, frame: Frame | None, code: int, reason: str) -> None:
+        self.closing = CloseCode(code) if code in set(CloseCode) else CloseCode.HANDSHAKE_FAILED
+        self._close_reason = reason
+        if frame is not None:
+            self.connection.write(self.ws.send(frame))
+        self.connection.write(self.ws.close(code, reason))
+        with trio.move_on_after(self.config.shutdown_grace):
+            await self.connection.flush_now()
+            await self.connection.linger()
+
+    async def run(self, first_events: list[Any]) -> None:
+        """Serve the session until it closes, then finish the close (bounded)."""
+        self.log.info("session.opened", client=self.protocol.client,
+                      format=self.protocol.format.value)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.connection.start_writing(nursery)
+                self.flush()
+                with trio.CancelScope() as self._reading:
+                    await self._handle_frame(first_events)
+                    self.flush()
+                    await self._read_loop()
+                if self._publishes is not None:
                     # What the peer sent before leaving is still published (acknowledged or
                     # not), within the grace period.
                     with trio.move_on_after(self.config.shutdown_grace):
                         await self._publishes.drained()
-                    nursery.cancel_scope.cancel()
+                await self._finish()
+                nursery.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(self.config.shutdown_grace, shield=True):
-                await broker.detach(self)
-            self.log.info("session.closed", code=self.close_code)
+            self.connection.close()
+            self._ended.set()
 
-    @property
-    def close_code(self) -> int | None:
-        """The code this session closed (or is closing) with: ours if we closed it, else the
-        peer's; None while it is open."""
-        if self.closing is not None:
-            return int(self.closing)
-        closed = self.ws.closed
-        return int(closed.code) if closed is not None else None
-
-    async def _open(self, broker: Broker) -> list[Any] | None:
-        """Handshake: the events that came with the hello, or None if the session is over."""
-        with trio.move_on_after(self.config.hello_timeout):
-            try:
-                frame = await self.ws.get_message()
-                events: list[Any] = self.protocol.receive(frame)
-                await self.ws.send_message(self.protocol.encode(self._welcome(broker)))
-            except HandshakeFailed as e:
-                await self._send_and_close(self.protocol.encode(e.error),
-                                           CloseCode.HANDSHAKE_FAILED, e.error.message)
-                return None
-            except ConnectionClosed:
-                return None
-            return events
-        await self._send_and_close(None, CloseCode.HANDSHAKE_FAILED, "no hello in time")
-        return None
-
-    def _welcome(self, broker: Broker) -> Welcome:
-        return Welcome(version=PROTOCOL_VERSION, instance=broker.instance_id, session=self.id,
-                       limits=broker.limits())
-
-    async def _read_loop(self, broker: Broker) -> None:
-        while True:
-            self._waiting_since = trio.current_time()
-            try:
-                frame = await self.ws.get_message()
-            except ConnectionClosed:
+    async def _read_loop(self) -> None:
+        connection, ws = self.connection, self.ws
+        items, self._backlog = self._backlog, []
+        while not await self._handle_items(items):
+            self.flush()
+            self.busy = False
+            self.last_read = trio.current_time()
+            data = await connection.receive()
+            if not data:
                 return
-            self._waiting_since = None
-            await self._handle(broker, self.protocol.receive(frame))
-
-    async def _watch_idle(self) -> None:
-        """Close the session once its reader has waited idle_timeout for a frame.
-
-        Only waiting is timed: handling a frame may wait on this session's own outbox (a
-        replay) for longer than a client needs to stay quiet. A watchdog rather than a cancel
-        scope around each read: that costs a tenth of a small frame's handling."""
-        idle = self.config.idle_timeout
-        while True:
-            since = self._waiting_since
-            await trio.sleep_until((since if since is not None else trio.current_time()) + idle)
-            since = self._waiting_since
-            if since is not None and trio.current_time() - since >= idle:
-                await self._close(CloseCode.IDLE_TIMEOUT, "idle timeout")
+            self.busy = True
+            try:
+                items = ws.receive_data(data)
+            except ProtocolViolation as e:
+                self.close_soon(_ws_code(e.code), e.reason)
                 return
 
-    async def _handle(self, broker: Broker, events: list[Any]) -> None:
-        """Handle one frame's events in order. Runs of publishes are queued for the publishing
-        task; any other event first waits for the publishes queued before it."""
-        publishes: list[Publish] = []
+    async def _handle_items(self, items: list[Any]) -> bool:
+        """Handle what the WebSocket layer made of the bytes read; True once the peer closed."""
+        for item in items:
+            kind = type(item)
+            if kind is bytes or kind is str:
+                await self._handle_frame(self.protocol.receive(item))
+            elif kind is WsPing:
+                # Answered only while open: the WebSocket layer gives b"" otherwise.
+                self.connection.write(self.ws.pong(item.payload))
+            elif kind is CloseReceived:
+                self._peer_closed(item)
+                return True
+        return False
+
+    def _peer_closed(self, item: CloseReceived) -> None:
+        self.peer_code = item.code if item.code is not None else 1005
+        self.peer_reason = item.reason
+        # Echo the peer's code, as RFC 6455 section 5.5.1 asks.
+        self.flush()
+        self.connection.write(self.ws.close(item.code or CloseCode.NORMAL, ""))
+
+    async def _handle_frame(self, events: list[Any]) -> None:
+        """Handle one frame's events in order: runs of publishes, then each other request."""
+        run: list[Publish] = []
         for event in events:
-            if isinstance(event, Publish):
-                publishes.append(event)
-                continue
-            if publishes:
-                await self._publishes.put(publishes)
-                publishes = []
-            await self._publishes.drained()
-            await self._handle_one(broker, event)
-        if publishes:
-            await self._publishes.put(publishes)
+            if type(event) is Publish:
+                run.append(event)
+                if len(run) < PUBLISH_RUN:
+                    continue
+            if run:
+                await self._publish(run)
+                run = []
+            if type(event) is not Publish:
+                await self._handle_one(event)
+        if run:
+            await self._publish(run)
 
-    async def _handle_one(self, broker: Broker, event: Any) -> None:
-        if isinstance(event, Rejected):
-            self.outbox.reply(self.protocol.error(event))
-        elif isinstance(event, Ping):
-            self.reply(Pong(id=event.id))
-        else:
-            await broker.handle(self, event)
-
-    async def _write_loop(self, session_scope: trio.CancelScope) -> None:
-        max_bytes = self.config.max_frame_bytes
-        try:
-            while True:
-                fragments, dropped = await self.outbox.take(max_bytes)
-                if dropped:
-                    fragments.insert(0, self.protocol.encode(Dropped(count=dropped)))
-                await self.ws.send_message(join(fragments, self.protocol.format))
-        except Overflowed:
-            await self._close(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed")
-        except ConnectionClosed:
-            pass
-        session_scope.cancel()
-
-    async def _send_and_close(self, frame: Frame | None, code: CloseCode, reason: str) -> None:
-        try:
-            if frame is not None:
-                await self.ws.send_message(frame)
-        except ConnectionClosed:
+    async def _publish(self, run: list[Publish]) -> None:
+        if self.broker.fanout.local:
+            await self.broker.publish(self, run)
+            await trio.lowlevel.checkpoint()
             return
-        await self._close(code, reason)
+        if self._publishes is None:
+            assert self._nursery is not None
+            self._publishes = PublishQueue()
+            self._nursery.start_soon(self._publishes.run, self._publish_pipelined)
+        await self._publishes.put(run)
 
-    async def close(self, code: CloseCode, reason: str) -> None:
-        """Close this session's WebSocket with `code` (used by the listener at shutdown)."""
-        await self._close(code, reason)
+    async def _publish_pipelined(self, run: list[Publish]) -> None:
+        await self.broker.publish(self, run)
+        self.flush()
 
-    async def _close(self, code: CloseCode, reason: str) -> None:
-        self.closing = self.closing or code
-        with trio.move_on_after(self.config.shutdown_grace, shield=True):
-            await self.ws.aclose(code, reason)
+    async def _handle_one(self, event: Any) -> None:
+        if self._publishes is not None:
+            await self._publishes.drained()  # every request after the publishes before it
+        if type(event) is Ping:
+            self.reply(Pong(id=event.id))
+        elif type(event) is Rejected:
+            self._queue_reply(self.protocol.error(event))
+        else:
+            await self.broker.handle(self, event)
+            self.flush()
+
+
+def _ws_code(code: int) -> CloseCode:
+    return CloseCode(code) if code in set(CloseCode) else CloseCode.PROTOCOL_ERROR

@@ -16,6 +16,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import ClassVar
 
 import structlog
 import trio
@@ -89,6 +90,8 @@ class Tracked:
 @define(eq=False, kw_only=True)
 class RedisFanout:
     """The `Fanout` over Redis pub/sub. Open it with `open_redis_fanout`."""
+
+    local: ClassVar[bool] = False
 
     settings: RedisSettings
     context: FanoutContext

@@ -13,7 +13,7 @@ import collections
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -193,6 +193,8 @@ class ShardedFanout:
     healthy shards were published (a retry with msg_id is de-duplicated: a topic's dedup
     keys live on its shard).
     """
+
+    local: ClassVar[bool] = False
 
     shards: Sequence[RedisFanout]
 
