@@ -268,14 +268,24 @@ SERVER_SPECS = _event_specs(SERVER_EVENTS)
 # --- decoding --------------------------------------------------------------------------------
 
 
+#: Base64 digits whose low 4 (or 2) bits are zero: the only ones that may stand before "=="
+#: (or "="), since the bits past the last byte must be zero in canonical base64.
+_BEFORE_TWO_PADS, _BEFORE_ONE_PAD = frozenset("AQgw"), frozenset("AEIMQUYcgkosw048")
+
+
 def _binary(text: str) -> bytes | None:
     """The bytes `text` encodes in canonical base64 (RFC 4648 section 4, padded, nothing else
     around it), or None: lenient decoders read "!!!!" as no bytes and drop trailing data."""
     try:
-        data = base64.b64decode(text, validate=True)
+        # strict_mode: only the alphabet, whole quanta, padding only at the end, nothing after.
+        data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):  # ValueError: not ASCII
         return None
-    return data if base64.b64encode(data).decode("ascii") == text else None
+    if text.endswith("=="):
+        return data if text[-3] in _BEFORE_TWO_PADS else None
+    if text.endswith("="):
+        return data if text[-2] in _BEFORE_ONE_PAD else None
+    return data
 
 
 def _from_json_object(obj: dict[str, Any]) -> Any:
@@ -334,11 +344,11 @@ def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = N
                              f"a batch holds at most {max_items} events, not {len(raw)}")]
         items = [decode_item(item, specs) for item in raw]
     else:
-        raw, items = [raw], [decode_item(raw, specs)]
+        items = [decode_item(raw, specs)]
     # A string that is not Unicode text can only come from a \u escape in a JSON frame: only
     # such frames are searched, after decoding, so that the common case pays nothing for it.
     if from_client and isinstance(frame, str) and "\\u" in frame:
-        _refuse_non_text(raw, items)
+        _refuse_non_text(raw if isinstance(raw, list) else [raw], items)
     return items
 
 
