@@ -5,7 +5,6 @@ value. Each case of issue 8 (items 1-5 and 9) is pinned here; a hypothesis suite
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import struct
@@ -29,6 +28,7 @@ from mqbroker.protocol import (
     ServerConnection,
 )
 from mqbroker.protocol.codec import CLIENT_SPECS, MAX_DEPTH, SERVER_SPECS, decode
+from tests.payload_strategies import json_text, parses, payload_values
 
 MSGPACK, JSON = Format.MSGPACK, Format.JSON
 
@@ -313,57 +313,6 @@ def test_an_unencodable_message_becomes_dropped(payload: Any) -> None:
 
 # --- the property: refused, or the same value for every subscriber ---------------------------
 
-scalars = (st.none() | st.booleans()
-           | st.integers(min_value=-(2**63) - 2, max_value=2**64 + 2)
-           | st.integers() | st.floats() | st.floats(width=32)
-           | st.text() | st.text(alphabet=st.characters(min_codepoint=0xD7F0,
-                                                        max_codepoint=0xE010))
-           | st.binary(max_size=8)
-           | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=4))
-           | st.builds(msgpack.Timestamp, st.integers(0, 2**32), st.integers(0, 999_999_999))
-           | st.sampled_from(["!!!!", "AAEC/w==", "AB==", "AAEC\n/w=="]).map(
-               lambda s: {"$base64": s}))
-keys = st.text(max_size=4) | st.binary(max_size=2) | st.sampled_from(["$base64", "\ud800"])
-trees = st.recursive(scalars, lambda children: st.lists(children, max_size=3)
-                     | st.dictionaries(keys, children, max_size=3), max_leaves=10)
-deep = st.tuples(st.integers(MAX_DEPTH - 2, MAX_DEPTH + 2), scalars).map(
-    lambda pair: _wrap(pair[1], pair[0]))
-payload_values = trees | deep
-
-
-def _wrap(value: Any, depth: int) -> Any:
-    for n in range(depth):
-        value = [value] if n % 2 else {"k": value}
-    return value
-
-
-def _json_text(value: Any) -> str:
-    """The value as a JSON client would write it: bytes as {"$base64": ...}, lone surrogates
-    as \\u escapes, non-finite floats as overflowing numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("1e999" if value > 0 else "-1e999")
-    if isinstance(value, bytes):
-        return json.dumps({"$base64": base64.b64encode(value).decode()})
-    if isinstance(value, list):
-        return "[" + ",".join(_json_text(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(json.dumps(k) + ":" + _json_text(v) for k, v in value.items()
-                              if isinstance(k, str)) + "}"
-    if isinstance(value, msgpack.ExtType | msgpack.Timestamp):
-        return "null"
-    return json.dumps(value)  # ensure_ascii: lone surrogates become \ud800 escapes
-
-
-def _parses(frame: str) -> bool:
-    """Whether a JSON frame parses at all (`NaN` is not a JSON token)."""
-    def refuse(token: str) -> Any:
-        raise ValueError(token)
-    try:
-        json.loads(frame, parse_constant=refuse)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
 
 @settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payload=payload_values, fmt=st.sampled_from(list(Format)))
@@ -374,7 +323,7 @@ def test_every_payload_is_refused_or_reaches_both_formats_alike(payload: Any,
     for a JSON and a msgpack subscriber, each decodes the same value, and encoding it again
     (a replay) gives the same frames."""
     if fmt is JSON:
-        frame: str | bytes = publish_frame(_json_text(payload))
+        frame: str | bytes = publish_frame(json_text(payload))
     else:
         try:
             frame = msgpack_publish(payload)
@@ -382,7 +331,7 @@ def test_every_payload_is_refused_or_reaches_both_formats_alike(payload: Any,
             return  # not even msgpack: no msgpack client can send it
     [item] = decode(frame, CLIENT_SPECS)
     if isinstance(item, Rejected):
-        frame_level = isinstance(frame, str) and not _parses(frame)
+        frame_level = isinstance(frame, str) and not parses(frame)
         assert item.code is (ErrorCode.BAD_FRAME if frame_level else ErrorCode.BAD_EVENT), item
         if item.code is ErrorCode.BAD_EVENT:
             assert (item.id, item.ref) == (7, "publish")
