@@ -23,6 +23,7 @@ from mqbroker.protocol import (
     Error,
     ErrorCode,
     Format,
+    HandshakeFailed,
     Publish,
     Rejected,
     ServerConnection,
@@ -115,6 +116,14 @@ def test_an_op_with_a_lone_surrogate_gets_an_encodable_error() -> None:
         frame = server.error(item)
         if isinstance(frame, str):
             frame.encode("utf-8")
+
+
+def test_a_hello_whose_client_is_not_text_fails_the_handshake() -> None:
+    """The `client` name goes to the broker's logs: a lone surrogate in it refuses the hello
+    with bad_event (then a 4000 close), like any ill-typed hello field."""
+    with pytest.raises(HandshakeFailed) as failed:
+        ServerConnection().receive(r'{"op":"hello","version":1,"client":"py\udc80"}')
+    assert failed.value.error.code == ErrorCode.BAD_EVENT
 
 
 def test_client_strings_echoed_in_errors_are_made_safe() -> None:
