@@ -311,29 +311,41 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _parse(frame: Frame, object_hook: Callable[[dict[str, Any]], Any]) -> Any:
+def _parse_json(frame: str, object_hook: Callable[[dict[str, Any]], Any]) -> Any:
     """The frame's raw value; raises ValueError with a reason."""
     try:
-        if isinstance(frame, str):
-            return json.loads(frame, object_hook=object_hook, parse_constant=_refuse_constant)
+        return json.loads(frame, object_hook=object_hook, parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise ValueError(f"the frame is not valid JSON: {_shown(str(e), 200)}") from None
+    except RecursionError:  # nested some hundreds of levels
+        raise ValueError("the frame is not valid JSON: nested too deeply to parse") from None
+
+
+def _parse_msgpack(frame: bytes) -> Any:
+    """The frame's raw value; raises ValueError with a reason."""
+    try:
         # Extension types decode as values the payload rule refuses where they matter (keys
         # an event does not define are ignored, whatever they hold).
         return msgpack.unpackb(frame, raw=False, ext_hook=_Extension)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        kind = "JSON" if isinstance(frame, str) else "msgpack"
-        raise ValueError(f"the frame is not valid {kind}: {_shown(str(e), 200)}") from None
-    except RecursionError:
-        # Only JSON gets here (msgpack's own limit is a StackError): nested hundreds of levels.
-        raise ValueError("the frame is not valid JSON: nested too deeply to parse") from None
+        raise ValueError(f"the frame is not valid msgpack: {_shown(str(e), 200)}") from None
 
 
 def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = None
            ) -> list[Any]:
     """Decode one frame into events and `Rejected` items, in frame order. A batch of more than
     `max_items` events is refused whole, before any of its events is looked at."""
-    from_client = specs is CLIENT_SPECS
     try:
-        raw = _parse(frame, _from_client_json_object if from_client else _from_json_object)
+        if isinstance(frame, str):
+            from_client = specs is CLIENT_SPECS
+            raw = _parse_json(frame, _from_client_json_object if from_client
+                              else _from_json_object)
+            # A string that is not Unicode text can only come from a \u escape in a JSON
+            # frame: only such frames are searched (after decoding), so the common case pays
+            # nothing for it. One character first: memchr, ten times faster than "\\u".
+            suspect = from_client and "\\" in frame and "\\u" in frame
+        else:
+            raw, suspect = _parse_msgpack(frame), False
     except ValueError as e:
         return [Rejected(ErrorCode.BAD_FRAME, str(e))]
     if isinstance(raw, list):
@@ -345,9 +357,7 @@ def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = N
         items = [decode_item(item, specs) for item in raw]
     else:
         items = [decode_item(raw, specs)]
-    # A string that is not Unicode text can only come from a \u escape in a JSON frame: only
-    # such frames are searched, after decoding, so that the common case pays nothing for it.
-    if from_client and isinstance(frame, str) and "\\u" in frame:
+    if suspect:
         _refuse_non_text(raw if isinstance(raw, list) else [raw], items)
     return items
 
