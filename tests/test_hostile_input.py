@@ -9,6 +9,7 @@ import json
 import math
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig
 from mqbroker.message import Draft
 from mqbroker.protocol import (
     Delivery,
@@ -34,12 +36,25 @@ from mqbroker.protocol import (
     Subscribe,
 )
 from mqbroker.protocol.codec import CLIENT_SPECS, MAX_ID, decode
-from tests.harness import RawSession, RunningBroker, raw_session
+from tests.harness import RawSession, RunningBroker, raw_session, running_broker
 from tests.payload_strategies import json_text, payload_values
 
 MSGPACK, JSON = Format.MSGPACK, Format.JSON
 #: A recorded topic (the default `[history] record` has mcp/broadcast/#).
 TOPIC = "mcp/broadcast/hostile"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def any_broker(request: pytest.FixtureRequest) -> AsyncIterator[RunningBroker]:
+    """A broker on the memory plugins, or on the Redis plugins with a private redis-server."""
+    config = Config(server=ServerConfig(port=0))
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        config = Config(server=ServerConfig(port=0), fanout=FanoutConfig(plugin="redis"),
+                        history=HistoryConfig(plugin="redis"),
+                        plugins={"redis": {"url": server.url}})
+    async with running_broker(config) as running:
+        yield running
 
 
 def error_logs(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,10 +108,12 @@ POISON: list[tuple[Format, str | bytes, int]] = [
 
 
 async def test_a_poisoned_payload_is_refused_and_never_reaches_a_history(
-        broker: RunningBroker) -> None:
+        any_broker: RunningBroker) -> None:
     """Each poisoned publish is refused with bad_event and its id, its publisher carries on;
     a JSON and a msgpack subscriber receive exactly the good messages live, and a resume with
-    `since` over the topic, in either format, replays them (recovered: true)."""
+    `since` over the topic, in either format, replays them (recovered: true). With the memory
+    plugins and with Redis."""
+    broker = any_broker
     with capture_logs() as logs:
         async with raw_session(broker.url, fmt=JSON) as json_pub, \
                 raw_session(broker.url) as msgpack_pub, \
