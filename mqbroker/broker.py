@@ -270,6 +270,10 @@ class Broker:
             switch = switches.get(sub)
             if switch is None:
                 live.append(sub)
+            elif switch.live:
+                if switch.admit(message):
+                    live.append(sub)
+                    self._stop_holding(session, sub)
             elif not switch.hold(message):
                 # More arrived while this subscription replays than its outbox could hold:
                 # the session's slow-consumer policy applies, as for a full outbox.
@@ -300,10 +304,12 @@ class Broker:
         if since is None:
             session.reply(SubAck(id=event.id))
             return
+        live = False
         try:
-            await self._recover(session, event, switch)
+            live = await self._recover(session, event, switch)
         finally:
-            self._stop_holding(session, event.id)
+            if not live:  # once live, the switch filters until the first new live message
+                self._stop_holding(session, event.id)
 
     def _stop_holding(self, session: Session, sub: int) -> None:
         switches = self._recovering.get(session)
@@ -336,20 +342,22 @@ class Broker:
             return _error(ErrorCode.BAD_EVENT_ID, str(e), event)
         return None
 
-    async def _recover(self, session: Session, event: Subscribe, switch: ReplaySwitch) -> None:
-        """Suback with `recovered`, replay what was missed, then switch to live, in order."""
+    async def _recover(self, session: Session, event: Subscribe, switch: ReplaySwitch) -> bool:
+        """Suback with `recovered`, replay what was missed, then switch to live, in order; True
+        once live, False when the session was let go or unsubscribed meanwhile."""
         replay = await self._read_history(event.filter, switch.since)
         gap = replay.gap.value if replay.gap is not None else None
         session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap))
         session.flush()
         for message in switch.replayed(EncodedMessage(m) for m in replay.messages):
             if not await self._replay_one(session, event.id, switch, message):
-                return
-        # What arrived live meanwhile, after the last position replayed. Between the last
-        # `next_live` and the caller's `_stop_holding` nothing awaits, so none can slip by.
+                return False
+        # What arrived live meanwhile, after the last position replayed. The last `next_live`
+        # turns the switch live with nothing awaited after it, so none can slip by.
         while (live := switch.next_live()) is not None:
             if not await self._replay_one(session, event.id, switch, live):
-                return
+                return False
+        return True
 
     async def _replay_one(self, session: Session, sub: int, switch: ReplaySwitch,
                           message: EncodedMessage) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import secrets
 import signal
 
@@ -15,6 +16,22 @@ from mqbroker.server.listener import Listener, serve
 logger = structlog.get_logger("mqbroker")
 
 
+#: Allocations between two young-generation collections (CPython's default is 700). Every
+#: message allocates a few dozen short-lived containers; collecting ten times less often cut the
+#: broker's CPU per paced delivery by about a sixth (docs/performance.md), and a young
+#: generation of this size is still collected in well under a millisecond.
+GC_YOUNG_THRESHOLD = 7000
+
+
+def _tune_gc() -> None:
+    """Once started: what exists now (code, config, plugins) lives as long as the process, so
+    the collector need never scan it again; and young collections run less often."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def run(config: Config, *,
               task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (sessions closed with 1001)."""
@@ -23,6 +40,7 @@ async def run(config: Config, *,
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_broker(config, instance_id) as broker, trio.open_nursery() as nursery:
             listener: Listener = await nursery.start(serve, broker, config.server)
+            _tune_gc()
             if config.metrics.port:
                 from mqbroker.server.http import serve_http
 

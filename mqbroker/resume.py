@@ -4,8 +4,14 @@ While a subscription replays history, live messages keep arriving for it. They c
 yet (they would overtake the replay), and some of them may also be in the history being read
 (published after the subscription's watch began but before the read). `ReplaySwitch` holds the
 live ones back and, once the replay is queued, releases those after the last position sent, in
-order: every message after `since` exactly once, history first, then live. Like centrifuge's
-PubSubSync, it only decides; the broker moves the messages.
+order: every message after `since` exactly once, history first, then live.
+
+A live message may also arrive after the switch although the history read already had it: with
+Redis, a message is recorded and published in one step, but its pub/sub delivery can reach this
+instance after a read of the stream saw it. So once live, the switch still filters (`admit`)
+until the first live message past the last one sent; from there on, one topic's live messages
+arrive in order and need no filter. Like centrifuge's PubSubSync, it only decides; the broker
+moves the messages.
 
 Pure: no I/O, no clock.
 """
@@ -33,6 +39,8 @@ class ReplaySwitch:
     #: How many live messages may wait; past that `hold` refuses (the session is too slow).
     max_held: int
     _held: deque[EncodedMessage] = field(factory=deque, init=False)
+    #: The replay and the held messages were handed out: `admit` filters from now on.
+    live: bool = field(default=False, init=False)
     #: The last position handed out, history or live.
     _last: Position = field(init=False)
 
@@ -62,7 +70,13 @@ class ReplaySwitch:
             message = self._held.popleft()
             if self._is_new(message.message.position):
                 return message
+        self.live = True
         return None
+
+    def admit(self, message: EncodedMessage) -> bool:
+        """Once live: whether this live message is new (to be sent). After the first True the
+        caller may drop the switch: later messages of the topic come after this one."""
+        return self._is_new(message.message.position)
 
     def _is_new(self, position: Position) -> bool:
         last = self._last

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mqbroker"
 PURE = [
     "topics.py", "index.py", "message.py", "history.py", "fanout.py", "dedup.py",
     "plugins.py", "protocol/events.py", "protocol/codec.py", "protocol/connection.py",
-    "protocol/__init__.py", "client/core.py", "client/errors.py",
+    "protocol/__init__.py", "protocol/websocket.py", "client/core.py", "client/errors.py",
+    "resume.py",
 ]
 FORBIDDEN = ("trio", "trio_websocket", "wsproto", "redis", "structlog", "asyncio",
              "mqbroker.server", "mqbroker.broker", "mqbroker.daemon", "mqbroker_plugins")
@@ -42,3 +43,10 @@ def test_pure_modules_import_no_io(module: str) -> None:
 def test_the_list_of_pure_modules_is_current() -> None:
     """Every module named as pure exists (so a rename cannot silently drop one from the check)."""
     assert all((PACKAGE / module).is_file() for module in PURE)
+
+
+def test_the_broker_does_not_import_the_server() -> None:
+    """The broker reaches sessions through its small `Session` protocol: it imports no part of
+    the server (which imports the broker), so it runs and is tested without sockets."""
+    imports = imported_modules(PACKAGE / "broker.py")
+    assert not [name for name in imports if name.startswith("mqbroker.server")]

@@ -294,15 +294,28 @@ _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
 #: Above this size a payload is unmasked through a memoryview: slicing would copy it first.
 _VIEW_THRESHOLD = 4096
+#: From this size on, unmasking by translation beats the big-integer XOR (measured, CPU time:
+#: XOR 0.56 against 0.90 us at 120 bytes, even at 512, 2.3 against 1.7 us at 1 KiB and 3.0
+#: against 1.4 ms at 1 MiB).
+_TRANSLATE_THRESHOLD = 512
+#: _XOR_TABLES[k] maps each byte to itself XOR k: bytes.translate() then unmasks in C.
+_XOR_TABLES = [bytes(value ^ key for value in range(256)) for key in range(256)]
 
 
 def _unmask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
-    """XOR `data` with the repeated 4-byte `mask`: as one big integer operation, which runs in
-    C at memory speed, instead of a Python loop per byte (100 times slower)."""
+    """XOR `data` with the repeated 4-byte `mask`, in C rather than a Python loop per byte
+    (100 times slower): small payloads as one big-integer XOR, large ones as four strided
+    translations (every 4th byte shares a mask byte), which cost less per byte but more to set
+    up. Both are linear in the size."""
     length = len(data)
-    key = (mask * ((length >> 2) + 1))[:length]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        length, "little")
+    if length < _TRANSLATE_THRESHOLD:
+        key = (mask * ((length >> 2) + 1))[:length]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            length, "little")
+    unmasked = bytearray(data)
+    for offset in range(4):
+        unmasked[offset::4] = unmasked[offset::4].translate(_XOR_TABLES[mask[offset]])
+    return bytes(unmasked)
 
 
 def _valid_close_code(code: int) -> bool:
@@ -312,8 +325,38 @@ def _valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+class _Fragments:
+    """A fragmented message in progress. Text is decoded fragment by fragment, so invalid UTF-8
+    is refused as soon as it arrives and a character split across fragments still decodes."""
+
+    __slots__ = ("chunks", "decoder", "size", "text")
+
+    def __init__(self, opcode: int) -> None:
+        self.size = 0
+        self.chunks: list[bytes] = []  # of a binary message
+        self.text: list[str] = []  # of a text message, decoded
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict") if opcode == _TEXT else None
+
+    def add(self, payload: bytes, fin: bool) -> None:
+        self.size += len(payload)
+        if self.decoder is None:
+            self.chunks.append(payload)
+            return
+        try:
+            self.text.append(self.decoder.decode(payload, final=fin))
+        except UnicodeDecodeError:
+            raise ProtocolViolation(1007, "text message is not valid UTF-8") from None
+
+    def message(self) -> bytes | str:
+        return b"".join(self.chunks) if self.decoder is None else "".join(self.text)
+
+
 class ServerWebSocket:
     """RFC 6455 framing, server side, after the handshake. No extensions, no subprotocols."""
+
+    # Slots: one of these lives as long as each session, and sessions are many.
+    __slots__ = ("_buffer", "_close_received", "_close_sent", "_failed", "_fragments",
+                 "max_message_bytes")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
@@ -323,14 +366,8 @@ class ServerWebSocket:
         self._close_sent = False
         self._close_received = False
         self._failed: ProtocolViolation | None = None
-        # The fragmented message in progress: its opcode (None when there is none), its parts
-        # and its size so far. Text is decoded fragment by fragment, so invalid UTF-8 is found
-        # as soon as it arrives and a character split across fragments still decodes.
-        self._message_opcode: int | None = None
-        self._parts: list[bytes] = []
-        self._text_parts: list[str] = []
-        self._message_size = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        # Made only when a message comes in fragments, which clients rarely do.
+        self._fragments: _Fragments | None = None
 
     @property
     def open(self) -> bool:
@@ -392,7 +429,8 @@ class ServerWebSocket:
                 length, header = self._extended_length(buffer, position, length)
                 if header == 0:
                     break
-            if opcode < _CLOSE and self._message_size + length > self.max_message_bytes:
+            if opcode < _CLOSE and length + (
+                    self._fragments.size if self._fragments else 0) > self.max_message_bytes:
                 raise ProtocolViolation(1009, "message too big")
             end = position + header + length
             if end > size:
@@ -404,7 +442,7 @@ class ServerWebSocket:
             else:
                 payload = _unmask(buffer[end - length:end], bytes(mask))
             position = end
-            if first == _FIN | _BINARY and self._message_opcode is None:
+            if first == _FIN | _BINARY and self._fragments is None:
                 if not self._close_sent:  # data after our close is discarded
                     events.append(payload)
             elif opcode & 0x8:
@@ -471,31 +509,21 @@ class ServerWebSocket:
 
     def _data(self, opcode: int, fin: bool, payload: bytes) -> bytes | str | None:
         """Account for one data frame; the complete message when this frame ends it."""
+        fragments = self._fragments
         if opcode == _CONTINUATION:
-            if self._message_opcode is None:
+            if fragments is None:
                 raise ProtocolViolation(1002, "continuation frame without a message to continue")
-            opcode = self._message_opcode
-        elif self._message_opcode is not None:
+        elif fragments is not None:
             raise ProtocolViolation(1002, "new message before the fragmented one ended")
-        if fin and self._message_opcode is None:  # an unfragmented text message
+        elif fin:  # a whole message in one frame (binary ones take the fast path before)
             return _decode_text(payload) if opcode == _TEXT else payload
-        self._message_opcode = opcode
-        self._message_size += len(payload)
-        if opcode == _TEXT:
-            try:
-                self._text_parts.append(self._decoder.decode(payload, final=fin))
-            except UnicodeDecodeError:
-                raise ProtocolViolation(1007, "text message is not valid UTF-8") from None
         else:
-            self._parts.append(payload)
+            fragments = self._fragments = _Fragments(opcode)
+        fragments.add(payload, fin)
         if not fin:
             return None
-        message = "".join(self._text_parts) if opcode == _TEXT else b"".join(self._parts)
-        self._message_opcode = None
-        self._message_size = 0
-        self._parts, self._text_parts = [], []
-        self._decoder.reset()
-        return message
+        self._fragments = None
+        return fragments.message()
 
     def send(self, payload: bytes | str) -> bytes:
         """One unmasked data frame: binary for bytes, text for str (UTF-8 encoded here)."""

@@ -29,7 +29,8 @@ RECEIVE_BYTES = 64 * 1024
 class Connection:
     """One accepted TCP connection. Not thread-safe; every method runs in trio's thread."""
 
-    __slots__ = ("_drained", "_nursery", "_pending", "broken", "closed", "on_drained", "sock")
+    __slots__ = ("_drained", "_drained_input", "_nursery", "_pending", "broken", "closed",
+                 "on_drained", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -43,10 +44,13 @@ class Connection:
         self._pending = bytearray()
         self._nursery: trio.Nursery | None = None
         self._drained: trio.Event | None = None
+        self._drained_input = False
 
     def start_writing(self, nursery: trio.Nursery) -> None:
         """From now on, what the socket cannot take at once is sent by a task of `nursery`."""
         self._nursery = nursery
+        if self._pending:  # left over from the opening handshake
+            self._start_writer()
 
     @property
     def pending(self) -> int:
@@ -58,20 +62,37 @@ class Connection:
 
         When bytes were waiting already this still checkpoints (yields to the other tasks
         first): a peer that floods us gets its turn like every other, not the loop."""
+        waited = False
+        if self._drained_input:
+            # The last read took less than it could: the socket was empty then, so wait first
+            # rather than pay a failing recv (and its exception) per message.
+            waited = await self._wait_readable()
+            if not waited:
+                return b""
         while True:
             try:
                 data = self.sock.recv(RECEIVE_BYTES)
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self.sock)
-                except trio.ClosedResourceError:
+                if not await self._wait_readable():
                     return b""
+                waited = True
                 continue
             except OSError:
                 self.broken = True
                 return b""
-            await trio.lowlevel.checkpoint()
+            self._drained_input = len(data) < RECEIVE_BYTES
+            if not waited:
+                # No wait, so no checkpoint yet: one pass of the scheduler per read, not two.
+                await trio.lowlevel.checkpoint()
             return data
+
+    async def _wait_readable(self) -> bool:
+        """Wait for input; False when the socket was closed meanwhile."""
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError:
+            return False
+        return True
 
     def write(self, data: bytes) -> None:
         """Send `data` after anything pending, without waiting; never raises."""

@@ -196,6 +196,11 @@ async def _serve_connection(listener: Listener, sock: socket.socket, address: ob
         if session is None or first_events is None:
             return
         await _run(listener, session, first_events)
+    except OSError as error:
+        # The socket failed under us (a reset between two calls, say): the peer's doing, not
+        # a bug of ours. Nothing is left to close politely.
+        log = session.log if session is not None else logger.bind(peer=_peer(address))
+        log.info("connection.failed", error=error.strerror or str(error))
     except Exception:
         # A bug met on one connection must not take the listener and every other session down
         # with it: log it, and close this connection with 1011.

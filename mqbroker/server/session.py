@@ -285,6 +285,8 @@ class Session:
             self.last_read = trio.current_time()
             data = await connection.receive()
             if not data:
+                if self.closing is None:
+                    self.peer_code = 1006  # gone without a close frame (RFC 6455 7.1.5)
                 return
             self.busy = True
             try:
@@ -322,6 +324,12 @@ class Session:
                 run.append(event)
                 if len(run) < PUBLISH_RUN:
                     continue
+                await self._publish(run)
+                # Let the other sessions in between runs of a long batch; the next read
+                # checkpoints anyway, so a frame's last run needs none.
+                await trio.lowlevel.checkpoint()
+                run = []
+                continue
             if run:
                 await self._publish(run)
                 run = []
@@ -333,7 +341,6 @@ class Session:
     async def _publish(self, run: list[Publish]) -> None:
         if self.broker.fanout.local:
             await self.broker.publish(self, run)
-            await trio.lowlevel.checkpoint()
             return
         if self._publishes is None:
             assert self._nursery is not None
