@@ -365,3 +365,21 @@ def _same_types(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return all(_same_types(a[k], b[k]) for k in a)
     return True
+
+
+def test_the_document_states_the_rule_the_codec_enforces() -> None:
+    """docs/protocol.md's payload rule names the code, the depth and the integer range that
+    the codec uses, and its error example is the codec's own answer."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text("utf-8")
+    rule = doc.split("#### The payload rule", 1)[1].split("**The `$base64` convention**", 1)[0]
+    assert "**`bad_event`**" in rule
+    assert f"more than {MAX_DEPTH} nested arrays and maps" in rule
+    assert "-2^63 .. 2^64-1" in rule
+    example = rule.split("```json\n")[1].split("```")[0]
+    answer = json.loads(rule.split("```json\n")[2].split("```")[0])
+    [item] = decode(example, CLIENT_SPECS)
+    assert isinstance(item, Rejected)
+    assert (item.code, item.id, item.ref, item.message) == (
+        answer["code"], answer["id"], answer["ref"], answer["message"])
