@@ -256,6 +256,9 @@ class Broker:
                 if session.deliver(encoded, subs):
                     to_flush.append(session)
             deliveries += len(targets)
+            if encoded.problem is not None:  # sessions got `dropped` instead (never expected)
+                logger.error("message.unencodable", topic=ascii(message.topic)[:200],
+                             event_id=message.event_id, problem=encoded.problem)
         for session in to_flush:
             session.flush()
         self.counters["deliveries"] += deliveries

@@ -17,6 +17,10 @@ class InvalidEventId(ValueError):
     """An event id that this broker never issued (it does not parse)."""
 
 
+#: Offsets are counters below 2^63 (Redis INCR's bound): at most 19 ASCII digits.
+MAX_OFFSET_DIGITS = 19
+
+
 @frozen(order=True)
 class Position:
     """Where a message stands in its topic's history.
@@ -37,8 +41,12 @@ class Position:
     def parse(cls, event_id: str) -> Position:
         """The position an event id names; raises InvalidEventId if it does not parse."""
         epoch, sep, offset = event_id.rpartition("-")
-        if not sep or not epoch or not offset.isdigit() or not epoch.isalnum():
-            raise InvalidEventId(f"not an event id: {event_id!r}")
+        # ASCII only: str.isdigit accepts "²", which int() refuses, and int() refuses more
+        # than 4300 digits; an event id is client input here, so nothing may raise but this.
+        if (not sep or not epoch or not event_id.isascii() or not offset.isdigit()
+                or len(offset) > MAX_OFFSET_DIGITS or not epoch.isalnum()):
+            shown = ascii(event_id[:40]) + ("..." if len(event_id) > 40 else "")
+            raise InvalidEventId(f"not an event id: {shown}")
         return cls(epoch, int(offset))
 
 

@@ -71,7 +71,7 @@ BAD_FRAMES = [
                  ErrorCode.BAD_EVENT, id="binary-map-key"),
     pytest.param(msgpack.packb({"op": "publish", "topic": "watch",
                                 "payload": msgpack.ExtType(5, b"x")}),
-                 ErrorCode.BAD_FRAME, id="extension-type"),
+                 ErrorCode.BAD_EVENT, id="extension-type"),
 ]
 
 

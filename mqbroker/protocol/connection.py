@@ -8,9 +8,11 @@ handshake raises `HandshakeFailed`, which carries the error event to send before
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from attrs import define, field
 
 from mqbroker.protocol.codec import (
@@ -50,6 +52,24 @@ class HandshakeFailed(Exception):
 
 def _error_of(item: Rejected) -> Error:
     return Error(code=item.code, message=item.message, id=item.id, ref=item.ref)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: How much client text an error may echo, in characters (`ref` holds an op, which is short).
+MAX_ERROR_MESSAGE, MAX_ERROR_REF = 1000, 64
+
+
+def _safe_text(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (saying how long it was), its lone surrogates replaced
+    by U+FFFD: an error may echo what a client sent, and must be encodable in any format."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def _safe_error(error: Error) -> Error:
+    ref = None if error.ref is None else _safe_text(error.ref, MAX_ERROR_REF)
+    return attrs.evolve(error, message=_safe_text(error.message, MAX_ERROR_MESSAGE), ref=ref)
 
 
 @define
@@ -96,6 +116,8 @@ class ServerConnection:
         return result
 
     def encode(self, event: ServerEvent) -> Frame:
+        if type(event) is Error:
+            event = _safe_error(event)
         return encode(event, self.format)
 
     def error(self, item: Rejected) -> Frame:
