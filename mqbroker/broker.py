@@ -18,7 +18,7 @@ import structlog
 from attrs import define, field
 
 from mqbroker.config import Config
-from mqbroker.fanout import Fanout, FanoutContext, FanoutUnavailable
+from mqbroker.fanout import Fanout, FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
 from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
@@ -30,6 +30,7 @@ from mqbroker.protocol import (
     ErrorCode,
     Forget,
     Forgot,
+    GapNotice,
     PubAck,
     Publish,
     SubAck,
@@ -53,7 +54,7 @@ logger = structlog.get_logger("mqbroker.broker")
 
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
-COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries",
+COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "gaps",
             *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
             "sessions_closed_other")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
@@ -75,6 +76,11 @@ class Broker:
     topic_limits: TopicLimits = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
+    #: (session, subscription) -> the last position its `since` replay covered. A live copy
+    #: of a replayed message can still be on its way from the fan-out when the replay ends
+    #: (Redis pub/sub lags the history read); it is dropped here, and the entry goes with the
+    #: first live message past it (per topic, later ones are later still). Issue 9, item 4.
+    _floors: dict[tuple[Session, int], Position] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
@@ -112,7 +118,10 @@ class Broker:
     async def detach(self, session: Session) -> None:
         """Forget a session: drop its subscriptions and the fan-out's watches for them."""
         self.sessions.discard(session)
-        filters = list(self.index.filters_of(session).values())
+        subs = self.index.filters_of(session)
+        filters = list(subs.values())
+        for sub in subs:
+            self._floors.pop((session, sub), None)
         self.index.remove_session(session)
         for filter in filters:
             await self._unwatch(filter)
@@ -152,8 +161,11 @@ class Broker:
         try:
             messages = await self.fanout.publish(drafts)
         except FanoutUnavailable as e:
+            # Unavailable promises that nothing was published; when that is not known, say so.
+            code = (ErrorCode.OUTCOME_UNKNOWN if isinstance(e, FanoutOutcomeUnknown)
+                    else ErrorCode.UNAVAILABLE)
             for event in accepted:
-                session.reply(_error(ErrorCode.UNAVAILABLE, f"publish failed: {e}", event))
+                session.reply(_error(code, f"publish failed: {e}", event))
             return
         self.counters["published"] += len(messages)
         for event, message in zip(accepted, messages, strict=True):
@@ -195,9 +207,39 @@ class Broker:
                 continue
             encoded = EncodedMessage(message)
             for session, subs in targets:
+                if self._floors:
+                    subs = self._past_floors(session, subs, message.position)
+                    if not subs:
+                        continue
                 session.deliver(encoded, subs)
             deliveries += len(targets)
         self.counters["deliveries"] += deliveries
+
+    def _past_floors(self, session: Session, subs: tuple[int, ...], position: Position
+                     ) -> tuple[int, ...]:
+        """`subs` without those whose replay already covered `position` (see `_floors`)."""
+        kept = []
+        for sub in subs:
+            floor = self._floors.get((session, sub))
+            if floor is not None:
+                if floor.epoch == position.epoch and position.offset <= floor.offset:
+                    continue  # replayed already
+                del self._floors[(session, sub)]
+            kept.append(sub)
+        return tuple(kept)
+
+    def interrupted(self, filters: Sequence[str]) -> None:
+        """The fan-out's callback (FanoutContext.interrupted): live delivery of `filters` may
+        have been interrupted, so every subscription on them is told with a `gap` event, queued
+        in order with its deliveries. Issue 9, item 1: self-contained so that it can be ported
+        as is (it needs only the index and the session's ordered queue)."""
+        wanted = set(filters)
+        for session in list(self.sessions):
+            subs = tuple(sorted(sub for sub, filter in self.index.filters_of(session).items()
+                                if filter in wanted))
+            if subs:
+                session.signal(GapNotice(subs=subs, reason=Gap.UNAVAILABLE.value))
+                self.counters["gaps"] += len(subs)
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -266,6 +308,8 @@ class Broker:
                 continue  # already replayed from history
             await session.outbox.put(message.fragment(session.protocol.format, (event.id,)))
         del session.recovering[event.id]
+        if event.id in self.index.filters_of(session):  # not unsubscribed meanwhile
+            self._floors[(session, event.id)] = last
 
     async def _read_history(self, topic: str, since: Position) -> Replay:
         if not self.recorded.matches_any(topic):
@@ -282,6 +326,7 @@ class Broker:
                                  f"no subscription with id {event.id}", event))
             return
         session.recovering.pop(event.id, None)
+        self._floors.pop((session, event.id), None)
         session.reply(UnsubAck(id=event.id))
         await self._unwatch(removed[0])
 
@@ -335,7 +380,7 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
     async with history_plugin.open_history(history_settings, config.history) as history:
         broker = Broker(instance_id=instance_id, config=config, history=history)
         context = FanoutContext(instance_id=instance_id, history=history,
-                                deliver=broker.deliver,
+                                deliver=broker.deliver, interrupted=broker.interrupted,
                                 dedup_window=config.server.dedup_window)
         async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
             broker.fanout = fanout

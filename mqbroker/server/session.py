@@ -85,6 +85,12 @@ class Session:
         if not self.outbox.put_nowait(message.fragment(self.protocol.format, subs)):
             self._overflowed()
 
+    def signal(self, event: ServerEvent) -> None:
+        """Queue an event in order with the deliveries (a `gap` must come after what was
+        delivered before the interruption, unlike a reply); never blocks. Issue 9, item 1."""
+        if not self.outbox.put_nowait(self.protocol.encode(event)):
+            self._overflowed()
+
     def reply(self, event: ServerEvent) -> None:
         self.outbox.reply(self.protocol.encode(event))
 

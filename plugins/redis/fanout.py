@@ -101,6 +101,9 @@ class RedisFanout:
     records_into: RedisHistory | None
     _copies: CopyFilter = field(factory=CopyFilter)
     _watches: dict[Subscription, int] = field(factory=dict)
+    #: The broker's filters as watched (several may share one Subscription), counted: what an
+    #: interruption is reported for.
+    _filters: collections.Counter[str] = field(factory=collections.Counter)
     _tracked: dict[str, Tracked] = field(factory=dict)
     _connected: bool = False
     _reason: str = "connecting to redis"
@@ -155,6 +158,7 @@ class RedisFanout:
         self._check_connected()
         count = self._watches.get(subscription, 0)
         self._watches[subscription] = count + 1
+        self._filters[filter] += 1
         try:
             if count == 0:
                 self.receiver.want(subscription, True)
@@ -235,11 +239,15 @@ class RedisFanout:
             await self._changed.wait()
 
     async def _release(self, filter: str, subscription: Subscription) -> None:
+        self._filters[filter] -= 1
+        if self._filters[filter] <= 0:
+            del self._filters[filter]
         count = self._watches.pop(subscription) - 1
         if count > 0:
             self._watches[subscription] = count
             return
-        self._tracked.pop(filter, None)
+        if filter not in self._filters:
+            self._tracked.pop(filter, None)
         self.receiver.want(subscription, False)
         await self._wake()
 
@@ -297,14 +305,38 @@ class RedisFanout:
             elif isinstance(item, Confirmed):
                 self._copies.confirm(item)
             elif isinstance(item, Refilled):
+                self._interrupted(item.incomplete, deliveries, "the refill was incomplete")
                 self._refilled(item, deliveries)
             elif isinstance(item, Connected | Disconnected):
+                if isinstance(item, Disconnected) and self._connected:
+                    self._interrupted(self._untracked_filters(), deliveries, item.reason)
                 self._connection_changed(item)
+        self._deliver(deliveries)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _deliver(self, deliveries: list[Message]) -> None:
         if deliveries:
             self._counts["delivered"] += len(deliveries)
             self.context.deliver(deliveries)
-        self._changed.set()
-        self._changed = trio.Event()
+            deliveries.clear()
+
+    def _interrupted(self, filters: Sequence[str], deliveries: list[Message], why: str) -> None:
+        """Tell the broker these filters may have missed messages: after what was delivered
+        before the interruption, before anything delivered after it (issue 9, item 1)."""
+        if not filters:
+            return
+        self._deliver(deliveries)
+        self._counts["interruptions"] += 1
+        self._counts["interrupted_filters"] += len(filters)
+        _log.warning("fanout.interrupted", url=self.settings.url, filters=len(filters),
+                     reason=why)
+        self.context.interrupted(filters)
+
+    def _untracked_filters(self) -> list[str]:
+        """The watched filters a refill does not cover: wildcards and unrecorded topics. The
+        pub/sub connection is gone, so what was published to them meanwhile is lost here."""
+        return [filter for filter in self._filters if filter not in self._tracked]
 
     def _arrived(self, item: Arrived, deliveries: list[Message]) -> None:
         if item.channel == self.receiver.home:
@@ -345,13 +377,17 @@ class RedisFanout:
         bounds = self.records_into.bounds
         plan = trio.from_thread.run_sync(self._refill_plan)
         messages: list[Message] = []
+        incomplete: list[str] = []
         for start in range(0, len(plan), REFILL_CHUNK):
             chunk = plan[start : start + REFILL_CHUNK]
             calls = [read_args(self.layout, topic, since) for topic, since in chunk]
             replies = self.bridge.scripts_sync("read", calls)
-            for (_topic, since), reply in zip(chunk, replies, strict=True):
-                messages += replay_of(reply, since, bounds).messages
-        return [Refilled(messages)] if messages else []
+            for (topic, since), reply in zip(chunk, replies, strict=True):
+                replay = replay_of(reply, since, bounds)
+                messages += replay.messages
+                if not replay.recovered:
+                    incomplete.append(topic)
+        return [Refilled(messages, incomplete)] if messages or incomplete else []
 
     def _refill_plan(self) -> list[tuple[str, Position | None]]:
         return [(topic, tracked.since) for topic, tracked in self._tracked.items()]
