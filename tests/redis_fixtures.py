@@ -84,6 +84,13 @@ def contract_server() -> RedisServer:
     return _contract_server
 
 
+def contract_broker_plugins() -> dict[str, Any]:
+    """`[plugins]` for brokers on the contract server, under a key prefix of their own."""
+    settings = settings_for(contract_server())
+    return {"redis": {"url": settings.url, "key_prefix": settings.key_prefix,
+                      "reconnect_max_delay": settings.reconnect_max_delay}}
+
+
 @asynccontextmanager
 async def open_contract_history(config: HistoryConfig) -> AsyncIterator[RedisHistory]:
     async with open_redis_history(settings_for(contract_server()), config) as history:

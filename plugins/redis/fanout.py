@@ -27,7 +27,7 @@ from mqbroker.history import HistoryUnavailable
 from mqbroker.message import Draft, Message, Position
 from mqbroker.topics import is_wildcard
 
-from .bridge import PubSubReceiver, RedisBridge, RedisUnavailable
+from .bridge import PubSubReceiver, RedisBridge, RedisOutcomeUnknown, RedisUnavailable
 from .channels import (
     Arrived,
     Confirmed,
@@ -216,6 +216,13 @@ class RedisFanout:
         while True:
             try:
                 return await self.writer.write(batch)
+            except RedisOutcomeUnknown:
+                self._counts["publish_failures"] += 1
+                self._counts["outcomes_unknown"] += 1
+                # A retry of a batch that may have run publishes it twice, unless every draft
+                # carries a msg_id: then dedup answers the retry with the original message.
+                if trio.current_time() >= deadline or not self._retry_is_idempotent(batch):
+                    raise
             except RedisUnavailable:
                 self._counts["publish_failures"] += 1
                 if trio.current_time() >= deadline:
@@ -225,6 +232,9 @@ class RedisFanout:
                 while not self._connected:
                     await self._changed.wait()
             delay = min(delay * 2, self.settings.reconnect_max_delay)
+
+    def _retry_is_idempotent(self, batch: Sequence[Outbound]) -> bool:
+        return self.context.dedup_window > 0 and all(o.draft.msg_id for o in batch)
 
     # --- watching -----------------------------------------------------------------------
 

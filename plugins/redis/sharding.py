@@ -21,7 +21,7 @@ import trio
 from attrs import frozen
 
 from mqbroker.config import HistoryConfig
-from mqbroker.fanout import FanoutContext, FanoutUnavailable, Health
+from mqbroker.fanout import FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable, Health
 from mqbroker.history import HistoryUnavailable, Replay
 from mqbroker.message import Draft, Message, Position
 from mqbroker.topics import is_wildcard
@@ -211,6 +211,13 @@ class ShardedFanout:
         results, failures = await each_shard(
             lambda shard: self.shards[shard].publish(parts[shard]), list(parts)
         )
+        if failures and (results or any(
+                isinstance(e, FanoutOutcomeUnknown) for e in failures.values())):
+            # Part of the batch was published (or may have been): `unavailable` would promise
+            # that none of it was.
+            error = first_failure(failures, self.urls)
+            also = "; the batch's other shards published theirs" if results else ""
+            raise FanoutOutcomeUnknown(f"{error}{also}") from error
         _raise_first(failures, self.urls)
         return split.merge(results)
 
