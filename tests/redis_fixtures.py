@@ -121,7 +121,15 @@ class Inbox:
 
     messages: list[Message] = field(factory=list)
     batches: int = 0
+    #: Each `interrupted` call: how many messages had been delivered then, and its filters.
+    interruptions: list[tuple[int, frozenset[str]]] = field(factory=list)
     _arrived: trio.Event = field(factory=trio.Event)
+
+    def interrupted(self, filters: Sequence[str]) -> None:
+        assert filters, "interrupted was called with no filter"
+        self.interruptions.append((len(self.messages), frozenset(filters)))
+        self._arrived.set()
+        self._arrived = trio.Event()
 
     def deliver(self, messages: Sequence[Message]) -> None:
         assert messages, "deliver was called with an empty batch"
@@ -178,6 +186,7 @@ async def open_instance(
             history=history,
             deliver=inbox.deliver,
             dedup_window=dedup_window,
+            interrupted=inbox.interrupted,
         )
         async with open_redis_fanout(settings, context) as fanout:
             yield Instance(fanout=fanout, history=history, inbox=inbox)
