@@ -21,7 +21,11 @@ from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig
 from mqbroker.fanout import Deliver, Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 from mqbroker.plugins import Plugin, load_plugin
-from tests.redis_fixtures import contract_broker_plugins, open_contract_fanout, open_contract_history
+from tests.redis_fixtures import (
+    contract_broker_plugins,
+    open_contract_fanout,
+    open_contract_history,
+)
 
 
 @frozen(kw_only=True)
