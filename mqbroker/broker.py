@@ -349,6 +349,14 @@ class Broker:
             return
         session.reply(Forgot(id=event.id, topics=count))
 
+    def gauges(self) -> frozenset[str]:
+        """The `stats()` names that are levels, not totals: the broker's own, and those its
+        plugins declare in STAT_GAUGES (issue 9: a plugin's gauge was exported as a counter)."""
+        history: frozenset[str] = getattr(self.history, "STAT_GAUGES", frozenset())
+        fanout: frozenset[str] = getattr(self.fanout, "STAT_GAUGES", frozenset())
+        return frozenset({"sessions", "subscriptions", *(f"history_{k}" for k in history),
+                          *(f"fanout_{k}" for k in fanout)})
+
     def stats(self) -> dict[str, int]:
         return {
             "sessions": len(self.sessions),

@@ -71,6 +71,10 @@ class Fanout(Protocol):
       may have been interrupted (its backend connection lost or dropped for lagging), that
       instance's `interrupted` is called with every watched filter that may have missed
       something and that the fan-out does not refill from the history itself.
+
+    Stats: `stats()` values are running totals (exported as counters), except the names a
+    class lists in an optional `STAT_GAUGES: ClassVar[frozenset[str]]`, which are levels
+    (exported as gauges). The same holds for `HistoryStore.stats()`.
     """
 
     async def publish(self, drafts: Sequence[Draft]) -> Sequence[Message]: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import ClassVar
 
 import trio
 from attrs import define, field
@@ -84,6 +85,10 @@ class MemoryFanout:
 
     def health(self) -> Health:
         return Health(ok=True)
+
+    #: The stats that are levels (gauges), not totals.
+    STAT_GAUGES: ClassVar[frozenset[str]] = frozenset(
+        {"watched_filters", "watches", "dedup_entries"})
 
     def stats(self) -> dict[str, int]:
         return {

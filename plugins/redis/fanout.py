@@ -16,6 +16,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import ClassVar
 
 import structlog
 import trio
@@ -181,6 +182,9 @@ class RedisFanout:
         if self._probe_lost:
             return Health(ok=False, detail="a pub/sub probe was lost; reconnecting")
         return Health(ok=True)
+
+    #: The stats that are levels (gauges), not totals.
+    STAT_GAUGES: ClassVar[frozenset[str]] = frozenset({"watches", "tracked_topics"})
 
     def stats(self) -> dict[str, int]:
         return {

@@ -13,7 +13,7 @@ import collections
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -242,6 +242,9 @@ class ShardedFanout:
         shards = self.shards if is_wildcard(filter) else [self.shard_for(filter)]
         for shard in shards:
             await shard.unwatch(filter)
+
+    #: Summed over the shards, levels stay levels.
+    STAT_GAUGES: ClassVar[frozenset[str]] = RedisFanout.STAT_GAUGES
 
     def health(self) -> Health:
         failing = [
