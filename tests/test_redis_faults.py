@@ -7,6 +7,9 @@ health with a short sleep inside `trio.fail_after`.
 
 from __future__ import annotations
 
+import time
+
+import msgpack
 import pytest
 import redis
 import trio
@@ -358,3 +361,36 @@ async def test_an_unknown_outcome_with_msg_ids_is_retried_and_delivered_once(
 
     assert [m.payload for m in a.inbox.messages] == ["once"]
     assert stats["outcomes_unknown"] >= 1
+
+
+def burst_then_kill_pubsub(server: RedisServer, channel: bytes, payloads: range) -> None:
+    """Synchronously, while trio is blocked: publish one message (B's pub/sub thread takes it
+    and waits for trio to hand it over), then the rest (they wait in B's socket), then have
+    Redis close B's pub/sub connection behind them."""
+    with redis.Redis.from_url(server.url) as client:
+        first, *rest = payloads
+        client.publish(channel, msgpack.packb(["e", first, False, "d/1", first, 0.0, None]))
+        time.sleep(0.3)
+        for n in rest:
+            client.publish(channel, msgpack.packb(["e", n, False, "d/1", n, 0.0, None]))
+        time.sleep(0.1)
+        client.client_kill_filter(_type="pubsub")
+
+
+async def test_messages_read_just_before_the_connection_broke_are_still_delivered(
+    redis_server: RedisServer,
+) -> None:
+    """Messages that reached B's pub/sub socket before Redis closed it are delivered, then the
+    interruption reported: the receiver used to drop the batch it was reading when the read
+    hit the closed connection (a restarted Redis cannot refill them)."""
+    settings = settings_for(redis_server)
+    async with open_instance(settings, "b") as b:
+        await b.watch("d/1")
+        channel = b.fanout.layout.channel("d/1")
+        # Blocks trio on purpose: B's pub/sub thread cannot hand anything over meanwhile.
+        burst_then_kill_pubsub(redis_server, channel, range(1, 6))
+        await b.inbox.wait_until(lambda: len(b.inbox.messages) >= 5)
+        await until_stat(b.fanout, "connections", 2)
+
+    assert [m.payload for m in b.inbox.messages] == [1, 2, 3, 4, 5]
+    assert b.inbox.interruptions == [(5, frozenset({"d/1"}))]

@@ -286,10 +286,15 @@ class PubSubReceiver:
                     self._reconnect.clear()
                     raise RedisUnavailable("the pub/sub probe was lost; reconnecting")
                 with translated_errors():
-                    batch = self._drain(pubsub)
-                    self._send_commands(pubsub)
+                    batch, failure = self._drain(pubsub)
+                    if failure is None:
+                        self._send_commands(pubsub)
                 if batch:
                     hand_over(batch)
+                if failure is not None:
+                    # Raised only now: what arrived before the connection broke is delivered.
+                    raise RedisUnavailable(f"redis: {failure or type(failure).__name__}"
+                                           ) from failure
         finally:
             self._close(pubsub)
 
@@ -322,17 +327,25 @@ class PubSubReceiver:
                 held.append(item)
         return held
 
-    def _drain(self, pubsub: Any) -> list[Received]:
+    def _drain(self, pubsub: Any) -> tuple[list[Received], redis.exceptions.RedisError | None]:
+        """What the connection holds (up to RECEIVE_BATCH), and the error that ended the read
+        if it broke: the messages read before the break must still be handed over (they were
+        lost with the batch before, and a refill from a restarted Redis cannot bring them)."""
         batch: list[Received] = []
-        message = pubsub.get_message(timeout=POLL_SECONDS)
-        while message is not None:
-            item = self._item(message)
-            if item is not None:
-                batch.append(item)
-            if len(batch) >= RECEIVE_BATCH:
-                break
-            message = pubsub.get_message(timeout=0)
-        return batch
+        try:
+            message = pubsub.get_message(timeout=POLL_SECONDS)
+            while message is not None:
+                item = self._item(message)
+                if item is not None:
+                    batch.append(item)
+                if len(batch) >= RECEIVE_BATCH:
+                    break
+                message = pubsub.get_message(timeout=0)
+        except redis.exceptions.RedisError as error:
+            if not batch:
+                raise
+            return batch, error
+        return batch, None
 
     def _send_commands(self, pubsub: Any) -> None:
         while not self._commands.empty():
