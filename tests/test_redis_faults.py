@@ -399,3 +399,28 @@ async def test_messages_read_just_before_the_connection_broke_are_still_delivere
 
     assert [m.payload for m in b.inbox.messages] == [1, 2, 3, 4, 5]
     assert b.inbox.interruptions == [(5, frozenset({"d/1"}))]
+
+
+async def test_a_recorded_topic_still_empty_is_not_reported_after_a_drop(
+    redis_server: RedisServer,
+) -> None:
+    """A watched exact recorded topic on which nothing was ever published: a dropped pub/sub
+    connection costs it nothing, so no interruption (its first offsets, from Redis' clock,
+    once made the refill see a hole after offset 0); after a restart empty, it is reported."""
+    empty = "mcp/session/empty/message"
+    settings = settings_for(redis_server)
+    async with open_instance(settings, "a") as a, open_instance(settings, "b") as b:
+        await a.publish(draft(SESSION_TOPIC, 1, record=True))  # Redis has an epoch
+        await b.watch(empty)
+        await trio.to_thread.run_sync(kill_pubsub_clients, redis_server)
+        await until_stat(b.fanout, "connections", 2)
+        [first] = await a.publish(draft(empty, "first", record=True))
+        await b.inbox.wait_for(first)
+        assert b.inbox.interruptions == []
+        await b.watch("mcp/session/empty2/message")
+        await trio.to_thread.run_sync(redis_server.restart)
+        await until_stat(b.fanout, "connections", 3)
+        await b.inbox.wait_until(lambda: len(b.inbox.interruptions) >= 1)
+
+    reported = set().union(*(filters for _, filters in b.inbox.interruptions))
+    assert reported == {empty, "mcp/session/empty2/message"}

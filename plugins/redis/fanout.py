@@ -73,6 +73,9 @@ class Tracked:
     delivered: Position | None = None
     #: The topic's newest position when the watch began (None: read all that is retained).
     baseline: Position | None = None
+    #: Redis' epoch when the watch began on a topic with nothing recorded yet (no counter):
+    #: a refill then reads all that is retained, and only a new epoch means a possible loss.
+    empty_in: str | None = None
 
     @property
     def since(self) -> Position | None:
@@ -280,8 +283,14 @@ class RedisFanout:
             epoch, counter = await self.bridge.command("MGET", *keys)
         except RedisUnavailable:
             return  # a refill then reads all that is retained: a repeat, not a loss
-        if epoch is not None:
-            tracked.baseline = Position(epoch.decode(), int(counter or 0))
+        if epoch is None:
+            return
+        if counter is None:
+            # No offset to start after: offsets of a new counter start at Redis' clock, so a
+            # baseline of 0 would read as a hole (TRIMMED) where nothing was lost.
+            tracked.empty_in = epoch.decode()
+        else:
+            tracked.baseline = Position(epoch.decode(), int(counter))
 
     async def _wake(self) -> None:
         """Wake the pub/sub thread so it sends queued (un)subscriptions now."""
@@ -394,17 +403,23 @@ class RedisFanout:
         incomplete: list[str] = []
         for start in range(0, len(plan), REFILL_CHUNK):
             chunk = plan[start : start + REFILL_CHUNK]
-            calls = [read_args(self.layout, topic, since) for topic, since in chunk]
+            calls = [read_args(self.layout, topic, since) for topic, since, _ in chunk]
             replies = self.bridge.scripts_sync("read", calls)
-            for (topic, since), reply in zip(chunk, replies, strict=True):
+            for (topic, since, empty_in), reply in zip(chunk, replies, strict=True):
                 replay = replay_of(reply, since, bounds)
                 messages += replay.messages
-                if not replay.recovered:
+                # Read from the start of a topic empty at the watch: complete unless Redis
+                # has another epoch since (it lost its data, and maybe messages with it).
+                new_epoch = empty_in is not None and reply[0].decode() != empty_in
+                if not replay.recovered or new_epoch:
                     incomplete.append(topic)
         return [Refilled(messages, incomplete)] if messages or incomplete else []
 
-    def _refill_plan(self) -> list[tuple[str, Position | None]]:
-        return [(topic, tracked.since) for topic, tracked in self._tracked.items()]
+    def _refill_plan(self) -> list[tuple[str, Position | None, str | None]]:
+        """(topic, where to read after, the epoch it was empty in if it was read from its
+        start) for every tracked topic."""
+        return [(topic, tracked.since, tracked.empty_in if tracked.since is None else None)
+                for topic, tracked in self._tracked.items()]
 
     # --- health -------------------------------------------------------------------------
 
