@@ -76,11 +76,11 @@ class Broker:
     topic_limits: TopicLimits = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
-    #: (session, subscription) -> the last position its `since` replay covered. A live copy
+    #: session -> subscription -> the last position its `since` replay covered. A live copy
     #: of a replayed message can still be on its way from the fan-out when the replay ends
     #: (Redis pub/sub lags the history read); it is dropped here, and the entry goes with the
     #: first live message past it (per topic, later ones are later still). Issue 9, item 4.
-    _floors: dict[tuple[Session, int], Position] = field(factory=dict)
+    _floors: dict[Session, dict[int, Position]] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
@@ -118,10 +118,8 @@ class Broker:
     async def detach(self, session: Session) -> None:
         """Forget a session: drop its subscriptions and the fan-out's watches for them."""
         self.sessions.discard(session)
-        subs = self.index.filters_of(session)
-        filters = list(subs.values())
-        for sub in subs:
-            self._floors.pop((session, sub), None)
+        filters = list(self.index.filters_of(session).values())
+        self._floors.pop(session, None)
         self.index.remove_session(session)
         for filter in filters:
             await self._unwatch(filter)
@@ -207,26 +205,34 @@ class Broker:
                 continue
             encoded = EncodedMessage(message)
             for session, subs in targets:
-                if self._floors:
-                    subs = self._past_floors(session, subs, message.position)
+                floors = self._floors.get(session) if self._floors else None
+                if floors:
+                    subs = self._past_floors(session, floors, subs, message.position)
                     if not subs:
                         continue
                 session.deliver(encoded, subs)
             deliveries += len(targets)
         self.counters["deliveries"] += deliveries
 
-    def _past_floors(self, session: Session, subs: tuple[int, ...], position: Position
-                     ) -> tuple[int, ...]:
+    def _past_floors(self, session: Session, floors: dict[int, Position],
+                     subs: tuple[int, ...], position: Position) -> tuple[int, ...]:
         """`subs` without those whose replay already covered `position` (see `_floors`)."""
         kept = []
         for sub in subs:
-            floor = self._floors.get((session, sub))
+            floor = floors.get(sub)
             if floor is not None:
                 if floor.epoch == position.epoch and position.offset <= floor.offset:
                     continue  # replayed already
-                del self._floors[(session, sub)]
+                self._drop_floor(session, sub)
             kept.append(sub)
         return tuple(kept)
+
+    def _drop_floor(self, session: Session, sub: int) -> None:
+        floors = self._floors.get(session)
+        if floors is not None:
+            floors.pop(sub, None)
+            if not floors:
+                del self._floors[session]
 
     def interrupted(self, filters: Sequence[str]) -> None:
         """The fan-out's callback (FanoutContext.interrupted): live delivery of `filters` may
@@ -309,7 +315,7 @@ class Broker:
             await session.outbox.put(message.fragment(session.protocol.format, (event.id,)))
         del session.recovering[event.id]
         if event.id in self.index.filters_of(session):  # not unsubscribed meanwhile
-            self._floors[(session, event.id)] = last
+            self._floors.setdefault(session, {})[event.id] = last
 
     async def _read_history(self, topic: str, since: Position) -> Replay:
         if not self.recorded.matches_any(topic):
@@ -326,7 +332,7 @@ class Broker:
                                  f"no subscription with id {event.id}", event))
             return
         session.recovering.pop(event.id, None)
-        self._floors.pop((session, event.id), None)
+        self._drop_floor(session, event.id)
         session.reply(UnsubAck(id=event.id))
         await self._unwatch(removed[0])
 
