@@ -18,7 +18,7 @@ import structlog
 from attrs import define, field
 
 from mqbroker.config import Config
-from mqbroker.fanout import Fanout, FanoutContext, FanoutUnavailable
+from mqbroker.fanout import Fanout, FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
 from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
@@ -30,6 +30,7 @@ from mqbroker.protocol import (
     ErrorCode,
     Forget,
     Forgot,
+    GapNotice,
     PubAck,
     Publish,
     ServerEvent,
@@ -55,7 +56,7 @@ logger = structlog.get_logger("mqbroker.broker")
 
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
-COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries",
+COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "gaps",
             *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
             "sessions_closed_other")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
@@ -87,6 +88,9 @@ class Session(Protocol):
 
     def reply(self, event: ServerEvent) -> None:
         """Queue a reply to the session's own request (sent by its next `flush`)."""
+
+    def signal(self, event: ServerEvent) -> None:
+        """Queue an event in order with the deliveries (where `reply` would overtake them)."""
 
     def flush(self) -> None:
         """Hand what is queued to the connection now, without waiting for the peer."""
@@ -203,8 +207,11 @@ class Broker:
         try:
             messages = await self.fanout.publish(drafts)
         except FanoutUnavailable as e:
+            # Unavailable promises that nothing was published; when that is not known, say so.
+            code = (ErrorCode.OUTCOME_UNKNOWN if isinstance(e, FanoutOutcomeUnknown)
+                    else ErrorCode.UNAVAILABLE)
             for event in accepted:
-                session.reply(_error(ErrorCode.UNAVAILABLE, f"publish failed: {e}", event))
+                session.reply(_error(code, f"publish failed: {e}", event))
             return
         self.counters["published"] += len(messages)
         for event, message in zip(accepted, messages, strict=True):
@@ -281,6 +288,19 @@ class Broker:
                 # the session's slow-consumer policy applies, as for a full outbox.
                 session.slow()
         return tuple(live)
+
+    def interrupted(self, filters: Sequence[str]) -> None:
+        """The fan-out's callback (FanoutContext.interrupted): live delivery of `filters` may
+        have been interrupted, so every subscription on them is told with a `gap` event, queued
+        in order with its deliveries."""
+        wanted = set(filters)
+        for session in list(self.sessions):
+            subs = tuple(sorted(sub for sub, filter in self.index.filters_of(session).items()
+                                if filter in wanted))
+            if subs:
+                session.signal(GapNotice(subs=subs, reason=Gap.UNAVAILABLE.value))
+                session.flush()
+                self.counters["gaps"] += len(subs)
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -421,6 +441,14 @@ class Broker:
             return
         session.reply(Forgot(id=event.id, topics=count))
 
+    def gauges(self) -> frozenset[str]:
+        """The `stats()` names that are levels, not totals: the broker's own, and those its
+        plugins declare in STAT_GAUGES (issue 9: a plugin's gauge was exported as a counter)."""
+        history: frozenset[str] = getattr(self.history, "STAT_GAUGES", frozenset())
+        fanout: frozenset[str] = getattr(self.fanout, "STAT_GAUGES", frozenset())
+        return frozenset({"sessions", "subscriptions", *(f"history_{k}" for k in history),
+                          *(f"fanout_{k}" for k in fanout)})
+
     def stats(self) -> dict[str, int]:
         return {
             "sessions": len(self.sessions),
@@ -455,7 +483,8 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
                                 deliver=broker.deliver,
                                 dedup_window=config.server.dedup_window,
                                 dedup_max_entries=config.server.dedup_max_entries,
-                                dedup_max_bytes=config.server.dedup_max_bytes)
+                                dedup_max_bytes=config.server.dedup_max_bytes,
+                                interrupted=broker.interrupted)
         async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
             broker.fanout = fanout
             yield broker

@@ -16,6 +16,15 @@ from mqbroker.message import Draft, Message
 
 #: Hands messages to this instance's matching sessions. Never blocks and never raises.
 Deliver = Callable[[Sequence[Message]], None]
+#: Tells the broker that live delivery of these watched filters to this instance may have
+#: been interrupted: their subscriptions may have missed messages that `deliver` will never
+#: bring. Called in stream order (after every message delivered before the interruption and
+#: before any delivered after it). Never blocks and never raises.
+Interrupted = Callable[[Sequence[str]], None]
+
+
+def _nobody_told(filters: Sequence[str]) -> None:
+    """The default for fan-outs opened outside a broker (tests, benchmarks)."""
 
 
 @frozen(kw_only=True)
@@ -34,6 +43,8 @@ class FanoutContext:
     #: Bounds of the (topic, msg_id) pairs an instance remembers for that, where it keeps them.
     dedup_max_entries: int = 100_000
     dedup_max_bytes: int = 64 * 1024 * 1024
+    #: Called with the watched filters whose live delivery may have been interrupted.
+    interrupted: Interrupted = _nobody_told
 
 
 @frozen(kw_only=True)
@@ -59,8 +70,17 @@ class Fanout(Protocol):
     - `watch(filter)` returns once messages matching `filter` published from then on are
       certain to reach this instance's `deliver`; `unwatch` undoes one `watch`
       (watches are counted: two watches of one filter need two unwatches).
-    - `publish` raises `FanoutUnavailable` when the message cannot be carried; a message
-      whose publish returned is never lost by the fan-out.
+    - `publish` raises `FanoutUnavailable` when the message cannot be carried (nothing was
+      published), and `FanoutOutcomeUnknown` when it may or may not have been (a timeout
+      after the backend got it). A message whose publish returned is never lost silently:
+      either every watching instance's `deliver` gets it, or, when delivery to an instance
+      may have been interrupted (its backend connection lost or dropped for lagging), that
+      instance's `interrupted` is called with every watched filter that may have missed
+      something and that the fan-out does not refill from the history itself.
+
+    Stats: `stats()` values are running totals (exported as counters), except the names a
+    class lists in an optional `STAT_GAUGES: ClassVar[frozenset[str]]`, which are levels
+    (exported as gauges). The same holds for `HistoryStore.stats()`.
     """
 
     #: True when `publish` waits on no I/O (the in-process fan-out): sessions then publish
@@ -82,3 +102,9 @@ class Fanout(Protocol):
 
 class FanoutUnavailable(Exception):
     """The fan-out's backend cannot be reached; the publish did not happen."""
+
+
+class FanoutOutcomeUnknown(FanoutUnavailable):
+    """The publish may or may not have happened (the backend got it, then the answer was lost).
+    A subclass, so code that only knows `FanoutUnavailable` still fails the publish; the
+    broker answers `outcome_unknown` rather than `unavailable`, which promises nothing was done."""

@@ -59,6 +59,8 @@ class HistoryStore(Protocol):
     - `forget(filter)` drops every recorded topic the filter matches and returns how many.
       A later read of such a topic from an old position reports `Gap.TRIMMED`.
     - Methods may raise `HistoryUnavailable`; they never raise backend-specific errors.
+    - `stats()`: running totals, except the levels a class names in an optional
+      `STAT_GAUGES: ClassVar[frozenset[str]]` (see `Fanout`).
     """
 
     async def append(self, drafts: Sequence[Draft]) -> Sequence[Message]: ...

@@ -51,7 +51,19 @@ def load_plugin(name: str) -> Plugin:
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise PluginError(f"no plugin named {name!r} is installed (installed: {known})")
-    plugin = found[name].load()
+    try:
+        plugin = found[name].load()
+    except ModuleNotFoundError as error:
+        raise PluginError(_missing_module(found[name], name, error)) from error
     if not isinstance(plugin, Plugin):
         raise PluginError(f"entry point {name!r} is not an mqbroker.plugins.Plugin")
     return plugin
+
+
+def _missing_module(entry_point: Any, name: str, error: ModuleNotFoundError) -> str:
+    """What to do about a plugin whose dependency is missing. The built-in plugins' optional
+    dependencies are the package's extras of the same name (`mqbroker[redis]`)."""
+    message = f"plugin {name!r} cannot be imported: {error}"
+    if str(entry_point.value).startswith("mqbroker_plugins."):
+        message += f"; install it with: pip install 'mqbroker[{name}]'"
+    return message

@@ -43,6 +43,9 @@ class MemorySession:
     def reply(self, event: ServerEvent) -> None:
         self.queued.append(encode(event, self.format))
 
+    def signal(self, event: ServerEvent) -> None:
+        self.queued.append(encode(event, self.format))
+
     def flush(self) -> None:
         if self.queued:
             self.frames.append(join(self.queued, self.format))

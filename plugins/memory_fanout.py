@@ -108,6 +108,10 @@ class MemoryFanout:
     def health(self) -> Health:
         return Health(ok=True)
 
+    #: The stats that are levels (gauges), not totals.
+    STAT_GAUGES: ClassVar[frozenset[str]] = frozenset(
+        {"watched_filters", "watches", "dedup_entries"})
+
     def stats(self) -> dict[str, int]:
         return {
             "published": self._counts["published"],

@@ -29,6 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from itertools import islice
+from typing import ClassVar
 
 import structlog
 import trio
@@ -333,6 +334,9 @@ class MemoryHistory:
     async def forget(self, filter: str) -> int:
         await trio.lowlevel.checkpoint()
         return self.store.forget(filter)
+
+    #: The stats that are levels (gauges), not totals.
+    STAT_GAUGES: ClassVar[frozenset[str]] = frozenset({"topics", "messages", "bytes", "tombstones"})
 
     def stats(self) -> dict[str, int]:
         return self.store.stats()

@@ -84,6 +84,13 @@ def contract_server() -> RedisServer:
     return _contract_server
 
 
+def contract_broker_plugins() -> dict[str, Any]:
+    """`[plugins]` for brokers on the contract server, under a key prefix of their own."""
+    settings = settings_for(contract_server())
+    return {"redis": {"url": settings.url, "key_prefix": settings.key_prefix,
+                      "reconnect_max_delay": settings.reconnect_max_delay}}
+
+
 @asynccontextmanager
 async def open_contract_history(config: HistoryConfig) -> AsyncIterator[RedisHistory]:
     async with open_redis_history(settings_for(contract_server()), config) as history:
@@ -114,7 +121,15 @@ class Inbox:
 
     messages: list[Message] = field(factory=list)
     batches: int = 0
+    #: Each `interrupted` call: how many messages had been delivered then, and its filters.
+    interruptions: list[tuple[int, frozenset[str]]] = field(factory=list)
     _arrived: trio.Event = field(factory=trio.Event)
+
+    def interrupted(self, filters: Sequence[str]) -> None:
+        assert filters, "interrupted was called with no filter"
+        self.interruptions.append((len(self.messages), frozenset(filters)))
+        self._arrived.set()
+        self._arrived = trio.Event()
 
     def deliver(self, messages: Sequence[Message]) -> None:
         assert messages, "deliver was called with an empty batch"
@@ -171,6 +186,7 @@ async def open_instance(
             history=history,
             deliver=inbox.deliver,
             dedup_window=dedup_window,
+            interrupted=inbox.interrupted,
         )
         async with open_redis_fanout(settings, context) as fanout:
             yield Instance(fanout=fanout, history=history, inbox=inbox)

@@ -109,6 +109,23 @@ class RedisServer:
                 process.kill()
                 process.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its connections but answers nothing until `resume`."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server: it then runs what it was sent meanwhile."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown, no save) and wait for it to end."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
     def restart(self) -> None:
         """Stop, then start an empty server on the same port."""
         self.stop()

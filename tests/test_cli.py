@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from mqbroker import __version__
-from mqbroker.cli import build_config, main, parse_args
-from mqbroker.config import Config, ConfigError, LogConfig, ServerConfig
+from mqbroker.cli import build_config, check_plugins, main, parse_args
+from mqbroker.config import (
+    Config,
+    ConfigError,
+    FanoutConfig,
+    HistoryConfig,
+    LogConfig,
+    ServerConfig,
+)
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 
@@ -186,3 +193,16 @@ def test_serve_unknown_log_level_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as caught:
         parse_args(["serve", "--log-level", "loud"])
     assert caught.value.code == 2
+
+
+def test_a_missing_plugin_dependency_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only the base install (no redis-py), check-config names the extra to install."""
+    monkeypatch.setitem(sys.modules, "redis", None)  # importing it now fails, as if absent
+    for module in [m for m in sys.modules if m.startswith("mqbroker_plugins.redis")]:
+        monkeypatch.delitem(sys.modules, module)
+    config = Config(history=HistoryConfig(plugin="redis"), fanout=FanoutConfig(plugin="redis"))
+    with pytest.raises(ConfigError) as raised:
+        check_plugins(config, source="x.toml")
+    assert str(raised.value).startswith("x.toml: history.plugin: plugin 'redis' cannot be imported")
+    assert str(raised.value).endswith("pip install 'mqbroker[redis]'")

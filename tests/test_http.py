@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mqbroker.broker import Broker, open_broker
 from mqbroker.client import connect
-from mqbroker.config import MetricsConfig
+from mqbroker.config import Config, FanoutConfig, HistoryConfig, MetricsConfig, ServerConfig
 from mqbroker.fanout import Fanout, Health
 from mqbroker.message import Draft, Message
 from mqbroker.server.http import (
@@ -33,7 +33,8 @@ from mqbroker.server.http import (
     serve_http,
 )
 from tests.daemon import running_daemon
-from tests.harness import RunningBroker, broker_config
+from tests.harness import RunningBroker, broker_config, running_broker
+from tests.redis_server import RedisServer
 
 # --- A tiny HTTP client: h11 on a real socket ----------------------------------------------
 
@@ -413,3 +414,16 @@ async def test_the_daemon_serves_health_and_metrics_when_configured(tmp_path: Pa
         daemon.process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await daemon.process.wait() == 0
+
+
+async def test_plugins_declare_their_gauges(redis_server: RedisServer) -> None:
+    """A plugin's level (the Redis fan-out's tracked_topics) is exported as a gauge, not as a
+    counter `..._tracked_topics_total`: the plugin declares it in STAT_GAUGES."""
+    config = Config(server=ServerConfig(port=0), history=HistoryConfig(plugin="redis"),
+                    fanout=FanoutConfig(plugin="redis"),
+                    plugins={"redis": {"url": redis_server.url}})
+    async with running_broker(config) as running:
+        text = Endpoints(running.broker).reply(b"GET", b"/metrics").body.decode()
+    assert "# TYPE mqbroker_fanout_tracked_topics gauge" in text
+    assert "# TYPE mqbroker_fanout_watches gauge" in text
+    assert "# TYPE mqbroker_fanout_batches_total counter" in text

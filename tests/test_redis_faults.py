@@ -7,13 +7,16 @@ health with a short sleep inside `trio.fail_after`.
 
 from __future__ import annotations
 
+import time
+
+import msgpack
 import pytest
 import redis
 import trio
 from structlog.testing import capture_logs
 
 from mqbroker.config import HistoryConfig
-from mqbroker.fanout import FanoutUnavailable
+from mqbroker.fanout import FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryUnavailable
 from mqbroker.message import Message, Position
 from mqbroker_plugins.redis import RedisFanout, RedisSettings
@@ -36,6 +39,13 @@ async def until_health(fanout: RedisFanout, ok: bool) -> None:
     """Poll health until it is `ok` (Redis gives no event for its own death)."""
     with trio.fail_after(WAIT):
         while fanout.health().ok != ok:  # noqa: ASYNC110 - health() is a state, not an event
+            await trio.sleep(0.01)
+
+
+async def until_stat(fanout: RedisFanout, key: str, at_least: int) -> None:
+    """Poll the fan-out's stats until `key` reaches `at_least` (the receiver's thread counts)."""
+    with trio.fail_after(WAIT):
+        while fanout.stats().get(key, 0) < at_least:  # noqa: ASYNC110 - a counter, no event
             await trio.sleep(0.01)
 
 
@@ -70,13 +80,17 @@ async def test_stopped_redis_degrades_health_and_refuses_publishes(
 
     assert "redis unreachable" in health.detail
     events = [entry for entry in logs if entry["event"].startswith("fanout.")]
-    assert [entry["event"] for entry in events] == ["fanout.degraded", "fanout.recovered"]
-    assert "redis unreachable" in events[0]["reason"]
+    # The watch on t/1 may have missed messages while the pub/sub connection was down.
+    assert [entry["event"] for entry in events] == [
+        "fanout.interrupted", "fanout.degraded", "fanout.recovered"]
+    assert events[0]["filters"] == 1
+    assert "redis unreachable" in events[1]["reason"]
 
 
 async def test_a_restart_mid_stream_loses_nothing_recorded(redis_server: RedisServer) -> None:
     """Redis restarted (empty) while A publishes a stream: B re-subscribes and refills from the
-    stream, so it receives every message whose publish returned, in order, none twice."""
+    stream, so it receives every message whose publish returned, in order, none twice, or it
+    reports the topic as interrupted (what Redis had not pushed to B died with it)."""
     settings = settings_for(redis_server, publish_timeout=WAIT)
     total, restart_at = 300, 100
     published: list[Message] = []
@@ -88,21 +102,31 @@ async def test_a_restart_mid_stream_loses_nothing_recorded(redis_server: RedisSe
 
         async def stream() -> None:
             for n in range(total):
-                published.extend(await a.publish(draft(SESSION_TOPIC, n, record=True)))
+                # A msg_id: a publish whose outcome the restart made unknown is retried
+                # (publish_timeout) only if dedup can absorb the retry.
+                published.extend(await a.publish(
+                    draft(SESSION_TOPIC, n, record=True, msg_id=f"m{n}")))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream)
             await b.inbox.wait_until(lambda: len(b.inbox.messages) >= restart_at)
             await trio.to_thread.run_sync(redis_server.restart)
         await b.inbox.wait_until(lambda: published[-1] in b.inbox.messages)
+        # The last message can arrive before B's receiver has noticed the restart (it may
+        # have come through A's retry on a connection B had not lost yet): wait for it.
+        await until_stat(b.fanout, "connections", 2)
         stats = b.fanout.stats()
 
     received = b.inbox.messages
     assert [m.payload for m in published] == list(range(total))
     # A publish whose reply died with the server may have been retried: its payload can
-    # come twice, under two positions. No position comes twice, and none published is missing.
+    # come twice, under two positions. No position comes twice, and none published is missing
+    # unless B reported the topic interrupted: restarted empty, Redis loses what it had not
+    # yet pushed to B, and B's refill (a new epoch) cannot tell whether anything was lost.
     assert len({m.position for m in received}) == len(received)
-    assert {m.position for m in published} <= {m.position for m in received}
+    missing = {m.position for m in published} - {m.position for m in received}
+    reported = set().union(*(filters for _, filters in b.inbox.interruptions))
+    assert not missing or SESSION_TOPIC in reported
     assert [m.payload for m in received] == sorted(m.payload for m in received)
     assert stats["connections"] >= 2
 
@@ -232,3 +256,171 @@ async def test_a_lost_offset_counter_never_reuses_positions(
             replay = await a.history.read("c/t", old[-1].position)
     assert new[0].position.offset > old[-1].position.offset
     assert (list(replay.messages), replay.gap) == (new, Gap.TRIMMED)
+
+
+# --- interruptions: every watch that may have missed something is reported (issue 9) --------
+
+UNRECORDED = "u/1"
+WILDCARD = "mcp/session/+/message"
+
+
+def kill_pubsub_clients(server: RedisServer) -> None:
+    """What Redis does to a subscriber over `client-output-buffer-limit pubsub`."""
+    with redis.Redis.from_url(server.url) as client:
+        client.client_kill_filter(_type="pubsub")
+
+
+async def test_a_dropped_pubsub_connection_reports_what_the_refill_cannot_cover(
+    redis_server: RedisServer,
+) -> None:
+    """Redis drops B's pub/sub connection (as it does to a lagging subscriber): B reports its
+    wildcard and unrecorded watches as interrupted, once, after everything delivered before;
+    the exact recorded topic is refilled completely, so it is not reported."""
+    settings = settings_for(redis_server, publish_timeout=WAIT)
+    async with open_instance(settings, "a") as a, open_instance(settings, "b") as b:
+        await b.watch(UNRECORDED, WILDCARD, SESSION_TOPIC)
+        before = await a.publish(draft(UNRECORDED, 1), draft(SESSION_TOPIC, 1, record=True))
+        await b.inbox.wait_until(lambda: all(m in b.inbox.messages for m in before))
+        delivered_before = len(b.inbox.messages)
+        await trio.to_thread.run_sync(kill_pubsub_clients, redis_server)
+        await until_stat(b.fanout, "connections", 2)
+        after = await a.publish(draft(UNRECORDED, 2), draft(SESSION_TOPIC, 2, record=True))
+        await b.inbox.wait_until(lambda: all(m in b.inbox.messages for m in after))
+        stats = b.fanout.stats()
+
+    assert b.inbox.interruptions == [(delivered_before, frozenset({UNRECORDED, WILDCARD}))]
+    assert stats["interruptions"] == 1
+
+
+async def test_a_restart_reports_every_watch_that_may_have_missed_something(
+    redis_server: RedisServer,
+) -> None:
+    """Restarted empty, Redis has a new epoch: even the exact recorded topic's refill cannot
+    prove it missed nothing after its last position, so it is reported too."""
+    settings = settings_for(redis_server, publish_timeout=WAIT)
+    async with open_instance(settings, "a") as a, open_instance(settings, "b") as b:
+        await b.watch(UNRECORDED, WILDCARD, SESSION_TOPIC)
+        before = await a.publish(draft(SESSION_TOPIC, 1, record=True))
+        await b.inbox.wait_until(lambda: before[0] in b.inbox.messages)
+        await trio.to_thread.run_sync(redis_server.restart)
+        await until_stat(b.fanout, "connections", 2)
+        after = await a.publish(draft(UNRECORDED, 2), draft(SESSION_TOPIC, 2, record=True))
+        await b.inbox.wait_until(lambda: all(m in b.inbox.messages for m in after))
+
+    reported = set().union(*(filters for _, filters in b.inbox.interruptions))
+    assert reported == {UNRECORDED, WILDCARD, SESSION_TOPIC}
+    assert all(count == 1 for count, _ in b.inbox.interruptions)  # after the first message
+
+
+async def test_a_publish_timed_out_in_a_paused_redis_is_outcome_unknown(
+    redis_server: RedisServer,
+) -> None:
+    """Redis paused (SIGSTOP) past socket_timeout: the publish fails as FanoutOutcomeUnknown,
+    not as a plain FanoutUnavailable (which promises nothing was published), and indeed
+    the message is delivered once Redis resumes."""
+    settings = settings_for(redis_server, socket_timeout=0.5)
+    async with open_instance(settings, "a") as a:
+        await a.watch("p/1")
+        redis_server.pause()
+        try:
+            with pytest.raises(FanoutOutcomeUnknown):
+                await a.publish(draft("p/1", "maybe"))
+        finally:
+            redis_server.resume()
+        await a.inbox.wait_until(lambda: [m.payload for m in a.inbox.messages] == ["maybe"])
+
+
+async def test_a_publish_refused_before_it_was_sent_is_unavailable(
+    redis_server: RedisServer,
+) -> None:
+    """Redis gone before the script could be sent: plain FanoutUnavailable, not unknown."""
+    settings = settings_for(redis_server, socket_timeout=0.5)
+    async with open_instance(settings, "a") as a:
+        await trio.to_thread.run_sync(redis_server.stop)
+        with pytest.raises(FanoutUnavailable) as raised:
+            await a.publish(draft("p/1", "never"))
+    assert not isinstance(raised.value, FanoutOutcomeUnknown)
+
+
+async def test_an_unknown_outcome_with_msg_ids_is_retried_and_delivered_once(
+    redis_server: RedisServer,
+) -> None:
+    """With publish_timeout and a msg_id, the publish whose outcome a pause made unknown is
+    retried: dedup answers the retry with the original, delivered once."""
+    settings = settings_for(redis_server, socket_timeout=0.5, publish_timeout=WAIT)
+    async with open_instance(settings, "a") as a:
+        await a.watch("p/1")
+        redis_server.pause()
+        async with trio.open_nursery() as nursery:
+            results: list[Message] = []
+
+            async def publish() -> None:
+                results.extend(await a.publish(draft("p/1", "once", msg_id="k1")))
+
+            nursery.start_soon(publish)
+            await trio.sleep(1.5)
+            redis_server.resume()
+        await a.inbox.wait_for(results[0])
+        await trio.sleep(0.2)  # a second copy would have arrived by now
+        stats = a.fanout.stats()
+
+    assert [m.payload for m in a.inbox.messages] == ["once"]
+    assert stats["outcomes_unknown"] >= 1
+
+
+def burst_then_kill_pubsub(server: RedisServer, channel: bytes, payloads: range) -> None:
+    """Synchronously, while trio is blocked: publish one message (B's pub/sub thread takes it
+    and waits for trio to hand it over), then the rest (they wait in B's socket), then have
+    Redis close B's pub/sub connection behind them."""
+    with redis.Redis.from_url(server.url) as client:
+        first, *rest = payloads
+        client.publish(channel, msgpack.packb(["e", first, False, "d/1", first, 0.0, None]))
+        time.sleep(0.3)
+        for n in rest:
+            client.publish(channel, msgpack.packb(["e", n, False, "d/1", n, 0.0, None]))
+        time.sleep(0.1)
+        client.client_kill_filter(_type="pubsub")
+
+
+async def test_messages_read_just_before_the_connection_broke_are_still_delivered(
+    redis_server: RedisServer,
+) -> None:
+    """Messages that reached B's pub/sub socket before Redis closed it are delivered, then the
+    interruption reported: the receiver used to drop the batch it was reading when the read
+    hit the closed connection (a restarted Redis cannot refill them)."""
+    settings = settings_for(redis_server)
+    async with open_instance(settings, "b") as b:
+        await b.watch("d/1")
+        channel = b.fanout.layout.channel("d/1")
+        # Blocks trio on purpose: B's pub/sub thread cannot hand anything over meanwhile.
+        burst_then_kill_pubsub(redis_server, channel, range(1, 6))
+        await b.inbox.wait_until(lambda: len(b.inbox.messages) >= 5)
+        await until_stat(b.fanout, "connections", 2)
+
+    assert [m.payload for m in b.inbox.messages] == [1, 2, 3, 4, 5]
+    assert b.inbox.interruptions == [(5, frozenset({"d/1"}))]
+
+
+async def test_a_recorded_topic_still_empty_is_not_reported_after_a_drop(
+    redis_server: RedisServer,
+) -> None:
+    """A watched exact recorded topic on which nothing was ever published: a dropped pub/sub
+    connection costs it nothing, so no interruption (its first offsets, from Redis' clock,
+    once made the refill see a hole after offset 0); after a restart empty, it is reported."""
+    empty = "mcp/session/empty/message"
+    settings = settings_for(redis_server)
+    async with open_instance(settings, "a") as a, open_instance(settings, "b") as b:
+        await a.publish(draft(SESSION_TOPIC, 1, record=True))  # Redis has an epoch
+        await b.watch(empty)
+        await trio.to_thread.run_sync(kill_pubsub_clients, redis_server)
+        await until_stat(b.fanout, "connections", 2)
+        [first] = await a.publish(draft(empty, "first", record=True))
+        await b.inbox.wait_for(first)
+        assert b.inbox.interruptions == []
+        await b.watch("mcp/session/empty2/message")
+        await trio.to_thread.run_sync(redis_server.restart)
+        await until_stat(b.fanout, "connections", 3)
+        await b.inbox.wait_until(lambda: len(b.inbox.interruptions) >= 1)
+
+    reported = set().union(*(filters for _, filters in b.inbox.interruptions))
+    assert reported == {empty, "mcp/session/empty2/message"}

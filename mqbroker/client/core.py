@@ -26,6 +26,7 @@ from mqbroker.protocol import (
     Forgot,
     Format,
     Frame,
+    GapNotice,
     PubAck,
     Publish,
     Rejected,
@@ -55,7 +56,8 @@ class Gap:
     """A point in a subscription's stream where messages may be missing: the app should resync.
 
     reason: "trimmed", "unknown_epoch", "not_recorded", "unavailable" (replay could not be
-    complete), "not_resumable" (a subscription was re-established after a reconnect with no
+    complete, or the broker's live delivery was interrupted: its `gap` event), "not_resumable"
+    (a subscription was re-established after a reconnect with no
     position to resume from: a wildcard filter, or a topic that had delivered nothing yet)
     or "dropped" (the broker dropped `count` deliveries to this slow session).
     """
@@ -240,6 +242,11 @@ class ClientCore:
         if isinstance(item, Dropped):
             gap = Gap(reason="dropped", count=item.count)
             return [Deliver(sub_id, gap) for sub_id in self.subscriptions]
+        if isinstance(item, GapNotice):
+            # Exact recorded topics need no resubscription: the broker refills those itself
+            # and sends no `gap` for them unless the refill was incomplete.
+            gap = Gap(reason=item.reason)
+            return [Deliver(sub_id, gap) for sub_id in item.subs if sub_id in self.subscriptions]
         if isinstance(item, Rejected):
             return [Unsolicited(ProtocolViolation(f"the broker sent {item.message}"))]
         return []  # welcome, pong: nothing to settle

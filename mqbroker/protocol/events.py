@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "Forget",
     "Forgot",
+    "GapNotice",
     "Hello",
     "Payload",
     "Ping",
@@ -61,6 +62,9 @@ class ErrorCode(enum.StrEnum):
     BAD_EVENT_ID = "bad_event_id"  # `since` is not an event id this broker issues
     SINCE_UNSUPPORTED = "since_unsupported"  # `since` on a wildcard filter
     UNAVAILABLE = "unavailable"  # the fan-out or history backend cannot be reached
+    # The request may or may not have been carried out (a timeout after Redis got it): a retry
+    # must reuse the same msg_id, which dedup then absorbs.
+    OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL = "internal"
 
 
@@ -202,6 +206,17 @@ class Dropped:
 
 
 @frozen(kw_only=True)
+class GapNotice:
+    """Live delivery to the subscriptions `subs` may have been interrupted (the fan-out lost
+    its backend, say): messages may be missing at this point of their streams."""
+
+    OP: ClassVar[str] = "gap"
+    subs: tuple[int, ...]
+    #: Why; "unavailable" when the fan-out was interrupted (docs/protocol.md, `gap`).
+    reason: str
+
+
+@frozen(kw_only=True)
 class Error:
     OP: ClassVar[str] = "error"
     code: str
@@ -214,7 +229,7 @@ class Error:
 
 ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping
 ServerEvent = (
-    Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | Error
+    Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | GapNotice | Error
 )
 Event = ClientEvent | ServerEvent
 
@@ -222,5 +237,5 @@ CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
     Hello, Subscribe, Unsubscribe, Publish, Forget, Ping,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
-    Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, Error,
+    Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, GapNotice, Error,
 )

@@ -73,22 +73,23 @@ def text_reply(status: int, text: str) -> Reply:
     return Reply(status=status, body=f"{text}\n".encode())
 
 
-def metric_name(stat: str) -> tuple[str, str]:
+def metric_name(stat: str, gauges: frozenset[str] = GAUGES) -> tuple[str, str]:
     """The Prometheus name and type of one stat: counters end in `_total`, by convention."""
     name = PREFIX + _UNSAFE.sub("_", stat)
-    if stat in GAUGES:
+    if stat in gauges:
         return name, "gauge"
     return (name if name.endswith("_total") else f"{name}_total"), "counter"
 
 
-def exposition(stats: Mapping[str, int], *, instance: str, healthy: bool) -> str:
+def exposition(stats: Mapping[str, int], *, instance: str, healthy: bool,
+               gauges: frozenset[str] = GAUGES) -> str:
     """The stats, liveness and fan-out health in Prometheus' text format (version 0.0.4)."""
     families: dict[str, tuple[str, str]] = {
         f"{PREFIX}up": ("gauge", f'{PREFIX}up{{instance_id="{_label_value(instance)}"}} 1'),
         f"{PREFIX}fanout_healthy": ("gauge", f"{PREFIX}fanout_healthy {int(healthy)}"),
     }
     for stat, value in sorted(stats.items()):
-        name, kind = metric_name(stat)
+        name, kind = metric_name(stat, gauges)
         # Two stats may sanitize to one name; a repeated family would fail the whole scrape.
         families.setdefault(name, (kind, f"{name} {int(value)}"))
     lines = [f"# TYPE {name} {kind}\n{sample}\n" for name, (kind, sample) in families.items()]
@@ -137,8 +138,10 @@ class Endpoints:
         })
 
     def metrics(self) -> Reply:
+        # The plugins say which of their stats are gauges (Broker.gauges, issue 9).
         text = exposition(self.broker.stats(), instance=self.broker.instance_id,
-                          healthy=self.broker.fanout.health().ok)
+                          healthy=self.broker.fanout.health().ok,
+                          gauges=GAUGES | self.broker.gauges())
         return Reply(status=200, body=text.encode(), content_type=EXPOSITION)
 
     async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:

@@ -113,6 +113,13 @@ class Session:
         self._dirty = True
         return True
 
+    def signal(self, event: ServerEvent) -> None:
+        # Among the deliveries: a `gap` must come after what was delivered before the
+        # interruption, which a reply would overtake.
+        if not self.outbox.put(self.protocol.encode(event)):
+            self.slow()
+        self._dirty = True
+
     def reply(self, event: ServerEvent) -> None:
         self._queue_reply(self.protocol.encode(event))
 

@@ -23,7 +23,7 @@ import redis.retry
 import trio
 from attrs import define, field
 
-from mqbroker.fanout import FanoutUnavailable
+from mqbroker.fanout import FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import HistoryUnavailable
 
 from .channels import (
@@ -54,6 +54,47 @@ FIRST_RETRY_DELAY = 0.05
 
 class RedisUnavailable(HistoryUnavailable, FanoutUnavailable):
     """Redis could not be reached or refused the command: the operation did not complete."""
+
+
+class RedisOutcomeUnknown(RedisUnavailable, FanoutOutcomeUnknown):
+    """A script was sent whole, then the connection failed or timed out before its answer: it
+    may have run (Redis paused by SIGSTOP runs it when it resumes). Issue 9, item 3."""
+
+
+#: Per thread: whether the script call under way has been sent whole (see `_SentMarking`).
+_sent = threading.local()
+_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
+
+
+class _SentMarking:
+    """Mixed into the pool's connection class: notes, per thread, that a script command left
+    completely. A failure before that point means Redis never ran it (an incomplete command
+    dies with its connection); one after it leaves the outcome unknown."""
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        super().send_command(*args, **kwargs)  # type: ignore[misc]
+        if args and str(args[0]).upper() in _SCRIPT_COMMANDS:
+            _sent.script = True
+
+
+def _marking(connection_class: type[Any]) -> type[Any]:
+    return type(f"SentMarking{connection_class.__name__}", (_SentMarking, connection_class), {})
+
+
+@contextmanager
+def script_errors() -> Iterator[None]:
+    """translated_errors for one script call: RedisOutcomeUnknown when the call failed after
+    the script was sent whole and without an answer from Redis."""
+    _sent.script = False
+    try:
+        yield
+    except redis.exceptions.ResponseError as error:  # Redis answered: it did not run it
+        raise RedisUnavailable(f"redis: {error or type(error).__name__}") from error
+    except redis.exceptions.RedisError as error:
+        message = f"redis: {error or type(error).__name__}"
+        if getattr(_sent, "script", False):
+            raise RedisOutcomeUnknown(f"{message} (the script may have run)") from error
+        raise RedisUnavailable(message) from error
 
 
 @contextmanager
@@ -97,6 +138,7 @@ class RedisBridge:
             timeout=settings.connect_timeout,
             **_connection_options(settings),
         )
+        pool.connection_class = _marking(pool.connection_class)
         client = redis.Redis(connection_pool=pool)
         scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
         return cls(settings, client, scripts, trio.CapacityLimiter(settings.pool_size))
@@ -131,7 +173,7 @@ class RedisBridge:
 
     def script_sync(self, name: ScriptName, args: Sequence[Arg]) -> Any:
         # redis-py's Script runs EVALSHA and, on NOSCRIPT (a restarted Redis), loads it again.
-        with translated_errors():
+        with script_errors():
             return self._scripts[name](keys=[], args=args)
 
     def scripts_sync(self, name: ScriptName, calls: Sequence[Sequence[Arg]]) -> list[Any]:
@@ -244,10 +286,15 @@ class PubSubReceiver:
                     self._reconnect.clear()
                     raise RedisUnavailable("the pub/sub probe was lost; reconnecting")
                 with translated_errors():
-                    batch = self._drain(pubsub)
-                    self._send_commands(pubsub)
+                    batch, failure = self._drain(pubsub)
+                    if failure is None:
+                        self._send_commands(pubsub)
                 if batch:
                     hand_over(batch)
+                if failure is not None:
+                    # Raised only now: what arrived before the connection broke is delivered.
+                    raise RedisUnavailable(f"redis: {failure or type(failure).__name__}"
+                                           ) from failure
         finally:
             self._close(pubsub)
 
@@ -280,17 +327,25 @@ class PubSubReceiver:
                 held.append(item)
         return held
 
-    def _drain(self, pubsub: Any) -> list[Received]:
+    def _drain(self, pubsub: Any) -> tuple[list[Received], redis.exceptions.RedisError | None]:
+        """What the connection holds (up to RECEIVE_BATCH), and the error that ended the read
+        if it broke: the messages read before the break must still be handed over (they were
+        lost with the batch before, and a refill from a restarted Redis cannot bring them)."""
         batch: list[Received] = []
-        message = pubsub.get_message(timeout=POLL_SECONDS)
-        while message is not None:
-            item = self._item(message)
-            if item is not None:
-                batch.append(item)
-            if len(batch) >= RECEIVE_BATCH:
-                break
-            message = pubsub.get_message(timeout=0)
-        return batch
+        try:
+            message = pubsub.get_message(timeout=POLL_SECONDS)
+            while message is not None:
+                item = self._item(message)
+                if item is not None:
+                    batch.append(item)
+                if len(batch) >= RECEIVE_BATCH:
+                    break
+                message = pubsub.get_message(timeout=0)
+        except redis.exceptions.RedisError as error:
+            if not batch:
+                raise
+            return batch, error
+        return batch, None
 
     def _send_commands(self, pubsub: Any) -> None:
         while not self._commands.empty():

@@ -152,6 +152,9 @@ class Refilled:
     """Recorded messages read back from the streams after a reconnection, oldest first."""
 
     messages: Sequence[Message]
+    #: Topics whose read-back could not be complete (trimmed meanwhile, or a new epoch: Redis
+    #: lost its data), so their subscribers may have missed something.
+    incomplete: Sequence[str] = ()
 
 
 Received = Connected | Disconnected | Confirmed | Arrived | Refilled

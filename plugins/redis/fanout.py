@@ -29,7 +29,7 @@ from mqbroker.message import Draft, Message, Position
 from mqbroker.redact import redact
 from mqbroker.topics import is_wildcard
 
-from .bridge import PubSubReceiver, RedisBridge, RedisUnavailable
+from .bridge import PubSubReceiver, RedisBridge, RedisOutcomeUnknown, RedisUnavailable
 from .channels import (
     Arrived,
     Confirmed,
@@ -74,6 +74,9 @@ class Tracked:
     delivered: Position | None = None
     #: The topic's newest position when the watch began (None: read all that is retained).
     baseline: Position | None = None
+    #: Redis' epoch when the watch began on a topic with nothing recorded yet (no counter):
+    #: a refill then reads all that is retained, and only a new epoch means a possible loss.
+    empty_in: str | None = None
 
     @property
     def since(self) -> Position | None:
@@ -105,6 +108,9 @@ class RedisFanout:
     records_into: RedisHistory | None
     _copies: CopyFilter = field(factory=CopyFilter)
     _watches: dict[Subscription, int] = field(factory=dict)
+    #: The broker's filters as watched (several may share one Subscription), counted: what an
+    #: interruption is reported for.
+    _filters: collections.Counter[str] = field(factory=collections.Counter)
     _tracked: dict[str, Tracked] = field(factory=dict)
     _connected: bool = False
     _reason: str = "connecting to redis"
@@ -159,6 +165,7 @@ class RedisFanout:
         self._check_connected()
         count = self._watches.get(subscription, 0)
         self._watches[subscription] = count + 1
+        self._filters[filter] += 1
         try:
             if count == 0:
                 self.receiver.want(subscription, True)
@@ -181,6 +188,9 @@ class RedisFanout:
         if self._probe_lost:
             return Health(ok=False, detail="a pub/sub probe was lost; reconnecting")
         return Health(ok=True)
+
+    #: The stats that are levels (gauges), not totals.
+    STAT_GAUGES: ClassVar[frozenset[str]] = frozenset({"watches", "tracked_topics"})
 
     def stats(self) -> dict[str, int]:
         return {
@@ -216,6 +226,13 @@ class RedisFanout:
         while True:
             try:
                 return await self.writer.write(batch)
+            except RedisOutcomeUnknown:
+                self._counts["publish_failures"] += 1
+                self._counts["outcomes_unknown"] += 1
+                # A retry of a batch that may have run publishes it twice, unless every draft
+                # carries a msg_id: then dedup answers the retry with the original message.
+                if trio.current_time() >= deadline or not self._retry_is_idempotent(batch):
+                    raise
             except RedisUnavailable:
                 self._counts["publish_failures"] += 1
                 if trio.current_time() >= deadline:
@@ -225,6 +242,9 @@ class RedisFanout:
                 while not self._connected:
                     await self._changed.wait()
             delay = min(delay * 2, self.settings.reconnect_max_delay)
+
+    def _retry_is_idempotent(self, batch: Sequence[Outbound]) -> bool:
+        return self.context.dedup_window > 0 and all(o.draft.msg_id for o in batch)
 
     # --- watching -----------------------------------------------------------------------
 
@@ -239,11 +259,15 @@ class RedisFanout:
             await self._changed.wait()
 
     async def _release(self, filter: str, subscription: Subscription) -> None:
+        self._filters[filter] -= 1
+        if self._filters[filter] <= 0:
+            del self._filters[filter]
         count = self._watches.pop(subscription) - 1
         if count > 0:
             self._watches[subscription] = count
             return
-        self._tracked.pop(filter, None)
+        if filter not in self._filters:
+            self._tracked.pop(filter, None)
         self.receiver.want(subscription, False)
         await self._wake()
 
@@ -262,8 +286,14 @@ class RedisFanout:
             epoch, counter = await self.bridge.command("MGET", *keys)
         except RedisUnavailable:
             return  # a refill then reads all that is retained: a repeat, not a loss
-        if epoch is not None:
-            tracked.baseline = Position(epoch.decode(), int(counter or 0))
+        if epoch is None:
+            return
+        if counter is None:
+            # No offset to start after: offsets of a new counter start at Redis' clock, so a
+            # baseline of 0 would read as a hole (TRIMMED) where nothing was lost.
+            tracked.empty_in = epoch.decode()
+        else:
+            tracked.baseline = Position(epoch.decode(), int(counter))
 
     async def _wake(self) -> None:
         """Wake the pub/sub thread so it sends queued (un)subscriptions now."""
@@ -301,14 +331,38 @@ class RedisFanout:
             elif isinstance(item, Confirmed):
                 self._copies.confirm(item)
             elif isinstance(item, Refilled):
+                self._interrupted(item.incomplete, deliveries, "the refill was incomplete")
                 self._refilled(item, deliveries)
             elif isinstance(item, Connected | Disconnected):
+                if isinstance(item, Disconnected) and self._connected:
+                    self._interrupted(self._untracked_filters(), deliveries, item.reason)
                 self._connection_changed(item)
+        self._deliver(deliveries)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _deliver(self, deliveries: list[Message]) -> None:
         if deliveries:
             self._counts["delivered"] += len(deliveries)
             self.context.deliver(deliveries)
-        self._changed.set()
-        self._changed = trio.Event()
+            deliveries.clear()
+
+    def _interrupted(self, filters: Sequence[str], deliveries: list[Message], why: str) -> None:
+        """Tell the broker these filters may have missed messages: after what was delivered
+        before the interruption, before anything delivered after it (issue 9, item 1)."""
+        if not filters:
+            return
+        self._deliver(deliveries)
+        self._counts["interruptions"] += 1
+        self._counts["interrupted_filters"] += len(filters)
+        _log.warning("fanout.interrupted", url=self.settings.url, filters=len(filters),
+                     reason=why)
+        self.context.interrupted(filters)
+
+    def _untracked_filters(self) -> list[str]:
+        """The watched filters a refill does not cover: wildcards and unrecorded topics. The
+        pub/sub connection is gone, so what was published to them meanwhile is lost here."""
+        return [filter for filter in self._filters if filter not in self._tracked]
 
     def _arrived(self, item: Arrived, deliveries: list[Message]) -> None:
         if item.channel == self.receiver.home:
@@ -349,16 +403,26 @@ class RedisFanout:
         bounds = self.records_into.bounds
         plan = trio.from_thread.run_sync(self._refill_plan)
         messages: list[Message] = []
+        incomplete: list[str] = []
         for start in range(0, len(plan), REFILL_CHUNK):
             chunk = plan[start : start + REFILL_CHUNK]
-            calls = [read_args(self.layout, topic, since) for topic, since in chunk]
+            calls = [read_args(self.layout, topic, since) for topic, since, _ in chunk]
             replies = self.bridge.scripts_sync("read", calls)
-            for (_topic, since), reply in zip(chunk, replies, strict=True):
-                messages += replay_of(reply, since, bounds).messages
-        return [Refilled(messages)] if messages else []
+            for (topic, since, empty_in), reply in zip(chunk, replies, strict=True):
+                replay = replay_of(reply, since, bounds)
+                messages += replay.messages
+                # Read from the start of a topic empty at the watch: complete unless Redis
+                # has another epoch since (it lost its data, and maybe messages with it).
+                new_epoch = empty_in is not None and reply[0].decode() != empty_in
+                if not replay.recovered or new_epoch:
+                    incomplete.append(topic)
+        return [Refilled(messages, incomplete)] if messages or incomplete else []
 
-    def _refill_plan(self) -> list[tuple[str, Position | None]]:
-        return [(topic, tracked.since) for topic, tracked in self._tracked.items()]
+    def _refill_plan(self) -> list[tuple[str, Position | None, str | None]]:
+        """(topic, where to read after, the epoch it was empty in if it was read from its
+        start) for every tracked topic."""
+        return [(topic, tracked.since, tracked.empty_in if tracked.since is None else None)
+                for topic, tracked in self._tracked.items()]
 
     # --- health -------------------------------------------------------------------------
 

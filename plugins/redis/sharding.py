@@ -21,7 +21,7 @@ import trio
 from attrs import frozen
 
 from mqbroker.config import HistoryConfig
-from mqbroker.fanout import FanoutContext, FanoutUnavailable, Health
+from mqbroker.fanout import FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable, Health
 from mqbroker.history import HistoryUnavailable, Replay
 from mqbroker.message import Draft, Message, Position
 from mqbroker.topics import is_wildcard
@@ -213,6 +213,13 @@ class ShardedFanout:
         results, failures = await each_shard(
             lambda shard: self.shards[shard].publish(parts[shard]), list(parts)
         )
+        if failures and (results or any(
+                isinstance(e, FanoutOutcomeUnknown) for e in failures.values())):
+            # Part of the batch was published (or may have been): `unavailable` would promise
+            # that none of it was.
+            error = first_failure(failures, self.urls)
+            also = "; the batch's other shards published theirs" if results else ""
+            raise FanoutOutcomeUnknown(f"{error}{also}") from error
         _raise_first(failures, self.urls)
         return split.merge(results)
 
@@ -237,6 +244,9 @@ class ShardedFanout:
         shards = self.shards if is_wildcard(filter) else [self.shard_for(filter)]
         for shard in shards:
             await shard.unwatch(filter)
+
+    #: Summed over the shards, levels stay levels.
+    STAT_GAUGES: ClassVar[frozenset[str]] = RedisFanout.STAT_GAUGES
 
     def health(self) -> Health:
         failing = [

@@ -12,15 +12,20 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any
 
+import attrs
 import pytest
 from attrs import frozen
 from trio.testing import MockClock
 
-from mqbroker.config import HistoryConfig
+from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig
 from mqbroker.fanout import Deliver, Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 from mqbroker.plugins import Plugin, load_plugin
-from tests.redis_fixtures import open_contract_fanout, open_contract_history
+from tests.redis_fixtures import (
+    contract_broker_plugins,
+    open_contract_fanout,
+    open_contract_history,
+)
 
 
 @frozen(kw_only=True)
@@ -46,6 +51,15 @@ class Backend:
     #: on `autojump_clock`. A backend that waits on threads or servers must say False:
     #: autojump would fire every timeout while a thread works.
     trio_clock_only: bool
+    #: `[plugins]` tables for a broker on a fresh, empty instance of this backend (called once
+    #: per broker cluster; every broker given the same tables shares the backend's data).
+    broker_plugins: Callable[[], dict[str, Any]] = dict
+
+    def broker_config(self, plugins: dict[str, Any], history: HistoryConfig,
+                      server: ServerConfig) -> Config:
+        """A broker's configuration with this backend as its history and fan-out."""
+        return Config(server=server, history=attrs.evolve(history, plugin=self.name),
+                      fanout=FanoutConfig(plugin=self.name), plugins=plugins)
 
 
 def _load(name: str) -> Plugin:
@@ -97,6 +111,7 @@ BACKENDS: dict[str, Backend] = {
         open_history=open_contract_history,
         open_fanout=open_contract_fanout,
         trio_clock_only=False,
+        broker_plugins=contract_broker_plugins,
     ),
 }
 
