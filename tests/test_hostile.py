@@ -314,9 +314,11 @@ class Peak:
     outbox_messages: int = 0
     outbox_bytes: int = 0
     pending_bytes: int = 0
+    rss_bytes: int = 0
 
     async def watch(self, broker: RunningBroker) -> None:
         while True:
+            self.rss_bytes = max(self.rss_bytes, _rss_bytes())
             session = _attacker(broker)
             if session is not None:
                 self.outbox_messages = max(self.outbox_messages, len(session.outbox))
@@ -330,15 +332,17 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def _never_reading(port: int, frame: bytes, total_bytes: int) -> None:
-    """Open a session, then send `frame` over and over, reading nothing, with a small receive
-    buffer so that what the broker answers piles up on its side."""
+async def _never_reading(port: int, frame: bytes, total_bytes: int, *, hello: bool = True
+                         ) -> None:
+    """Open a session (or only the WebSocket), then send `frame` over and over, reading
+    nothing, with a small receive buffer so that what the broker answers piles up on its side."""
     sock = trio.socket.socket()
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", port))
     ws = RawWebSocket(sock)
     assert await ws.handshake() == 101
-    await ws.send_frame(BINARY, ClientConnection().hello("attacker"))
+    if hello:
+        await ws.send_frame(BINARY, ClientConnection().hello("attacker"))
     try:
         with trio.move_on_after(20):
             for _ in range(total_bytes // len(frame)):
@@ -349,24 +353,27 @@ async def _never_reading(port: int, frame: bytes, total_bytes: int) -> None:
         ws.close()
 
 
-async def _check_never_reading(frame: bytes, total_bytes: int) -> None:
-    config = broker_config(outbox_messages=100, outbox_bytes=64 * 1024, shutdown_grace=1.0)
+async def _check_never_reading(frame: bytes, total_bytes: int, *, hello: bool = True) -> None:
+    config = broker_config(outbox_messages=100, outbox_bytes=64 * 1024, shutdown_grace=1.0,
+                           hello_timeout=20.0)
     server = config.server
     async with running_broker(config) as broker, monitored(broker.listener.port):
         rss_before = _rss_bytes()
         peak = Peak()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peak.watch, broker)
-            await _never_reading(broker.listener.port, frame, total_bytes)
+            await _never_reading(broker.listener.port, frame, total_bytes, hello=hello)
             nursery.cancel_scope.cancel()
         await wait_connections(broker, 2)
+        # The attacker sent tens of MB; the broker kept none of it (loose: RSS is noisy).
+        assert peak.rss_bytes - rss_before < 30 * 1024 * 1024, peak
+        if not hello:
+            return  # no session yet, so no 4008: the pongs are what must stay bounded
         assert broker.broker.counters["sessions_closed_slow_consumer"] == 1, peak
         assert peak.outbox_messages <= server.outbox_messages
         assert peak.outbox_bytes <= server.outbox_bytes
         # Beyond the outbox, at most one frame is in the connection's hands.
         assert peak.pending_bytes <= server.outbox_bytes + server.max_frame_bytes, peak
-        # The attacker sent tens of MB; the broker kept none of it (loose: RSS is noisy).
-        assert _rss_bytes() - rss_before < 30 * 1024 * 1024
 
 
 async def test_never_reading_client_sending_invalid_items_is_let_go() -> None:
@@ -380,6 +387,12 @@ async def test_never_reading_client_sending_pings_is_let_go() -> None:
     are bounded like every other reply, and the session is closed with 4008."""
     ping = encode_frame(PING, b"p" * 125)
     await _check_never_reading(ping * 100, 40 * 1024 * 1024)
+
+
+async def test_never_reading_client_pinging_before_its_hello_is_bounded() -> None:
+    """Issue 7 case 3, before the hello (within hello_timeout): the pongs stay bounded too."""
+    ping = encode_frame(PING, b"p" * 125)
+    await _check_never_reading(ping * 100, 60 * 1024 * 1024, hello=False)
 
 
 async def test_never_reading_client_sending_protocol_pings_is_let_go() -> None:
