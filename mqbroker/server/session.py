@@ -126,11 +126,26 @@ class Session:
             self.outbox.dropped += 1
             self.outbox.dropped_total += 1
             return
+        self._let_go()
+
+    def _let_go(self) -> None:
         if self.closing is None:
             self.log.warning("session.slow", outbox=len(self.outbox),
                              policy=self.config.slow_consumer)
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed",
                             discard=True)
+
+    def _answer_ping(self, payload: bytes) -> bool:
+        """Answer a WebSocket ping; False when the peer lets replies pile up instead of reading.
+
+        A pong goes straight to the connection, not through the outbox (it is a control frame,
+        not part of a batch), so it is bounded here: while more than `outbox_bytes` wait for
+        the socket, a ping is not answered. Nothing is answered once a close was sent or
+        received (the WebSocket layer gives b"" then)."""
+        if self.connection.pending > self.config.outbox_bytes:
+            return False
+        self.connection.write(self.ws.pong(payload))
+        return True
 
     async def replay(self, message: EncodedMessage, sub: int) -> bool:
         # No flush per message: a replay goes out in full frames, written when the outbox
@@ -220,7 +235,8 @@ class Session:
                     await self.connection.flush_now()
                     return None
                 if isinstance(item, WsPing):
-                    self.connection.write(self.ws.pong(item.payload))
+                    # Past the bound, left unanswered: hello_timeout ends this soon anyway.
+                    self._answer_ping(item.payload)
             data = await self.connection.receive()
             if not data:
                 return None
@@ -299,9 +315,10 @@ class Session:
             kind = type(item)
             if kind is bytes or kind is str:
                 await self._handle_frame(self.protocol.receive(item))
-            elif kind is WsPing:
-                # Answered only while open: the WebSocket layer gives b"" otherwise.
-                self.connection.write(self.ws.pong(item.payload))
+            elif kind is WsPing and not self._answer_ping(item.payload):
+                # Pinging without reading the pongs: a slow consumer like any other (4008).
+                self._let_go()
+                return False
             elif kind is CloseReceived:
                 self._peer_closed(item)
                 return True
