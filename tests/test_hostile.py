@@ -459,8 +459,7 @@ async def test_flooding_publisher_does_not_starve_a_healthy_session(kind: str) -
         healthy.close()
         flooded = broker.broker.counters["published"] - published_before
         round_trips.sort()
-        print(kind, refused, flooded, len(round_trips), round_trips[len(round_trips) * 99 // 100])
-        assert len(round_trips) >= 100, (len(round_trips), round_trips[-5:])
+        assert len(round_trips) >= 500, (len(round_trips), round_trips[-5:])
         assert round_trips[-1] < 0.5, round_trips[-5:]
         # The flood flowed: frames of tiny publishes were each refused (over the item cap),
         # the capped ones published.
