@@ -228,7 +228,7 @@ async def test_out_of_file_descriptors_is_logged_once_and_survived(tmp_path: Pat
             await ws.send(upgrade_request()[:30])
             ws.reset()
         await trio.sleep(0.5)
-        assert daemon.process.returncode is None
+        assert daemon.process.returncode is None, [line.get("raw") for line in daemon.lines]
         for ws in idle[:-10]:
             ws.close()
         with trio.fail_after(10):
@@ -239,6 +239,7 @@ async def test_out_of_file_descriptors_is_logged_once_and_survived(tmp_path: Pat
         failed = _events(daemon.lines, "server.accept_failed")[0]
         assert "open files" in failed["error"].lower(), failed
     assert not _events(daemon.lines, "session.crashed")
+    assert not [line for line in daemon.lines if "raw" in line], "not a log line: a traceback?"
 
 
 def _events(lines: list[dict[str, object]], name: str) -> list[dict[str, object]]:
@@ -302,7 +303,7 @@ async def test_pings_after_the_close_are_not_answered_and_harm_nothing() -> None
 
 
 def _attacker(broker: RunningBroker) -> Session | None:
-    for session in broker.listener.sessions:
+    for session in broker.broker.sessions:
         if session.protocol.client == "attacker":
             return session
     return None
