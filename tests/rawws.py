@@ -172,18 +172,18 @@ class RawWebSocket:
         return Frame(fin=bool(first & 0x80), rsv=(first >> 4) & 0x7, opcode=first & 0x0F,
                      payload=payload)
 
-    async def read_close(self, timeout: float = READ_TIMEOUT) -> Frame:
+    async def read_close(self, within: float = READ_TIMEOUT) -> Frame:
         """Read (and drop) frames until the broker's close frame; ConnectionEnded if TCP ends
         first (a reset being the failure the hostile tests look for)."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             while (frame := await self.read_frame()).opcode != CLOSE:
                 pass
         return frame
 
-    async def read_until_end(self, timeout: float = READ_TIMEOUT) -> list[Frame]:
+    async def read_until_end(self, within: float = READ_TIMEOUT) -> list[Frame]:
         """Every frame until the broker ends TCP; whether it reset is in `self.reset`."""
         frames: list[Frame] = []
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             try:
                 while True:
                     frames.append(await self.read_frame())

@@ -12,30 +12,27 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
 import msgpack
 import pytest
 import trio
+import trio.lowlevel
 
 from mqbroker.protocol import (
     ClientConnection,
     CloseCode,
-    Delivery,
     Error,
     ErrorCode,
     Ping,
     Pong,
     Publish,
-    SubAck,
-    Subscribe,
 )
 from mqbroker.server.session import Session
 from tests.daemon import running_daemon
 from tests.harness import RunningBroker, broker_config, running_broker
+from tests.monitor import monitored, wait_until
 from tests.rawws import (
     BINARY,
     CONTINUATION,
@@ -48,92 +45,6 @@ from tests.rawws import (
     encode_frame,
     upgrade_request,
 )
-
-#: The monitor's trickle: one message every this many seconds.
-TRICKLE = 0.02
-
-
-@attrs.define(eq=False)
-class Monitor:
-    """A healthy session beside the attack, and the publisher that feeds it."""
-
-    subscriber: ProtocolSession
-    publisher: ProtocolSession
-    published: int = 0
-    received: list[int] = attrs.field(factory=list)
-    failure: str | None = None
-    _publishing: bool = True
-    _caught_up: trio.Event = attrs.field(factory=trio.Event)
-
-    async def _publish(self) -> None:
-        while self._publishing:
-            payload = self.published.to_bytes(4, "big")
-            try:
-                await self.publisher.send(Publish(topic="monitor/trickle", payload=payload))
-            except ConnectionEnded as ended:
-                self.failure = f"the monitor's publisher lost its connection: {ended}"
-                return
-            self.published += 1
-            await trio.sleep(TRICKLE)
-
-    async def _receive(self) -> None:
-        try:
-            while True:
-                for event in await self.subscriber.receive():
-                    if isinstance(event, Delivery):
-                        assert isinstance(event.payload, bytes)
-                        n = int.from_bytes(event.payload, "big")
-                        if n != len(self.received):
-                            self.failure = f"message {n} arrived as number {len(self.received)}"
-                        self.received.append(n)
-                        if not self._publishing and len(self.received) >= self.published:
-                            self._caught_up.set()
-                    elif not isinstance(event, Pong):
-                        self.failure = f"the monitor was sent {event!r}"
-        except ConnectionEnded as ended:
-            self.failure = f"the monitor's session ended: {ended}"
-            self._caught_up.set()
-
-    async def _keepalive(self) -> None:
-        # The subscriber only reads: a ping now and then is its traffic for the idle timeout.
-        while True:
-            await trio.sleep(0.1)
-            await self.subscriber.send(Ping())
-
-    async def check(self, minimum: int = 10) -> None:
-        """Stop the trickle and require every message, in order, on a session still open.
-        A quick test still sees `minimum` messages go by."""
-        while self.published < minimum and self.failure is None:
-            await trio.sleep(TRICKLE)
-        self._publishing = False
-        await trio.sleep(TRICKLE)  # the publisher's last send, if it was mid-way
-        if len(self.received) >= self.published:
-            self._caught_up.set()
-        with trio.fail_after(10):
-            await self._caught_up.wait()
-        assert self.failure is None, self.failure
-        assert self.received == list(range(self.published))
-
-
-@asynccontextmanager
-async def monitored(port: int) -> AsyncIterator[Monitor]:
-    """A running `Monitor` on the broker at `port`; checked on a normal exit."""
-    subscriber = await ProtocolSession.open(port, "monitor")
-    publisher = await ProtocolSession.open(port, "monitor-publisher")
-    await subscriber.send(Subscribe(id=1, filter="monitor/#"))
-    assert isinstance(await subscriber.next_event(), SubAck)
-    monitor = Monitor(subscriber, publisher)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(monitor._publish)
-            nursery.start_soon(monitor._receive)
-            nursery.start_soon(monitor._keepalive)
-            yield monitor
-            await monitor.check()
-            nursery.cancel_scope.cancel()
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 async def still_serving(port: int) -> None:
@@ -148,9 +59,7 @@ async def still_serving(port: int) -> None:
 
 async def wait_connections(broker: RunningBroker, count: int) -> None:
     """Wait until the listener holds exactly `count` connections (the attackers' are gone)."""
-    with trio.fail_after(10):
-        while broker.listener.open_connections != count:
-            await trio.sleep(0.01)
+    await wait_until(lambda: broker.listener.open_connections == count)
 
 
 # --- (1) TCP resets, and running out of file descriptors -----------------------------------
@@ -219,9 +128,7 @@ async def test_out_of_file_descriptors_is_logged_once_and_survived(tmp_path: Pat
     async with running_daemon(config, preexec_fn=lambda: _low_fd_limit(limit)) as daemon, \
             monitored(daemon.port):
         idle = [await RawWebSocket.open_tcp(daemon.port) for _ in range(limit + 20)]
-        with trio.fail_after(10):
-            while not _events(daemon.lines, "server.accept_failed"):
-                await trio.sleep(0.05)
+        await wait_until(lambda: bool(_events(daemon.lines, "server.accept_failed")))
         # Aborted handshakes while out of descriptors: some reset in the backlog, some after
         # sending part of a request.
         for ws in idle[-10:]:
@@ -231,9 +138,7 @@ async def test_out_of_file_descriptors_is_logged_once_and_survived(tmp_path: Pat
         assert daemon.process.returncode is None, [line.get("raw") for line in daemon.lines]
         for ws in idle[:-10]:
             ws.close()
-        with trio.fail_after(10):
-            while not _events(daemon.lines, "server.accepting_again"):
-                await trio.sleep(0.05)
+        await wait_until(lambda: bool(_events(daemon.lines, "server.accepting_again")))
         await still_serving(daemon.port)
         assert len(_events(daemon.lines, "server.accept_failed")) == 1
         failed = _events(daemon.lines, "server.accept_failed")[0]
@@ -326,7 +231,7 @@ class Peak:
                 self.outbox_messages = max(self.outbox_messages, len(session.outbox))
                 self.outbox_bytes = max(self.outbox_bytes, session.outbox._bytes)
                 self.pending_bytes = max(self.pending_bytes, session.connection.pending)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
 
 def _rss_bytes() -> int:

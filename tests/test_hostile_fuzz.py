@@ -3,7 +3,7 @@
 Random byte streams, random handshakes, random frames (any opcode, flags, masking, announced
 length) and random events are thrown at a single broker, one connection per example, each
 ended by a close, a TCP reset or a read. Meanwhile the broker's monitor session (tests/
-test_hostile.py) checks its own stream. The process must survive with the monitor intact and
+monitor.py) checks its own stream. The process must survive with the monitor intact and
 every attacker's connection gone.
 
 Hypothesis runs each example synchronously, so the broker and its monitor run in a thread of
@@ -37,8 +37,8 @@ from mqbroker.protocol import (
 )
 from mqbroker.protocol.codec import encode
 from tests.harness import RunningBroker, broker_config, running_broker
+from tests.monitor import monitored, wait_until
 from tests.rawws import BINARY, TEXT, encode_frame, upgrade_request
-from tests.test_hostile import monitored
 
 
 class BrokerThread:
@@ -79,9 +79,7 @@ class BrokerThread:
             await self._stop.wait()
             self.counters = dict(running.broker.counters)
             # Every attacker's connection ends (a close, a reset, or a timeout of ours).
-            with trio.fail_after(15):
-                while running.listener.open_connections != 2:
-                    await trio.sleep(0.05)
+            await wait_until(lambda: running.listener.open_connections == 2, 15)
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
