@@ -308,6 +308,54 @@ async def test_never_reading_client_sending_protocol_pings_is_let_go() -> None:
                                16 * 1024 * 1024)
 
 
+NEVER_READING = {
+    "invalid items": encode_frame(BINARY, msgpack.packb([5] * 1000)),
+    "pings": encode_frame(PING, b"p" * 125) * 100,
+    "protocol pings": encode_frame(BINARY, batch([Ping(id=n) for n in range(1000)])),
+}
+
+
+async def _healthy_round_trips(port: int, seconds: float) -> list[float]:
+    """Ping round trips of a healthy session for `seconds`, sorted."""
+    healthy = await ProtocolSession.open(port, "healthy")
+    round_trips: list[float] = []
+    with trio.move_on_after(seconds):
+        for n in range(1_000_000):
+            start = trio.current_time()
+            await healthy.send(Ping(id=n))
+            assert await healthy.next_event() == Pong(id=n)
+            round_trips.append(trio.current_time() - start)
+    healthy.close()
+    return sorted(round_trips)
+
+
+@pytest.mark.parametrize("kind", NEVER_READING)
+async def test_never_reading_clients_do_not_starve_a_healthy_session(kind: str) -> None:
+    """Issue 7 cases 3 and 4: ten clients at a time that never read, each let go and replaced,
+    beside a healthy session. A read of 64 KiB holds dozens of small frames of 1,000 items:
+    handled without a checkpoint, one read held the loop for a quarter of a second."""
+    config = broker_config(outbox_messages=1000, outbox_bytes=1024 * 1024, shutdown_grace=1.0)
+    async with running_broker(config) as broker, monitored(broker.listener.port):
+        port = broker.listener.port
+        # 64 KiB per send, as a client in its own process sends them: the broker reads many
+        # frames at once.
+        frame = NEVER_READING[kind] * max(1, 65536 // len(NEVER_READING[kind]))
+
+        async def attacker() -> None:
+            while True:
+                await _never_reading(port, frame, 8 * 1024 * 1024)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(attacker)
+            await trio.sleep(0.2)
+            round_trips = await _healthy_round_trips(port, 3)
+            nursery.cancel_scope.cancel()
+        assert broker.broker.counters["sessions_closed_slow_consumer"] >= 5  # the attack ran
+        assert len(round_trips) >= 300, (len(round_trips), round_trips[-5:])
+        assert round_trips[-1] < 0.5, round_trips[-5:]
+
+
 # --- (4) A flooding publisher ------------------------------------------------------------------
 
 
