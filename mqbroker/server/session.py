@@ -56,6 +56,10 @@ logger = structlog.get_logger("mqbroker.session")
 #: Publishes of one frame are handed to the broker in runs of at most this many, with a
 #: checkpoint between runs: a frame of a thousand publishes does not hold the loop meanwhile.
 PUBLISH_RUN = 100
+#: Other requests (and WebSocket pings) are handled this many at a time between checkpoints:
+#: one read of 64 KiB can hold dozens of small frames of a thousand requests each (invalid
+#: ones, say), and handled in one go they held the loop for a quarter of a second.
+REQUEST_RUN = 100
 
 
 @define(eq=False)
@@ -84,6 +88,8 @@ class Session:
     busy: bool = False
     _close_reason: str = ""
     _dirty: bool = False
+    #: Requests handled since the last checkpoint (see REQUEST_RUN).
+    _handled: int = 0
     _reading: trio.CancelScope | None = None
     _publishes: PublishQueue | None = None
     _nursery: trio.Nursery | None = None
@@ -311,17 +317,22 @@ class Session:
 
     async def _handle_items(self, items: list[Any]) -> bool:
         """Handle what the WebSocket layer made of the bytes read; True once the peer closed."""
+        ping: bytes | None = None
         for item in items:
             kind = type(item)
             if kind is bytes or kind is str:
                 await self._handle_frame(self.protocol.receive(item))
-            elif kind is WsPing and not self._answer_ping(item.payload):
-                # Pinging without reading the pongs: a slow consumer like any other (4008).
-                self._let_go()
-                return False
+            elif kind is WsPing:
+                # Only the latest ping of a read is answered, once the read is handled (RFC 6455
+                # section 5.5.3 allows it): a burst of pings costs one pong, not a write each.
+                ping = item.payload
+                await self._handled_one()
             elif kind is CloseReceived:
                 self._peer_closed(item)
                 return True
+        if ping is not None and not self._answer_ping(ping):
+            # Pinging without reading the pongs: a slow consumer like any other (4008).
+            self._let_go()
         return False
 
     def _peer_closed(self, item: CloseReceived) -> None:
@@ -344,8 +355,17 @@ class Session:
                 run = []
             if type(event) is not Publish:
                 await self._handle_one(event)
+                await self._handled_one()
         if run:
             await self._publish(run)
+
+    async def _handled_one(self) -> None:
+        """Count one request handled; every REQUEST_RUN, let the other sessions have their turn
+        (and a close_soon, which cancels the reading, take effect)."""
+        self._handled += 1
+        if self._handled >= REQUEST_RUN:
+            self._handled = 0
+            await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
         if self.broker.fanout.local:
