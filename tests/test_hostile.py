@@ -315,6 +315,29 @@ async def test_never_reading_client_sending_protocol_pings_is_let_go() -> None:
                                16 * 1024 * 1024)
 
 
+async def test_a_message_in_one_byte_fragments_costs_its_size_not_fifty_times_it() -> None:
+    """Issue 7 case 3: a binary message of almost max_frame_bytes (1 MiB) sent in one-byte
+    fragments (7 MB on the wire) and never finished. The broker holds the message so far, and
+    should hold it as bytes: kept as one object per fragment it took ~56 MB per connection."""
+    async with running_broker() as broker, monitored(broker.listener.port):
+        session = await ProtocolSession.open(broker.listener.port, "fragments")
+        fragment = encode_frame(CONTINUATION, b"a", fin=False)
+        chunk = fragment * 9000
+        rss_before = _rss_bytes()
+        peak = Peak()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peak.watch, broker)
+            await session.ws.send(encode_frame(BINARY, b"a", fin=False))
+            for _ in range(110):  # 990,000 bytes of the message: under max_frame_bytes
+                await session.ws.send(chunk)
+            await session.send(Ping(id=1))  # a new message before the end: refused (1002)
+            close = await session.ws.read_close()
+            nursery.cancel_scope.cancel()
+        assert close.close_code == CloseCode.PROTOCOL_ERROR
+        assert peak.rss_bytes - rss_before < 20 * 1024 * 1024, (peak.rss_bytes - rss_before)
+        session.close()
+
+
 NEVER_READING = {
     "invalid items": encode_frame(BINARY, msgpack.packb([5] * 1000)),
     "pings": encode_frame(PING, b"p" * 125) * 100,
