@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 import trio
@@ -213,7 +213,7 @@ class Chaos:
             self.counts["never_reading cut off"] += 1  # let go as a slow consumer
         ws.close()
 
-    BROKEN = [
+    BROKEN: ClassVar[list[tuple[bytes, int]]] = [
         (encode_frame(TEXT, b'{"op":"ping","x":"\xff"}'), 1007),
         (encode_frame(PING, b"p" * 126), 1002),
         (encode_frame(PING, b"p", fin=False), 1002),
@@ -341,7 +341,9 @@ async def attack(port: int, minutes: float, seed: int, only: str | None) -> None
     print(json.dumps({"tried": chaos.tried, **chaos.counts}), flush=True)
 
 
-async def run(minutes: float, seed: int, only: str | None) -> int:
+def run(minutes: float, seed: int, only: str | None) -> int:
+    """Start the broker, run the chaos against it, report; 1 if the broker died or the
+    monitor lost anything."""
     config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
     config.write(CONFIG)
     config.close()
@@ -351,46 +353,7 @@ async def run(minutes: float, seed: int, only: str | None) -> int:
         [sys.executable, "-m", "mqbroker", "serve", "--port", str(port), "--config",
          config.name], stderr=log, cwd=ROOT)
     try:
-        await _wait_listening(port)
-        observer = Observer(process.pid)
-        report: dict[str, Any] = {}
-        started = time.perf_counter()
-        async with monitored(port, check=False) as monitor:
-            attackers = await trio.lowlevel.open_process(
-                [sys.executable, __file__, str(minutes), "--seed", str(seed), "--attack",
-                 str(port), *(["--only", only] if only else [])], stdout=subprocess.PIPE)
-            assert attackers.stdout is not None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(observer.watch, process)
-                nursery.start_soon(observer.healthy, port)
-                nursery.start_soon(observer.listen, attackers.stdout, report)
-                with trio.move_on_after(minutes * 60 + 30):
-                    await attackers.wait()
-                nursery.cancel_scope.cancel()
-            await monitor.stop()
-        elapsed = time.perf_counter() - started
-        alive = process.poll() is None
-        counts = Counter({k: v for k, v in report.items() if k != "tried"})
-        print(f"chaos run: {elapsed:.0f} s, seed {seed}, on {machine()}")
-        print(f"connections tried          {report.get('tried', '?')}")
-        print(f"broker restarts            {0 if alive else 1} (pid {process.pid} "
-              f"{'still alive' if alive else 'DEAD'})")
-        print(f"monitor messages published {monitor.published}")
-        print(f"monitor messages lost      {monitor.lost}"
-              f"{'' if monitor.failure is None else '  FAILURE: ' + monitor.failure}")
-        print(f"broker peak RSS            {observer.peak_rss / 2**20:.1f} MiB")
-        for problem in ("close frame missing", "wrong close code", "reset after close frame",
-                        "answered after close"):
-            print(f"{problem:<27}{counts[problem]}")
-        for name, rtts in (("during floods", observer.rtt_flood),
-                           ("outside floods", observer.rtt_calm)):
-            print(f"healthy round trips {name:<15} n={len(rtts)} "
-                  f"p50 {percentile(rtts, 0.5) * 1000:.2f} ms  "
-                  f"p99 {percentile(rtts, 0.99) * 1000:.2f} ms  "
-                  f"max {max(rtts, default=float('nan')) * 1000:.1f} ms")
-        print("attacks:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        failed = not alive or monitor.lost or monitor.failure is not None
-        return 1 if failed else 0
+        return trio.run(observe, port, process, minutes, seed, only)
     finally:
         process.terminate()
         process.wait(10)
@@ -401,6 +364,50 @@ async def run(minutes: float, seed: int, only: str | None) -> int:
         print(f"broker log: {len(crashes)} crash lines"
               + ("" if not crashes else "; first: " + crashes[0][:300]))
         Path(log.name).unlink()
+
+
+async def observe(port: int, process: subprocess.Popen[bytes], minutes: float, seed: int,
+                  only: str | None) -> int:
+    await _wait_listening(port)
+    observer = Observer(process.pid)
+    report: dict[str, Any] = {}
+    started = time.perf_counter()
+    async with monitored(port, check=False) as monitor:
+        attackers = await trio.lowlevel.open_process(
+            [sys.executable, __file__, str(minutes), "--seed", str(seed), "--attack",
+             str(port), *(["--only", only] if only else [])], stdout=subprocess.PIPE)
+        assert attackers.stdout is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(observer.watch, process)
+            nursery.start_soon(observer.healthy, port)
+            nursery.start_soon(observer.listen, attackers.stdout, report)
+            with trio.move_on_after(minutes * 60 + 30):
+                await attackers.wait()
+            nursery.cancel_scope.cancel()
+        await monitor.stop()
+    elapsed = time.perf_counter() - started
+    alive = process.poll() is None
+    counts = Counter({k: v for k, v in report.items() if k != "tried"})
+    print(f"chaos run: {elapsed:.0f} s, seed {seed}, on {machine()}")
+    print(f"connections tried          {report.get('tried', '?')}")
+    print(f"broker restarts            {0 if alive else 1} (pid {process.pid} "
+          f"{'still alive' if alive else 'DEAD'})")
+    print(f"monitor messages published {monitor.published}")
+    print(f"monitor messages lost      {monitor.lost}"
+          f"{'' if monitor.failure is None else '  FAILURE: ' + monitor.failure}")
+    print(f"broker peak RSS            {observer.peak_rss / 2**20:.1f} MiB")
+    for problem in ("close frame missing", "wrong close code", "reset after close frame",
+                    "answered after close"):
+        print(f"{problem:<27}{counts[problem]}")
+    for name, rtts in (("during floods", observer.rtt_flood),
+                       ("outside floods", observer.rtt_calm)):
+        print(f"healthy round trips {name:<15} n={len(rtts)} "
+              f"p50 {percentile(rtts, 0.5) * 1000:.2f} ms  "
+              f"p99 {percentile(rtts, 0.99) * 1000:.2f} ms  "
+              f"max {max(rtts, default=float('nan')) * 1000:.1f} ms")
+    print("attacks:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    failed = not alive or monitor.lost or monitor.failure is not None
+    return 1 if failed else 0
 
 
 def _free_port() -> int:
@@ -434,7 +441,7 @@ def main() -> None:
     if args.attack:
         trio.run(attack, args.attack, args.minutes, args.seed, args.only)
         return
-    sys.exit(trio.run(run, args.minutes, args.seed, args.only))
+    sys.exit(run(args.minutes, args.seed, args.only))
 
 
 if __name__ == "__main__":
