@@ -102,9 +102,10 @@ class Observer:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_rss = 0
-        self.flooding = False
-        self.rtt_flood: list[float] = []
-        self.rtt_calm: list[float] = []
+        #: The kind of flood on ("tiny" or "capped"), None when there is none.
+        self.flooding: str | None = None
+        self.rtt: dict[str | None, list[float]] = {None: [], "tiny": [], "capped": [],
+                                                   "changing": []}
         self.dead = False
 
     async def watch(self, process: subprocess.Popen[bytes]) -> None:
@@ -125,8 +126,8 @@ class Observer:
             await session.send(Ping(id=n))
             event = await session.next_event()
             assert event == Pong(id=n), event
-            (self.rtt_flood if flooding and self.flooding else self.rtt_calm).append(
-                time.perf_counter() - start)
+            self.rtt[flooding if flooding == self.flooding else "changing"
+                     ].append(time.perf_counter() - start)
             n += 1
             await trio.sleep(max(0.0, 0.01 - (time.perf_counter() - start)))
 
@@ -137,10 +138,10 @@ class Observer:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                if line == b"flood on":
-                    self.flooding = True
+                if line.startswith(b"flood on "):
+                    self.flooding = line.split()[-1].decode()
                 elif line == b"flood off":
-                    self.flooding = False
+                    self.flooding = None
                 elif line.startswith(b"{"):
                     report.update(json.loads(line))
 
@@ -269,19 +270,19 @@ class Chaos:
         tiny = Publish(topic="flood/a", payload=b"")
         tiny_count = 1024 * 1024 // (len(batch([tiny, tiny])) - len(batch([tiny]))) - 10
         capped = Publish(topic="flood/a", payload=b"f" * 1000)
-        frames = [encode_frame(BINARY, batch([tiny] * tiny_count)),
-                  encode_frame(BINARY, batch([capped] * 1000))]
+        frames = [("tiny", encode_frame(BINARY, batch([tiny] * tiny_count))),
+                  ("capped", encode_frame(BINARY, batch([capped] * 1000)))]
         turn = 0
         while True:
             await trio.sleep(FLOOD_EVERY - FLOOD_FOR)
-            frame = frames[turn % 2]
+            kind, frame = frames[turn % 2]
             turn += 1
             self.tried += 1
             # Said before the flood starts and after its tail has gone through (the broker
             # still reads what its socket holds), so that no round trip during the flood is
             # counted as outside it.
             self.calm = trio.Event()
-            print("flood on", flush=True)
+            print(f"flood on {kind}", flush=True)
             await trio.sleep(0.1)
             flooder = await ProtocolSession.open(self.port, "flooder")
             self.counts["floods"] += 1
@@ -290,7 +291,7 @@ class Chaos:
                     nursery.start_soon(self._drain, flooder)
                     while True:
                         await flooder.ws.send(frame)
-                        self.counts["flood frames"] += 1
+                        self.counts[f"flood frames {kind}"] += 1
             flooder.close()
             await trio.sleep(1)
             print("flood off", flush=True)
@@ -404,9 +405,10 @@ async def observe(port: int, process: subprocess.Popen[bytes], minutes: float, s
     for problem in ("close frame missing", "wrong close code", "reset after close frame",
                     "answered after close"):
         print(f"{problem:<27}{counts[problem]}")
-    for name, rtts in (("during floods", observer.rtt_flood),
-                       ("outside floods", observer.rtt_calm)):
-        print(f"healthy round trips {name:<15} n={len(rtts)} "
+    for name, rtts in (("tiny floods", observer.rtt["tiny"]),
+                       ("capped floods", observer.rtt["capped"]),
+                       ("outside floods", observer.rtt[None])):
+        print(f"healthy round trips, {name:<14} n={len(rtts):<5} "
               f"p50 {percentile(rtts, 0.5) * 1000:.2f} ms  "
               f"p99 {percentile(rtts, 0.99) * 1000:.2f} ms  "
               f"max {max(rtts, default=float('nan')) * 1000:.1f} ms")
