@@ -347,7 +347,7 @@ async def attack(port: int, minutes: float, seed: int, only: str | None) -> None
     print(json.dumps({"tried": chaos.tried, **chaos.counts}), flush=True)
 
 
-def run(minutes: float, seed: int, only: str | None) -> int:
+def run(minutes: float, seed: int, only: str | None, broker_root: Path = ROOT) -> int:
     """Start the broker, run the chaos against it, report; 1 if the broker died or the
     monitor lost anything."""
     config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
@@ -357,7 +357,8 @@ def run(minutes: float, seed: int, only: str | None) -> int:
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mqbroker", "serve", "--port", str(port), "--config",
-         config.name], stderr=log, cwd=ROOT)
+         config.name], stderr=log, cwd=broker_root,
+        env={**os.environ, "PYTHONPATH": str(broker_root)})
     try:
         return trio.run(observe, port, process, minutes, seed, only)
     finally:
@@ -442,13 +443,15 @@ def main() -> None:
     parser.add_argument("minutes", type=float, help="how long to run")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--only", help="one pattern alone (a method name of Chaos, or flood)")
+    parser.add_argument("--broker-root", type=Path, default=ROOT,
+                        help="run the broker of another checkout (to compare side by side)")
     parser.add_argument("--attack", type=int, metavar="PORT",
                         help="(internal) be the attackers' process, against PORT")
     args = parser.parse_args()
     if args.attack:
         trio.run(attack, args.attack, args.minutes, args.seed, args.only)
         return
-    sys.exit(run(args.minutes, args.seed, args.only))
+    sys.exit(run(args.minutes, args.seed, args.only, args.broker_root.resolve()))
 
 
 if __name__ == "__main__":
