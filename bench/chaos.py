@@ -354,13 +354,15 @@ def run(minutes: float, seed: int, only: str | None, broker_root: Path = ROOT) -
     config.write(CONFIG)
     config.close()
     log = tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False)
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
+    with open(config.name, "a") as extra:
+        extra.write(f"[metrics]\nport = {metrics_port}\n")
     process = subprocess.Popen(
         [sys.executable, "-m", "mqbroker", "serve", "--port", str(port), "--config",
          config.name], stderr=log, cwd=broker_root,
         env={**os.environ, "PYTHONPATH": str(broker_root)})
     try:
-        return trio.run(observe, port, process, minutes, seed, only)
+        return trio.run(observe, port, metrics_port, process, minutes, seed, only)
     finally:
         process.terminate()
         process.wait(10)
@@ -373,8 +375,8 @@ def run(minutes: float, seed: int, only: str | None, broker_root: Path = ROOT) -
         Path(log.name).unlink()
 
 
-async def observe(port: int, process: subprocess.Popen[bytes], minutes: float, seed: int,
-                  only: str | None) -> int:
+async def observe(port: int, metrics_port: int, process: subprocess.Popen[bytes],
+                  minutes: float, seed: int, only: str | None) -> int:
     await _wait_listening(port)
     observer = Observer(process.pid)
     report: dict[str, Any] = {}
@@ -414,8 +416,26 @@ async def observe(port: int, process: subprocess.Popen[bytes], minutes: float, s
               f"p99 {percentile(rtts, 0.99) * 1000:.2f} ms  "
               f"max {max(rtts, default=float('nan')) * 1000:.1f} ms")
     print("attacks:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if alive:
+        print("broker's sessions closed, by code:", await _closes(metrics_port))
     failed = not alive or monitor.lost or monitor.failure is not None
     return 1 if failed else 0
+
+
+async def _closes(metrics_port: int) -> str:
+    """The broker's count of sessions closed, by close code, from its /metrics."""
+    stream = await trio.open_tcp_stream("127.0.0.1", metrics_port)
+    await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = b""
+    async for chunk in stream:
+        body += chunk
+    closes = []
+    for line in body.decode().splitlines():
+        if line.startswith("mqbroker_sessions_closed_") and not line.endswith(" 0"):
+            name, value = line.split()[0].split("{")[0], line.split()[-1]
+            name = name.removeprefix("mqbroker_sessions_closed_").removesuffix("_total")
+            closes.append(f"{name} {value}")
+    return ", ".join(closes)
 
 
 def _free_port() -> int:
