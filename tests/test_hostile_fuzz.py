@@ -254,4 +254,4 @@ def test_after_the_fuzzing_a_new_session_is_served(broker_thread: BrokerThread) 
     broker_thread.stop()  # checks the monitor and that every attacker's connection ended
     counters = broker_thread.counters
     assert counters["sessions_closed_internal_error"] == 0, counters  # no session crashed
-    assert counters["sessions_opened"] >= 50, counters  # the attack reached open sessions
+    assert counters["sessions_opened"] >= 20, counters  # the attack reached open sessions
