@@ -32,17 +32,24 @@ async def _read_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str,
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except ValueError:  # not a log line: a traceback, say; kept for the test to see
+                    yield {"event": None, "raw": line.decode("utf-8", "replace")}
 
 
 @asynccontextmanager
 async def running_daemon(config: Path | None = None, *args: str,
-                         env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
-    """Start the daemon on an ephemeral port, collecting its JSON log lines (stderr)."""
+                         env: dict[str, str] | None = None, **options: Any
+                         ) -> AsyncIterator[Daemon]:
+    """Start the daemon on an ephemeral port, collecting its JSON log lines (stderr).
+
+    `options` go to subprocess.Popen (a `preexec_fn` setting a resource limit, say)."""
     command: Sequence[str] = [sys.executable, "-m", "mqbroker", "serve", "--port", "0", *args]
     if config is not None:
         command = [*command, "--config", str(config)]
-    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, env=env)
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, env=env,
+                                                  **options)
     assert process.stderr is not None
     lines: list[dict[str, Any]] = []
     try:

@@ -509,3 +509,16 @@ def test_the_welcome_may_share_its_frame(fmt: Format) -> None:
     events: Sequence[ServerEvent] = [WELCOME, SubAck(id=1, recovered=True)]
     assert client.receive(join([encode(e, fmt) for e in events], fmt)) == events
     assert client.state is State.OPEN and client.welcome == WELCOME
+
+
+def test_an_oversized_batch_is_refused_before_its_items_are_read() -> None:
+    """The item cap bounds the work done for one frame: a msgpack batch announcing more than
+    `max_items` events is refused from its array header alone. The proof: what follows the
+    header is not even valid msgpack, and the refusal names the count, not the syntax."""
+    for header in (b"\xdc\x03\xe9", b"\xdd\x00\x00\x03\xe9"):  # array 16 and array 32 of 1001
+        (refusal,) = decode(header + b"\xc1" * 100, CLIENT_SPECS, max_items=1000)
+        assert refusal.code == ErrorCode.BAD_FRAME
+        assert "at most 1000 events, not 1001" in refusal.message
+    # Within the cap, the items are read as before (and a broken one is reported as such).
+    (refusal,) = decode(b"\x91\xc1", CLIENT_SPECS, max_items=1000)
+    assert "not valid msgpack" in refusal.message

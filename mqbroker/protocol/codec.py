@@ -335,6 +335,13 @@ def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = N
            ) -> list[Any]:
     """Decode one frame into events and `Rejected` items, in frame order. A batch of more than
     `max_items` events is refused whole, before any of its events is looked at."""
+    if max_items is not None and not isinstance(frame, str):
+        # Refused from the array header, before a single item is unpacked: a 1 MiB frame of
+        # tens of thousands of tiny items takes tens of milliseconds to unpack, and the cap
+        # is there to bound the work one frame costs.
+        announced = _announced_items(frame)
+        if announced > max_items:
+            return [_too_many(max_items, announced)]
     try:
         if isinstance(frame, str):
             from_client = specs is CLIENT_SPECS
@@ -352,14 +359,27 @@ def decode(frame: Frame, specs: dict[str, _EventSpec], max_items: int | None = N
         if not raw:
             return [Rejected(ErrorCode.BAD_FRAME, "a batch must hold at least one event")]
         if max_items is not None and len(raw) > max_items:
-            return [Rejected(ErrorCode.BAD_FRAME,
-                             f"a batch holds at most {max_items} events, not {len(raw)}")]
+            return [_too_many(max_items, len(raw))]
         items = [decode_item(item, specs) for item in raw]
     else:
         items = [decode_item(raw, specs)]
     if suspect:
         _refuse_non_text(raw if isinstance(raw, list) else [raw], items)
     return items
+
+
+def _announced_items(frame: bytes) -> int:
+    """The item count a msgpack array 16 or array 32 header announces; 0 for anything else
+    (a fixarray holds at most 15: under any cap worth having)."""
+    if frame[:1] == b"\xdc" and len(frame) >= 3:
+        return int.from_bytes(frame[1:3], "big")
+    if frame[:1] == b"\xdd" and len(frame) >= 5:
+        return int.from_bytes(frame[1:5], "big")
+    return 0
+
+
+def _too_many(max_items: int, count: int) -> Rejected:
+    return Rejected(ErrorCode.BAD_FRAME, f"a batch holds at most {max_items} events, not {count}")
 
 
 def _request_id(item: dict[Any, Any]) -> int | None:

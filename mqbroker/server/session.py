@@ -56,6 +56,10 @@ logger = structlog.get_logger("mqbroker.session")
 #: Publishes of one frame are handed to the broker in runs of at most this many, with a
 #: checkpoint between runs: a frame of a thousand publishes does not hold the loop meanwhile.
 PUBLISH_RUN = 100
+#: Other requests (and WebSocket pings) are handled this many at a time between checkpoints:
+#: one read of 64 KiB can hold dozens of small frames of a thousand requests each (invalid
+#: ones, say), and handled in one go they held the loop for a quarter of a second.
+REQUEST_RUN = 100
 
 
 @define(eq=False)
@@ -84,6 +88,8 @@ class Session:
     busy: bool = False
     _close_reason: str = ""
     _dirty: bool = False
+    #: Requests handled since the last checkpoint (see REQUEST_RUN).
+    _handled: int = 0
     _reading: trio.CancelScope | None = None
     _publishes: PublishQueue | None = None
     _nursery: trio.Nursery | None = None
@@ -133,11 +139,26 @@ class Session:
             self.outbox.dropped += 1
             self.outbox.dropped_total += 1
             return
+        self._let_go()
+
+    def _let_go(self) -> None:
         if self.closing is None:
             self.log.warning("session.slow", outbox=len(self.outbox),
                              policy=self.config.slow_consumer)
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed",
                             discard=True)
+
+    def _answer_ping(self, payload: bytes) -> bool:
+        """Answer a WebSocket ping; False when the peer lets replies pile up instead of reading.
+
+        A pong goes straight to the connection, not through the outbox (it is a control frame,
+        not part of a batch), so it is bounded here: while more than `outbox_bytes` wait for
+        the socket, a ping is not answered. Nothing is answered once a close was sent or
+        received (the WebSocket layer gives b"" then)."""
+        if self.connection.pending > self.config.outbox_bytes:
+            return False
+        self.connection.write(self.ws.pong(payload))
+        return True
 
     async def replay(self, message: EncodedMessage, sub: int) -> bool:
         # No flush per message: a replay goes out in full frames, written when the outbox
@@ -227,7 +248,8 @@ class Session:
                     await self.connection.flush_now()
                     return None
                 if isinstance(item, WsPing):
-                    self.connection.write(self.ws.pong(item.payload))
+                    # Past the bound, left unanswered: hello_timeout ends this soon anyway.
+                    self._answer_ping(item.payload)
             data = await self.connection.receive()
             if not data:
                 return None
@@ -304,16 +326,22 @@ class Session:
 
     async def _handle_items(self, items: list[Any]) -> bool:
         """Handle what the WebSocket layer made of the bytes read; True once the peer closed."""
+        ping: bytes | None = None
         for item in items:
             kind = type(item)
             if kind is bytes or kind is str:
                 await self._handle_frame(self.protocol.receive(item))
             elif kind is WsPing:
-                # Answered only while open: the WebSocket layer gives b"" otherwise.
-                self.connection.write(self.ws.pong(item.payload))
+                # Only the latest ping of a read is answered, once the read is handled (RFC 6455
+                # section 5.5.3 allows it): a burst of pings costs one pong, not a write each.
+                ping = item.payload
+                await self._handled_one()
             elif kind is CloseReceived:
                 self._peer_closed(item)
                 return True
+        if ping is not None and not self._answer_ping(ping):
+            # Pinging without reading the pongs: a slow consumer like any other (4008).
+            self._let_go()
         return False
 
     def _peer_closed(self, item: CloseReceived) -> None:
@@ -342,8 +370,17 @@ class Session:
                 run = []
             if type(event) is not Publish:
                 await self._handle_one(event)
+                await self._handled_one()
         if run:
             await self._publish(run)
+
+    async def _handled_one(self) -> None:
+        """Count one request handled; every REQUEST_RUN, let the other sessions have their turn
+        (and a close_soon, which cancels the reading, take effect)."""
+        self._handled += 1
+        if self._handled >= REQUEST_RUN:
+            self._handled = 0
+            await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
         if self.broker.fanout.local:
