@@ -61,6 +61,7 @@ class ErrorCode(enum.StrEnum):
     BAD_EVENT_ID = "bad_event_id"  # `since` is not an event id this broker issues
     SINCE_UNSUPPORTED = "since_unsupported"  # `since` on a wildcard filter
     UNAVAILABLE = "unavailable"  # the fan-out or history backend cannot be reached
+    OUTCOME_UNKNOWN = "outcome_unknown"  # the publish may or may not have happened
     INTERNAL = "internal"
 
 
