@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import h11
 import trio
+import wsproto.utilities
 from attrs import define, field, frozen
 from trio_websocket import (
     ConnectionClosed,
@@ -59,9 +61,11 @@ OPEN_TIMEOUT = 10.0
 #: Default of `close_timeout`: seconds the close handshake may take before the socket is dropped.
 CLOSE_TIMEOUT = 1.0
 
-#: What makes one connection attempt fail; each is retried with backoff after a drop.
+#: What makes one connection attempt fail; each is retried with backoff after a drop. (The
+#: protocol errors: trio-websocket's reader meets them on an HTTP reply it cannot parse.)
 _ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed, trio.TooSlowError,
-                   trio.BrokenResourceError, trio.ClosedResourceError)
+                   trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                   wsproto.utilities.ProtocolError)
 
 
 @frozen(kw_only=True)
@@ -267,10 +271,10 @@ class Client(Operations[Subscription]):
                     # The reader finishes the close handshake by itself; give it a bounded time.
                     connection.cancel_scope.deadline = trio.current_time() + self.close_timeout
         except ExceptionGroup as group:
-            if opened:
-                raise
             # trio-websocket's reader task failed the opening (it raises a refused upgrade,
-            # ConnectionRejected, there): one more failed attempt.
+            # ConnectionRejected, there): one more failed attempt. Anything else is a bug.
+            if opened or group.split(_ATTEMPT_FAILED)[1] is not None:
+                raise
             return group
         return None
 
@@ -404,8 +408,9 @@ def _refused_by_broker(closed: ConnectionClosed, max_frame_bytes: int) -> bool:
 
 
 class _WatchedStream(trio.abc.Stream):
-    """The connection's byte stream, telling when it has ended: closed or reset by the peer, or
-    closed on our side (trio-websocket closes it after an HTTP reply it cannot parse)."""
+    """The connection's byte stream, telling when it has ended: closed or reset by the peer (seen
+    by a receive or a send), or closed on our side (trio-websocket closes it after an HTTP reply
+    it cannot parse)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
@@ -420,7 +425,11 @@ class _WatchedStream(trio.abc.Stream):
         return cls(await trio.open_tcp_stream(target.host, target.port))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
+        try:
+            await self.inner.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()  # a reset seen first by the upgrade request
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
