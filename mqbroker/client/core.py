@@ -145,9 +145,9 @@ class ClientCore:
     _abandoned: set[int] = field(factory=set)
     #: An event taken from the send queue that did not fit in the last frame, and its encoding.
     _carried: tuple[ClientEvent, Frame] | None = None
-    #: The largest frame written on this connection: its size and the requests in it. A 1009
-    #: close (frame too large) fails these rather than resend them (`refused_as_too_large`).
-    _largest: tuple[int, list[tuple[str, int]]] = (0, [])
+    #: The largest frame written on this connection: its size and its events. A 1009 close
+    #: (frame too large) fails its requests rather than resend them (`refused_as_too_large`).
+    _largest: tuple[int, list[ClientEvent]] = (0, [])
 
     def __attrs_post_init__(self) -> None:
         self.connection = ClientConnection(format=self.format)
@@ -221,11 +221,19 @@ class ClientCore:
         it). Requests withdrawn meanwhile (cancelled) are skipped. None: nothing left to send.
         """
         carried, self._carried = self._carried, None
-        if first is not None and not (skip_withdrawn and self._withdrawn(first)):
+        if first is not None and not (skip_withdrawn and _withdrawn(first, self.pending)):
             carried = (first, self.connection.encode(first))
-        max_frame = int(self.limits.get("max_frame_bytes", _DEFAULT_MAX_FRAME_BYTES))
+        limits = self.limits
+        max_frame = int(limits.get("max_frame_bytes", _DEFAULT_MAX_FRAME_BYTES))
+        max_message = int(limits.get("max_message_bytes", max_frame - _ENVELOPE_BYTES))
+        json = self.format is Format.JSON
+        # A batch adds a header (msgpack: at most 5 bytes), or brackets and a comma per event
+        # (JSON); one event alone is sent as itself.
+        per_event, room = (1, max_frame - 1) if json else (0, max_frame - 5)
+        pending = self.pending if skip_withdrawn else None
+        encode = self.connection.encode
         fragments: list[Frame] = []
-        keys: list[tuple[str, int]] = []
+        events: list[ClientEvent] = []
         outcomes: list[Outcome] = []
         size = 0
         while size < max_frame // 2:
@@ -237,23 +245,24 @@ class ClientCore:
                 if queued is None:
                     break
                 event = queued
-                if skip_withdrawn and self._withdrawn(event):
-                    continue
-                fragment = self.connection.encode(event)
-            if self._too_large(event, fragment, max_frame):
+                if pending is not None and _withdrawn(event, pending):
+                    continue  # its caller was cancelled before it was written
+                fragment = encode(event)
+            length = len(fragment)
+            if length > max_frame or (type(event) is Publish
+                                      and self._over_message_limit(event, length, max_message)):
                 outcomes.extend(self._refuse(event, "is over the broker's size limits"))
                 continue
-            grown = size + len(fragment) + self._join_overhead(len(fragments) + 1)
-            if fragments and grown > max_frame:
+            if fragments and size + length + per_event > room:
                 self._carried = (event, fragment)  # first in the next frame
                 break
             fragments.append(fragment)
-            size = grown
-            if (key := _key(event)) is not None:
-                keys.append(key)
+            events.append(event)
+            size += length + per_event
         if not fragments:
             return None, outcomes
-        self._note_frame(size, keys)
+        if size > self._largest[0]:
+            self._largest = (size, events)
         return join(fragments, self.format), outcomes
 
     def frames(self, events: list[ClientEvent]) -> tuple[list[Frame], list[Outcome]]:
@@ -277,40 +286,20 @@ class ClientCore:
         requests of the largest frame written on it, which is the refused one or one at least as
         large, instead of resending them forever. Each 1009 fails at least one request, so
         reconnecting cannot loop."""
-        _, keys = self._largest
+        _, events = self._largest
         self._largest = (0, [])
         outcomes: list[Outcome] = []
-        for key in keys:
-            event = self.pending.get(key)
-            if event is not None:
+        for event in events:
+            key = _key(event)
+            if key is not None and key in self.pending:  # (fire-and-forget ones are gone)
                 outcomes += self._refuse(event, "was refused by the broker (1009: frame too "
                                                 "large); it is not resent")
         return outcomes
 
-    def _note_frame(self, size: int, keys: list[tuple[str, int]]) -> None:
-        if size > self._largest[0]:
-            self._largest = (size, keys)
-
-    def _join_overhead(self, count: int) -> int:
-        if count == 1:
-            return 0
-        return count + 1 if self.format is Format.JSON else 5  # brackets and commas; a header
-
-    def _withdrawn(self, event: ClientEvent) -> bool:
-        """A request cancelled by its caller before it was written: skip it."""
-        key = _key(event)
-        return key is not None and key not in self.pending
-
-    def _too_large(self, event: ClientEvent, fragment: Frame, max_frame: int) -> bool:
-        if len(fragment) > max_frame:
-            return True
-        if not isinstance(event, Publish):
-            return False
-        limit = int(self.limits.get("max_message_bytes", max_frame - _ENVELOPE_BYTES))
+    def _over_message_limit(self, event: Publish, length: int, limit: int) -> bool:
         # The encoded publish holds the topic and the msgpack payload, so a small fragment
         # settles it without measuring. JSON is counted in characters: up to 4 bytes each.
-        cheap = len(fragment) * (4 if self.format is Format.JSON else 1)
-        if cheap <= limit:
+        if length * (4 if self.format is Format.JSON else 1) <= limit:
             return False
         return len(event.topic.encode()) + payload_size(event.payload) > limit
 
@@ -461,3 +450,11 @@ def _key(event: ClientEvent) -> tuple[str, int] | None:
     if isinstance(event, _REQUESTS) and event.id is not None:
         return (event.OP, event.id)
     return None
+
+
+def _withdrawn(event: ClientEvent, pending: dict[tuple[str, int], ClientEvent]) -> bool:
+    """A request its caller withdrew (cancelled) before it was written: no longer pending."""
+    if type(event) is Publish:  # the hot path: no key unless acknowledged
+        return event.id is not None and ("publish", event.id) not in pending
+    key = _key(event)
+    return key is not None and key not in pending
