@@ -77,6 +77,11 @@ async def _upgrade_then_close(reader: asyncio.StreamReader, writer: asyncio.Stre
     writer.close()
 
 
+async def _no_welcome(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _upgrade(reader, writer)
+    await asyncio.sleep(3600)  # the hello is never answered
+
+
 async def _refuse_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     ws = await _upgrade(reader, writer)
     await reader.read(65536)
@@ -95,6 +100,7 @@ FAULTS: dict[str, Fault] = {
     "silent after accept": _silent,
     "101 then close": _upgrade_then_close,
     "hello refused": _refuse_hello,
+    "welcome never comes": _no_welcome,
 }
 
 
@@ -230,6 +236,30 @@ def test_reconnects_through_any_failure_of_the_handshake(broker_thread: BrokerTh
         assert proxy.failed >= 1, "the fault was never met"
         assert [i.payload for i in exact_items if isinstance(i, Message)] == [*published, "end"]
         assert lost_silently(wildcard_items[:-1], published) == []
+
+    run(scenario)
+
+
+def test_a_stalled_connection_is_closed_and_replaced() -> None:
+    """A broker that welcomes and then goes silent (no pong, no close answer) is given up after
+    two ping intervals and a bounded close, and the client connects again."""
+
+    async def scenario() -> None:
+        async with ws_server() as server:
+            async def silent_after_welcome() -> None:
+                while True:
+                    peer = await server.peers.get()
+                    await peer.receive()  # the hello
+                    welcome = Welcome(version=1, instance="fake", session="fake",
+                                      limits={"ping_interval": 0.1})
+                    await peer.send(BytesMessage(data=encode(welcome, Format.MSGPACK)))
+
+            accepting = asyncio.create_task(silent_after_welcome())
+            async with connect(server.url, reconnect=QUICK, close_timeout=0.2):
+                async with asyncio.timeout(5):
+                    while len(server.accepted) < 3:  # noqa: ASYNC110  (counted by the server)
+                        await asyncio.sleep(0.05)
+            accepting.cancel()
 
     run(scenario)
 

@@ -82,6 +82,11 @@ async def _upgrade_then_close(client: trio.SocketStream) -> None:
     await client.aclose()
 
 
+async def _no_welcome(client: trio.SocketStream) -> None:
+    await _upgrade(client)
+    await trio.sleep_forever()  # the hello is never answered
+
+
 async def _refuse_hello(client: trio.SocketStream) -> None:
     ws = await _upgrade(client)
     await client.receive_some()  # the hello
@@ -98,7 +103,10 @@ FAULTS: dict[str, Callable[[trio.SocketStream], Awaitable[None]]] = {
     "silent after accept": _silent,
     "101 then close": _upgrade_then_close,
     "hello refused": _refuse_hello,
+    "welcome never comes": _no_welcome,
 }
+#: The faults only open_timeout ends (kept short in these tests).
+SILENT = ("silent after accept", "welcome never comes")
 
 
 @attrs.define(eq=False)
@@ -197,7 +205,7 @@ async def test_reconnects_through_any_failure_of_the_handshake(fault: str) -> No
     fails (`fault`), then it heals. The client keeps retrying and recovers: the exact recorded
     subscription gets every acknowledged message, the wildcard one every message or a Gap
     where some may be missing; nothing is lost silently."""
-    timeouts = {"open_timeout": 0.5} if fault == "silent after accept" else {}
+    timeouts = {"open_timeout": 0.5} if fault in SILENT else {}
     async with running_broker() as broker, front(broker.listener.port) as proxy, \
             connect(proxy.url, reconnect=FAST, **timeouts) as subscriber, \
             connect(broker.url) as publisher:
