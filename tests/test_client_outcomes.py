@@ -177,6 +177,21 @@ def test_a_1009_fails_the_requests_of_the_largest_frame() -> None:
     assert core.refused_as_too_large() == []  # each 1009 fails what it found, once
 
 
+def test_a_1009_on_a_frame_of_resubscriptions_makes_frames_smaller() -> None:
+    """Nothing in the refused frame can be failed (established subscriptions, resent on every
+    connection): later frames are capped at half its size, so reconnecting cannot loop."""
+    core = welcomed()
+    subscribes = [core.subscribe(f"filter/{n:04}") for n in range(200)]
+    for event in subscribes:
+        core.receive(encode(SubAck(id=event.id), Format.MSGPACK))
+    core.open_connection()
+    events, _ = core.resume()
+    [frame], _ = core.frames(events)
+    assert core.refused_as_too_large() == []
+    frames, _ = core.frames(events)
+    assert len(frames) > 1 and all(len(f) <= len(frame) // 2 for f in frames)
+
+
 def test_resent_publishes_keep_their_msg_id() -> None:
     core = welcomed()
     publish = core.publish("t", 1, ack=True, msg_id=None)

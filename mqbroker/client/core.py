@@ -148,6 +148,9 @@ class ClientCore:
     #: The largest frame written on this connection: its size and its events. A 1009 close
     #: (frame too large) fails its requests rather than resend them (`refused_as_too_large`).
     _largest: tuple[int, list[ClientEvent]] = (0, [])
+    #: A cap on frame sizes below the welcome's, set when a 1009 refused a frame holding no
+    #: request to fail (resubscriptions only): smaller frames next time, rather than a loop.
+    _frame_cap: int | None = None
 
     def __attrs_post_init__(self) -> None:
         self.connection = ClientConnection(format=self.format)
@@ -226,6 +229,8 @@ class ClientCore:
         limits = self.limits
         max_frame = int(limits.get("max_frame_bytes", _DEFAULT_MAX_FRAME_BYTES))
         max_message = int(limits.get("max_message_bytes", max_frame - _ENVELOPE_BYTES))
+        if self._frame_cap is not None:
+            max_frame = min(max_frame, self._frame_cap)
         json = self.format is Format.JSON
         # A batch adds a header (msgpack: at most 5 bytes), or brackets and a comma per event
         # (JSON); one event alone is sent as itself.
@@ -286,7 +291,7 @@ class ClientCore:
         requests of the largest frame written on it, which is the refused one or one at least as
         large, instead of resending them forever. Each 1009 fails at least one request, so
         reconnecting cannot loop."""
-        _, events = self._largest
+        size, events = self._largest
         self._largest = (0, [])
         outcomes: list[Outcome] = []
         for event in events:
@@ -294,6 +299,8 @@ class ClientCore:
             if key is not None and key in self.pending:  # (fire-and-forget ones are gone)
                 outcomes += self._refuse(event, "was refused by the broker (1009: frame too "
                                                 "large); it is not resent")
+        if not outcomes and size:
+            self._frame_cap = max(size // 2, 1)
         return outcomes
 
     def _over_message_limit(self, event: Publish, length: int, limit: int) -> bool:
