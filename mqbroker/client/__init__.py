@@ -20,6 +20,7 @@ from mqbroker.client.errors import (
     InvalidFilter,
     InvalidTopic,
     MessageTooLarge,
+    OutcomeUnknown,
     ProtocolViolation,
     SinceUnsupported,
     TooManySubscriptions,
@@ -30,6 +31,7 @@ from mqbroker.client.errors import (
 __all__ = [
     "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
     "ConnectionLost", "DuplicateSubscription", "Gap", "InvalidFilter", "InvalidTopic",
-    "Message", "MessageTooLarge", "ProtocolViolation", "Reconnect", "SinceUnsupported",
-    "Subscription", "TooManySubscriptions", "Unavailable", "UnknownSubscription", "connect",
+    "Message", "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "Reconnect",
+    "SinceUnsupported", "Subscription", "TooManySubscriptions", "Unavailable",
+    "UnknownSubscription", "connect",
 ]

@@ -46,6 +46,8 @@ class CloseReason:
 
     code: int
     reason: str | None = None
+    #: The peer closed first (its code), rather than this side.
+    by_peer: bool = False
 
 
 class ConnectionClosed(Exception):
@@ -227,7 +229,7 @@ class WebSocket:
             # wsproto reports bad bytes from the peer as a close event, without sending it.
             self._write(self._protocol.send(CloseConnection(code=event.code,
                                                             reason=event.reason)))
-        self.closed = self.closed or CloseReason(event.code, event.reason)
+        self.closed = self.closed or CloseReason(event.code, event.reason, by_peer=True)
         self._finished = True
         self._writer.close()
 

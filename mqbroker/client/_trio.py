@@ -3,6 +3,11 @@
 The connection runs in the client's own nursery: a reader, a writer that coalesces whatever is
 queued into one frame, and a keepalive. When the connection drops the client reconnects by itself
 (exponential backoff with jitter) and resumes every subscription where it left off.
+
+Every network wait is bounded: opening a connection (TCP, the WebSocket upgrade, hello and
+welcome) by `open_timeout`, closing one by `close_timeout`, and an open connection by the
+keepalive (no frame from the broker for two ping intervals closes it). A failed attempt, whatever
+failed, is retried with backoff.
 """
 
 from __future__ import annotations
@@ -10,19 +15,23 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
+import h11
 import trio
+import wsproto.utilities
 from attrs import define, field, frozen
 from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
+from mqbroker.client._aio_ws import _Target
 from mqbroker.client.core import (
     ClientCore,
     Deliver,
@@ -31,6 +40,7 @@ from mqbroker.client.core import (
     Message,
     Outcome,
     Resolved,
+    Send,
     StreamItem,
     Unsolicited,
 )
@@ -45,8 +55,17 @@ from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publis
 
 #: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
-#: How long closing a connection may take before it is abandoned.
+#: Default of `open_timeout`: seconds one connection attempt (TCP connect, WebSocket upgrade,
+#: hello and welcome, resending what was pending) may take before it counts as failed.
+OPEN_TIMEOUT = 10.0
+#: Default of `close_timeout`: seconds the close handshake may take before the socket is dropped.
 CLOSE_TIMEOUT = 1.0
+
+#: What makes one connection attempt fail; each is retried with backoff after a drop. (The
+#: protocol errors: trio-websocket's reader meets them on an HTTP reply it cannot parse.)
+_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed, trio.TooSlowError,
+                   trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                   wsproto.utilities.ProtocolError)
 
 
 @frozen(kw_only=True)
@@ -124,6 +143,8 @@ class Client(Operations[Subscription]):
     reconnect: Reconnect
     max_frame_bytes: int
     buffer: int
+    open_timeout: float = OPEN_TIMEOUT
+    close_timeout: float = CLOSE_TIMEOUT
     _send: trio.MemorySendChannel[ClientEvent] = field(init=False)
     _queued: trio.MemoryReceiveChannel[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], _Waiter] = field(factory=dict)
@@ -149,14 +170,24 @@ class Client(Operations[Subscription]):
 
     async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
         waiter = self._waiters[key] = _Waiter()
-        await self._send.send(event)
-        return await waiter.wait()
+        try:
+            await self._send.send(event)
+            return await waiter.wait()
+        finally:
+            self._waiters.pop(key, None)  # settled, or its caller was cancelled
 
     async def _enqueue(self, event: ClientEvent) -> None:
         await self._send.send(event)
 
     def _enqueue_nowait(self, event: ClientEvent) -> None:
         self._send.send_nowait(event)
+
+    def _offer(self, event: ClientEvent) -> bool:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        return True
 
     # --- applying what the core decided ----------------------------------------------------------
 
@@ -179,6 +210,8 @@ class Client(Operations[Subscription]):
             elif isinstance(outcome, Unsolicited):
                 self.unsolicited.append(outcome.error)
                 del self.unsolicited[:-100]
+            elif isinstance(outcome, Send):
+                await self._send.send(outcome.event)  # the writer drains it meanwhile
 
     def _settle(self, key: tuple[str, int], *, value: Any = None,
                 error: BaseException | None = None) -> None:
@@ -206,42 +239,65 @@ class Client(Operations[Subscription]):
             if limit is not None and attempt >= limit:
                 return
             await trio.sleep(self.reconnect.delay(attempt))
+            # Whatever failed (even a refused hello: a broker restarting behind a proxy may
+            # refuse for a while), the attempt is retried with backoff, within max_attempts.
             failure = await self._connection()
-            if isinstance(failure, HandshakeFailed):
-                return  # the broker refuses us: retrying cannot help
             attempt = 0 if failure is None else attempt + 1
 
     async def _connection(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> BaseException | None:
-        """One connection's life: handshake, resume, then serve until it drops.
+        """One connection's life: open (handshake, resume), then serve until it drops.
 
         Returns why it could not be opened, or None once it was opened and has ended. Errors are
         returned, not raised, so that they do not leave the nursery wrapped in a group.
         """
-        async with trio.open_nursery() as connection:  # owns trio-websocket's reader task
-            try:
-                ws = await connect_websocket_url(connection, self.url,
-                                                 max_message_size=self.max_frame_bytes)
-            except (OSError, HandshakeError) as e:
-                return e
-            try:
-                await self._handshake(ws)
-            except (HandshakeFailed, ConnectionClosed) as e:
-                return e
-            else:
+        opened = False
+        try:
+            async with trio.open_nursery() as connection:  # owns trio-websocket's reader task
+                try:
+                    with trio.fail_after(self.open_timeout):
+                        ws = await self._open(connection)
+                except _ATTEMPT_FAILED as e:
+                    connection.cancel_scope.cancel()
+                    return e
+                opened = True
                 self._ws = ws
                 task_status.started()
-                async with trio.open_nursery() as tasks:
-                    tasks.start_soon(self._write_loop, ws)
-                    tasks.start_soon(self._keepalive, ws)
-                    await self._read_loop(ws)
-                    tasks.cancel_scope.cancel()
-            finally:
-                self._ws = None
-                await _close_politely(ws)
-                # The reader finishes the close handshake by itself; give it a bounded time.
-                connection.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                try:
+                    await self._serve(ws)
+                finally:
+                    self._ws = None
+                    await _close_politely(ws, self.close_timeout)
+                    # The reader finishes the close handshake by itself; give it a bounded time.
+                    connection.cancel_scope.deadline = trio.current_time() + self.close_timeout
+        except ExceptionGroup as group:
+            # trio-websocket's reader task failed the opening (it raises a refused upgrade,
+            # ConnectionRejected, there): one more failed attempt. Anything else is a bug.
+            if opened or group.split(_ATTEMPT_FAILED)[1] is not None:
+                raise
+            return group
         return None
+
+    async def _open(self, connection: trio.Nursery) -> WebSocketConnection:
+        """Connect, upgrade, say hello and resume; the reader task runs in `connection`."""
+        target = _Target.parse(self.url)
+        stream = await _WatchedStream.connect(target)
+        try:
+            with trio.CancelScope() as upgrading:
+                # trio-websocket waits for the upgrade forever if the connection ends first
+                # (closed or reset before the 101, or closed by trio-websocket itself after an
+                # HTTP reply it cannot parse): stop waiting when it ends.
+                connection.start_soon(_cancel_when_ended, stream, upgrading)
+                ws = await wrap_client_stream(
+                    connection, cast(trio.SocketStream, stream), target.authority,
+                    target.resource, max_message_size=self.max_frame_bytes)
+            if upgrading.cancelled_caught:
+                raise HandshakeError("the connection ended before the WebSocket upgrade")
+            await self._handshake(ws)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return ws
 
     async def _handshake(self, ws: WebSocketConnection) -> None:
         await ws.send_message(self.core.open_connection())
@@ -251,8 +307,19 @@ class Client(Operations[Subscription]):
         # Requests still queued from before are in `events` already (the core resends every
         # unanswered request); only fire-and-forget publishes are taken from the queue.
         events += [e for e in self._drain_queue() if isinstance(e, Publish) and e.id is None]
-        if events:
-            await ws.send_message(self.core.connection.encode_batch(events))
+        # In as many frames as the broker's frame limit needs: one frame over it would be
+        # refused with 1009 on every reconnect.
+        frames, refused = self.core.frames(events)
+        await self._apply(refused)
+        for frame in frames:
+            await ws.send_message(frame)
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._write_loop, ws)
+            tasks.start_soon(self._keepalive, tasks.cancel_scope)
+            await self._read_loop(ws)
+            tasks.cancel_scope.cancel()
 
     def _drain_queue(self) -> list[ClientEvent]:
         events = []
@@ -266,14 +333,20 @@ class Client(Operations[Subscription]):
         while True:
             try:
                 frame = await ws.get_message()
-            except ConnectionClosed:
+            except ConnectionClosed as e:
+                if _refused_by_broker(e, self.max_frame_bytes):
+                    await self._apply(self.core.refused_as_too_large())
                 return
             self._last_seen = trio.current_time()
             await self._apply(self.core.receive(frame))
 
     async def _write_loop(self, ws: WebSocketConnection) -> None:
         while True:
-            frame = self.core.encode_queued(await self._queued.receive(), self._next_queued)
+            first = None if self.core.has_carried else await self._queued.receive()
+            frame, refused = self.core.encode_queued(first, self._next_queued)
+            await self._apply(refused)
+            if frame is None:
+                continue  # what was taken was withdrawn or refused
             try:
                 await ws.send_message(frame)
             except ConnectionClosed:
@@ -285,13 +358,15 @@ class Client(Operations[Subscription]):
         except trio.WouldBlock:
             return None
 
-    async def _keepalive(self, ws: WebSocketConnection) -> None:
+    async def _keepalive(self, serving: trio.CancelScope) -> None:
+        """Ping; a broker silent for two intervals (dead, or a stalled link where even our sends
+        cannot progress) ends the connection, which is then closed within close_timeout."""
         interval = self.core.ping_interval
         self._last_seen = trio.current_time()
         while True:
             await trio.sleep(interval)
             if trio.current_time() - self._last_seen > 2 * interval:
-                await ws.aclose(1000, "no answer to ping")  # the reader sees the close
+                serving.cancel()
                 return
             await self._send.send(Ping())
 
@@ -311,30 +386,90 @@ class Client(Operations[Subscription]):
         self._closed = True
         ws = self._ws
         if ws is not None:
-            await _close_politely(ws, "client closed")
+            await _close_politely(ws, self.close_timeout, "client closed")
 
 
-async def _close_politely(ws: WebSocketConnection, reason: str | None = None) -> None:
-    """Close with the handshake, within CLOSE_TIMEOUT; when we are being cancelled from outside,
+async def _close_politely(ws: WebSocketConnection, within: float,
+                          reason: str | None = None) -> None:
+    """Close with the handshake, within `within` seconds; when we are being cancelled from outside,
     the task that would read the broker's answer is going too, so the connection just drops."""
     if trio.current_effective_deadline() == -math.inf:
         return
-    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+    with trio.move_on_after(within, shield=True):
         await ws.aclose(1000, reason)
+
+
+def _refused_by_broker(closed: ConnectionClosed, max_frame_bytes: int) -> bool:
+    """A 1009 close from the broker (a frame of ours over its limit), not trio-websocket's own
+    1009 for a broker frame over ours, which carries exactly this reason."""
+    reason = closed.reason
+    return (reason is not None and reason.code == 1009
+            and reason.reason != f"Exceeded maximum message size: {max_frame_bytes} bytes")
+
+
+class _WatchedStream(trio.abc.Stream):
+    """The connection's byte stream, telling when it has ended: closed or reset by the peer (seen
+    by a receive or a send), or closed on our side (trio-websocket closes it after an HTTP reply
+    it cannot parse)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = trio.Event()
+
+    @classmethod
+    async def connect(cls, target: _Target) -> _WatchedStream:
+        if target.tls:
+            return cls(await trio.open_ssl_over_tcp_stream(
+                target.host, target.port, ssl_context=ssl.create_default_context(),
+                https_compatible=True))
+        return cls(await trio.open_tcp_stream(target.host, target.port))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.inner.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()  # a reset seen first by the upgrade request
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def aclose(self) -> None:
+        self.ended.set()
+        await self.inner.aclose()
+
+
+async def _cancel_when_ended(stream: _WatchedStream, scope: trio.CancelScope) -> None:
+    await stream.ended.wait()
+    scope.cancel()  # does nothing once the upgrade is over
 
 
 @asynccontextmanager
 async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   reconnect: Reconnect | None = None,
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                  buffer: int = 1000) -> AsyncIterator[Client]:
+                  buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
+                  close_timeout: float = CLOSE_TIMEOUT) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
-    subscription and the send queue hold before pushing back.
+    subscription and the send queue hold before pushing back. open_timeout: seconds one
+    connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
+    handshake may take before the socket is dropped.
     """
     core = ClientCore(format=Format(format), client_name=name)
-    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer)
+    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
+                    open_timeout, close_timeout)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)

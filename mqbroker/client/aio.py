@@ -10,7 +10,8 @@ Every protocol decision is the sans-IO `ClientCore`'s, shared with the trio clie
 only drives it. Each connection's reader, writer (which coalesces whatever is queued into one
 frame) and keepalive run in an `asyncio.TaskGroup`. When an established connection drops the
 client reconnects by itself (exponential backoff with jitter) and resumes every subscription
-where it left off.
+where it left off. Every network wait is bounded, as in the trio client: `open_timeout` per
+connection attempt, `close_timeout` per close, the keepalive while connected.
 """
 
 from __future__ import annotations
@@ -23,8 +24,19 @@ from typing import Any
 
 from attrs import define, field
 
-from mqbroker.client._aio_ws import ConnectionClosed, HandshakeError, WebSocket, open_websocket
-from mqbroker.client._trio import CLOSE_TIMEOUT, DEFAULT_MAX_FRAME_BYTES, Reconnect
+from mqbroker.client._aio_ws import (
+    MESSAGE_TOO_BIG,
+    ConnectionClosed,
+    HandshakeError,
+    WebSocket,
+    open_websocket,
+)
+from mqbroker.client._trio import (
+    CLOSE_TIMEOUT,
+    DEFAULT_MAX_FRAME_BYTES,
+    OPEN_TIMEOUT,
+    Reconnect,
+)
 from mqbroker.client.core import (
     ClientCore,
     Deliver,
@@ -33,19 +45,26 @@ from mqbroker.client.core import (
     Message,
     Outcome,
     Resolved,
+    Send,
     StreamItem,
     Unsolicited,
 )
-from mqbroker.client.errors import BrokerError, ClientClosed, ConnectError, ConnectionLost
+from mqbroker.client.errors import (
+    BrokerError,
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+    MessageTooLarge,
+    OutcomeUnknown,
+    Unavailable,
+)
 from mqbroker.client.operations import Operations
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
-#: How long opening one connection (TCP, WebSocket upgrade, hello and welcome) may take, so a
-#: peer that accepts and then says nothing cannot stall the reconnect loop.
-OPEN_TIMEOUT = 10.0
-
-#: What makes one connection attempt fail (a refusal by the broker, HandshakeFailed, is apart).
-_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed)
+#: What makes one connection attempt fail (TimeoutError, past open_timeout, is an OSError); each
+#: is retried with backoff after a drop, even a refused hello (a broker restarting behind a
+#: proxy may refuse for a while).
+_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed)
 
 
 @define(eq=False)
@@ -126,6 +145,8 @@ class Client(Operations[Subscription]):
     reconnect: Reconnect
     max_frame_bytes: int
     buffer: int
+    open_timeout: float = OPEN_TIMEOUT
+    close_timeout: float = CLOSE_TIMEOUT
     _queued: asyncio.Queue[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], asyncio.Future[Any]] = field(factory=dict)
     _streams: dict[int, _Stream] = field(factory=dict)
@@ -148,14 +169,24 @@ class Client(Operations[Subscription]):
 
     async def _request(self, key: tuple[str, int], event: ClientEvent) -> Any:
         waiter = self._waiters[key] = asyncio.get_running_loop().create_future()
-        await self._queued.put(event)
-        return await waiter
+        try:
+            await self._queued.put(event)
+            return await waiter
+        finally:
+            self._waiters.pop(key, None)  # settled, or its caller was cancelled
 
     async def _enqueue(self, event: ClientEvent) -> None:
         await self._queued.put(event)
 
     def _enqueue_nowait(self, event: ClientEvent) -> None:
         self._queued.put_nowait(event)
+
+    def _offer(self, event: ClientEvent) -> bool:
+        try:
+            self._queued.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
 
     # --- applying what the core decided ----------------------------------------------------------
 
@@ -174,6 +205,8 @@ class Client(Operations[Subscription]):
             elif isinstance(outcome, Unsolicited):
                 self.unsolicited.append(outcome.error)
                 del self.unsolicited[:-100]
+            elif isinstance(outcome, Send):
+                await self._queued.put(outcome.event)  # the writer drains it meanwhile
 
     def _settle(self, key: tuple[str, int], *, value: Any = None,
                 error: BaseException | None = None) -> None:
@@ -189,7 +222,7 @@ class Client(Operations[Subscription]):
 
     async def open(self) -> WebSocket:
         """A new connection, open and resumed; raises what makes an attempt fail."""
-        async with asyncio.timeout(OPEN_TIMEOUT):
+        async with asyncio.timeout(self.open_timeout):
             ws = await open_websocket(self.url, max_message_size=self.max_frame_bytes)
             try:
                 await self._handshake(ws)
@@ -216,8 +249,6 @@ class Client(Operations[Subscription]):
             await asyncio.sleep(self.reconnect.delay(attempt))
             try:
                 ws = await self.open()
-            except HandshakeFailed:
-                return  # the broker refuses us: retrying cannot help
             except _ATTEMPT_FAILED:
                 attempt += 1
                 continue
@@ -232,8 +263,12 @@ class Client(Operations[Subscription]):
         # Requests still queued from before are in `events` already (the core resends every
         # unanswered request); only fire-and-forget publishes are taken from the queue.
         events += [e for e in self._drain_queue() if isinstance(e, Publish) and e.id is None]
-        if events:
-            await ws.send_message(self.core.connection.encode_batch(events))
+        # In as many frames as the broker's frame limit needs: one frame over it would be
+        # refused with 1009 on every reconnect.
+        frames, refused = self.core.frames(events)
+        await self._apply(refused)
+        for frame in frames:
+            await ws.send_message(frame)
 
     def _drain_queue(self) -> list[ClientEvent]:
         events = []
@@ -254,21 +289,28 @@ class Client(Operations[Subscription]):
                 keepalive.cancel()
         finally:
             self._ws = None
-            await _close(ws, 1000, "")
+            await _close(ws, 1000, "", self.close_timeout)
 
     async def _read_loop(self, ws: WebSocket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
                 frame = await ws.get_message()
-            except ConnectionClosed:
+            except ConnectionClosed as e:
+                if e.reason.code == MESSAGE_TOO_BIG and e.reason.by_peer:
+                    # The broker refused a frame of ours as too large: never resend it.
+                    await self._apply(self.core.refused_as_too_large())
                 return
             self._last_seen = loop.time()
             await self._apply(self.core.receive(frame))
 
     async def _write_loop(self, ws: WebSocket) -> None:
         while True:
-            frame = self.core.encode_queued(await self._queued.get(), self._next_queued)
+            first = None if self.core.has_carried else await self._queued.get()
+            frame, refused = self.core.encode_queued(first, self._next_queued)
+            await self._apply(refused)
+            if frame is None:
+                continue  # what was taken was withdrawn or refused
             try:
                 await ws.send_message(frame)
             except ConnectionClosed:
@@ -287,7 +329,8 @@ class Client(Operations[Subscription]):
         while True:
             await asyncio.sleep(interval)
             if loop.time() - self._last_seen > 2 * interval:
-                await _close(ws, 1000, "no answer to ping")  # the reader sees the close
+                # Bounded: if even our close cannot be sent, the socket is dropped.
+                await _close(ws, 1000, "no answer to ping", self.close_timeout)
                 return
             await self._queued.put(Ping())
 
@@ -309,13 +352,13 @@ class Client(Operations[Subscription]):
         self._closed = True
         ws = self._ws
         if ws is not None:
-            await _close(ws, 1000, "client closed")
+            await _close(ws, 1000, "client closed", self.close_timeout)
 
 
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
-    """Close `ws`, giving the close handshake CLOSE_TIMEOUT before dropping the socket."""
+async def _close(ws: WebSocket, code: int, reason: str, within: float) -> None:
+    """Close `ws`, giving the close handshake `within` seconds before dropping the socket."""
     try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
+        async with asyncio.timeout(within):
             await ws.aclose(code, reason)
     except TimeoutError:
         pass  # aclose dropped the socket on its way out
@@ -325,15 +368,19 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   reconnect: Reconnect | None = None,
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                  buffer: int = 1000) -> AsyncIterator[Client]:
+                  buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
+                  close_timeout: float = CLOSE_TIMEOUT) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
-    subscription and the send queue hold before pushing back. Raises ConnectError if the first
+    subscription and the send queue hold before pushing back. open_timeout: seconds one
+    connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
+    handshake may take before the socket is dropped. Raises ConnectError if the first
     connection fails; later drops are reconnected as `reconnect` says.
     """
     core = ClientCore(format=Format(format), client_name=name)
-    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer)
+    client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
+                    open_timeout, close_timeout)
     try:
         ws = await client.open()
     except (*_ATTEMPT_FAILED, HandshakeFailed) as e:
@@ -353,4 +400,5 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
             raise error
 
 
-__all__ = ["Client", "Gap", "Message", "Reconnect", "Subscription", "connect"]
+__all__ = ["Client", "Gap", "Message", "MessageTooLarge", "OutcomeUnknown", "Reconnect",
+           "Subscription", "Unavailable", "connect"]

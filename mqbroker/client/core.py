@@ -15,7 +15,12 @@ from typing import Any
 
 from attrs import define, field, frozen
 
-from mqbroker.client.errors import BrokerError, ProtocolViolation, error_from_event
+from mqbroker.client.errors import (
+    BrokerError,
+    MessageTooLarge,
+    ProtocolViolation,
+    error_from_event,
+)
 from mqbroker.protocol import (
     ClientConnection,
     ClientEvent,
@@ -36,6 +41,7 @@ from mqbroker.protocol import (
     Unsubscribe,
     join,
 )
+from mqbroker.protocol.codec import payload_size
 from mqbroker.topics import is_wildcard
 
 
@@ -102,7 +108,20 @@ class Unsolicited:
     error: BrokerError
 
 
-Outcome = Resolved | Failed | Deliver | Unsolicited
+@frozen
+class Send:
+    """Queue `event` to be sent (an `unsubscribe` undoing a cancelled subscribe, say)."""
+
+    event: ClientEvent
+
+
+Outcome = Resolved | Failed | Deliver | Unsolicited | Send
+
+#: The requests the broker answers, by (op, id), and which a caller may withdraw.
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget)
+#: Frame limits assumed until a welcome says otherwise (the broker's defaults).
+_DEFAULT_MAX_FRAME_BYTES = 1 << 20
+_ENVELOPE_BYTES = 1024
 
 
 @define
@@ -123,6 +142,17 @@ class ClientCore:
     #: (op, id) -> the request, until its answer arrives.
     pending: dict[tuple[str, int], ClientEvent] = field(factory=dict)
     _ids: Iterator[int] = field(factory=lambda: itertools.count(1))
+    #: Cancelled subscribes whose `unsubscribe` could not be queued at once: it is sent when
+    #: the broker's answer arrives (or not at all, if the next connection comes first).
+    _abandoned: set[int] = field(factory=set)
+    #: An event taken from the send queue that did not fit in the last frame, and its encoding.
+    _carried: tuple[ClientEvent, Frame] | None = None
+    #: The largest frame written on this connection: its size and its events. A 1009 close
+    #: (frame too large) fails its requests rather than resend them (`refused_as_too_large`).
+    _largest: tuple[int, list[ClientEvent]] = (0, [])
+    #: A cap on frame sizes below the welcome's, set when a 1009 refused a frame holding no
+    #: request to fail (resubscriptions only): smaller frames next time, rather than a loop.
+    _frame_cap: int | None = None
 
     def __attrs_post_init__(self) -> None:
         self.connection = ClientConnection(format=self.format)
@@ -132,6 +162,7 @@ class ClientCore:
     def open_connection(self) -> Frame:
         """Start a new connection: the `hello` frame to send first."""
         self.connection = ClientConnection(format=self.format)
+        self._largest = (0, [])
         return self.connection.hello(self.client_name)
 
     def resume(self) -> tuple[list[ClientEvent], list[Outcome]]:
@@ -144,6 +175,9 @@ class ClientCore:
             for sub_id, sub in self.subscriptions.items()
         ]
         outcomes: list[Outcome] = []
+        # The new session never had the abandoned subscriptions: nothing left to undo.
+        self._abandoned.clear()
+        carried = self.take_carried()
         for key, event in sorted(self.pending.items(), key=lambda item: item[0][1]):
             if isinstance(event, Subscribe):
                 continue  # sent above, with its subscription
@@ -153,6 +187,8 @@ class ClientCore:
                 outcomes.append(Resolved(key, None))
             else:
                 events.append(event)
+        if carried is not None and isinstance(carried, Publish) and carried.id is None:
+            events.append(carried)  # a fire-and-forget publish taken but never written
         return events, outcomes
 
     # --- what the drivers send --------------------------------------------------------------
@@ -163,25 +199,133 @@ class ClientCore:
         welcome = self.connection.welcome
         return float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
 
-    def encode_queued(self, first: ClientEvent,
-                      next_queued: Callable[[], ClientEvent | None]) -> Frame:
-        """One frame: `first`, then queued events (`next_queued` gives None when there are no
-        more) up to half the broker's frame limit and its item limit. Coalescing what queued up
-        while the previous frame was being sent is what lets throughput grow with load."""
+    @property
+    def limits(self) -> dict[str, Any]:
         welcome = self.connection.welcome
-        limits = welcome.limits if welcome else {}
-        budget = int(limits.get("max_frame_bytes", 1 << 20))
+        return welcome.limits if welcome else {}
+
+    @property
+    def has_carried(self) -> bool:
+        return self._carried is not None
+
+    def take_carried(self) -> ClientEvent | None:
+        carried, self._carried = self._carried, None
+        return carried[0] if carried else None
+
+    def encode_queued(self, first: ClientEvent | None,
+                      next_queued: Callable[[], ClientEvent | None], *,
+                      skip_withdrawn: bool = True) -> tuple[Frame | None, list[Outcome]]:
+        """One frame: `first` (None: the event carried over from the last frame), then queued
+        events (`next_queued` gives None when there are no more) up to half the broker's frame
+        limit and its `max_frame_items`. Coalescing what queued up while the previous frame was
+        being sent is what lets throughput grow with load.
+
+        No frame exceeds the welcome's `max_frame_bytes` (the broker would close with 1009): an
+        event that does not fit is carried over to the next frame, and one that fits in no frame,
+        or a publish over `max_message_bytes`, is refused here, never sent (the outcomes fail
+        it). Requests withdrawn meanwhile (cancelled) are skipped. None: nothing left to send.
+        """
+        carried, self._carried = self._carried, None
+        if first is not None and not (skip_withdrawn and _withdrawn(first, self.pending)):
+            carried = (first, self.connection.encode(first))
+        limits = self.limits
+        max_frame = int(limits.get("max_frame_bytes", _DEFAULT_MAX_FRAME_BYTES))
+        max_message = int(limits.get("max_message_bytes", max_frame - _ENVELOPE_BYTES))
+        if self._frame_cap is not None:
+            max_frame = min(max_frame, self._frame_cap)
         # Brokers before max_frame_items took any batch; 1000 is what they all take.
         max_items = int(limits.get("max_frame_items", 1000))
-        fragments = [self.connection.encode(first)]
-        size = len(fragments[0])
-        while size < budget // 2 and len(fragments) < max_items:
-            event = next_queued()
-            if event is None:
+        json = self.format is Format.JSON
+        # A batch adds a header (msgpack: at most 5 bytes), or brackets and a comma per event
+        # (JSON); one event alone is sent as itself.
+        per_event, room = (1, max_frame - 1) if json else (0, max_frame - 5)
+        pending = self.pending if skip_withdrawn else None
+        encode = self.connection.encode
+        fragments: list[Frame] = []
+        events: list[ClientEvent] = []
+        outcomes: list[Outcome] = []
+        size = 0
+        while size < max_frame // 2 and len(fragments) < max_items:
+            if carried is not None:
+                event, fragment = carried
+                carried = None
+            else:
+                queued = next_queued()
+                if queued is None:
+                    break
+                event = queued
+                if pending is not None and _withdrawn(event, pending):
+                    continue  # its caller was cancelled before it was written
+                fragment = encode(event)
+            length = len(fragment)
+            if length > max_frame or (type(event) is Publish
+                                      and self._over_message_limit(event, length, max_message)):
+                outcomes.extend(self._refuse(event, "is over the broker's size limits"))
+                continue
+            if fragments and size + length + per_event > room:
+                self._carried = (event, fragment)  # first in the next frame
                 break
-            fragments.append(self.connection.encode(event))
-            size += len(fragments[-1])
-        return join(fragments, self.format)
+            fragments.append(fragment)
+            events.append(event)
+            size += length + per_event
+        if not fragments:
+            return None, outcomes
+        if size > self._largest[0]:
+            self._largest = (size, events)
+        return join(fragments, self.format), outcomes
+
+    def frames(self, events: list[ClientEvent]) -> tuple[list[Frame], list[Outcome]]:
+        """`events` as frames within the broker's limits, in order (for `resume`)."""
+        remaining = iter(events)
+        frames: list[Frame] = []
+        outcomes: list[Outcome] = []
+        first = next(remaining, None)
+        while first is not None or self._carried is not None:
+            # Resubscriptions are not pending requests: nothing here counts as withdrawn.
+            frame, refused = self.encode_queued(first, lambda: next(remaining, None),
+                                                skip_withdrawn=False)
+            outcomes += refused
+            if frame is not None:
+                frames.append(frame)
+            first = None if self._carried is not None else next(remaining, None)
+        return frames, outcomes
+
+    def refused_as_too_large(self) -> list[Outcome]:
+        """The broker closed the connection with 1009 (a frame over its limit): fail the
+        requests of the largest frame written on it, which is the refused one or one at least as
+        large, instead of resending them forever. Each 1009 fails at least one request, so
+        reconnecting cannot loop."""
+        size, events = self._largest
+        self._largest = (0, [])
+        outcomes: list[Outcome] = []
+        for event in events:
+            key = _key(event)
+            if key is not None and key in self.pending:  # (fire-and-forget ones are gone)
+                outcomes += self._refuse(event, "was refused by the broker (1009: frame too "
+                                                "large); it is not resent")
+        if not outcomes and size:
+            self._frame_cap = max(size // 2, 1)
+        return outcomes
+
+    def _over_message_limit(self, event: Publish, length: int, limit: int) -> bool:
+        # The encoded publish holds the topic and the msgpack payload, so a small fragment
+        # settles it without measuring. JSON is counted in characters: up to 4 bytes each.
+        if length * (4 if self.format is Format.JSON else 1) <= limit:
+            return False
+        return len(event.topic.encode()) + payload_size(event.payload) > limit
+
+    def _refuse(self, event: ClientEvent, why: str) -> list[Outcome]:
+        """Fail `event` with MessageTooLarge without sending it."""
+        key = _key(event)
+        error = MessageTooLarge(f"{event.OP} {why}", ref=event.OP)
+        if isinstance(event, Publish):
+            error.msg_id = event.msg_id
+        if key is None:
+            return [Unsolicited(error)]  # a fire-and-forget publish: nobody waits
+        self.pending.pop(key, None)
+        if isinstance(event, Subscribe) and self.subscriptions.pop(event.id, None) is not None:
+            return [Deliver(event.id, error), Failed(key, error)]
+        return [Failed(key, error)]
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -211,6 +355,17 @@ class ClientCore:
                         msg_id=msg_id or secrets.token_hex(8))
         self.pending[("publish", request_id)] = event
         return event
+
+    def withdraw(self, key: tuple[str, int]) -> None:
+        """The caller of request `key` was cancelled: if it was not written yet, it never will
+        be, and it is not resent after a reconnect. (Once written, it may have taken effect.)"""
+        self.pending.pop(key, None)
+
+    def abandon(self, sub_id: int) -> None:
+        """The `unsubscribe` undoing a cancelled subscribe could not be queued: send it when
+        the broker answers that subscribe instead."""
+        self.pending.pop(("unsubscribe", sub_id), None)
+        self._abandoned.add(sub_id)
 
     def forget(self, filter: str) -> Forget:
         event = Forget(id=next(self._ids), filter=filter)
@@ -265,6 +420,11 @@ class ClientCore:
     def _subscribed(self, item: SubAck) -> list[Outcome]:
         sub = self.subscriptions.get(item.id)
         if sub is None:
+            if item.id in self._abandoned:  # its caller was cancelled: undo it on the broker
+                self._abandoned.discard(item.id)
+                event = Unsubscribe(id=item.id)
+                self.pending[("unsubscribe", item.id)] = event
+                return [Send(event)]
             return []  # unsubscribed meanwhile
         outcomes: list[Outcome] = []
         if sub.established and (is_wildcard(sub.filter) or sub.since is None):
@@ -286,7 +446,13 @@ class ClientCore:
         if item.id is None or item.ref is None:
             return [Unsolicited(error)]
         key: tuple[str, int] = (item.ref, item.id)
+        request = self.pending.get(key)
+        if isinstance(request, Publish):
+            error.msg_id = request.msg_id  # what a retry must carry to be delivered once
         if item.ref == "subscribe":
+            if item.id in self._abandoned:
+                self._abandoned.discard(item.id)
+                return []  # a cancelled subscribe that failed anyway: nothing to undo
             sub = self.subscriptions.pop(item.id, None)
             if key not in self.pending and sub is not None:
                 return [Deliver(item.id, error)]  # a resubscription failed: end that stream
@@ -294,3 +460,17 @@ class ClientCore:
             return [Unsolicited(error)]
         return [Failed(key, error)]
 
+
+def _key(event: ClientEvent) -> tuple[str, int] | None:
+    """The (op, id) a request is answered by; None for what the broker does not answer."""
+    if isinstance(event, _REQUESTS) and event.id is not None:
+        return (event.OP, event.id)
+    return None
+
+
+def _withdrawn(event: ClientEvent, pending: dict[tuple[str, int], ClientEvent]) -> bool:
+    """A request its caller withdrew (cancelled) before it was written: no longer pending."""
+    if type(event) is Publish:  # the hot path: no key unless acknowledged
+        return event.id is not None and ("publish", event.id) not in pending
+    key = _key(event)
+    return key is not None and key not in pending

@@ -35,6 +35,9 @@ class BrokerError(ClientError):
         self.code = code or self.default_code
         #: The operation of the request this answers (`publish`, `subscribe`, ...), if known.
         self.ref = ref
+        #: For a publish: the msg_id it carried. Retrying with this msg_id (and the same topic)
+        #: can never deliver the message twice within the broker's `dedup_window`.
+        self.msg_id: str | None = None
 
 
 class InvalidTopic(BrokerError):
@@ -75,6 +78,14 @@ class Unavailable(BrokerError):
     default_code = ErrorCode.UNAVAILABLE
 
 
+class OutcomeUnknown(BrokerError):
+    """The publish may or may not have happened (the backend failed midway). Retry it with the
+    same `msg_id` (this error's `msg_id`) so that it is delivered at most once."""
+
+    #: Matched by the string, which is the wire protocol's, whatever ErrorCode holds.
+    default_code = "outcome_unknown"
+
+
 class ProtocolViolation(BrokerError):
     """The broker could not understand what the client sent (a client bug)."""
 
@@ -84,7 +95,8 @@ class ProtocolViolation(BrokerError):
 _BY_CODE: dict[str, type[BrokerError]] = {
     cls.default_code: cls
     for cls in (InvalidTopic, InvalidFilter, TooManySubscriptions, DuplicateSubscription,
-                UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable)
+                UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable,
+                OutcomeUnknown)
 }
 
 

@@ -1,8 +1,12 @@
 """The application's operations, the same for the trio and the asyncio client.
 
-Each driver supplies four primitives (queue an event to send, with and without waiting; open a
-subscription's stream; send a request and wait for its answer); what the operations mean is
-decided here and in the sans-IO `ClientCore`.
+Each driver supplies five primitives (queue an event to send, with and without waiting, or only
+if there is room; open a subscription's stream; send a request and wait for its answer); what the
+operations mean is decided here and in the sans-IO `ClientCore`.
+
+Cancellation (a timeout around a call, say) is defined here: a cancelled `subscribe` is undone on
+the broker, and a cancelled `publish` or `forget` is withdrawn if it was not written yet (see
+`publish`).
 """
 
 from __future__ import annotations
@@ -49,20 +53,36 @@ class Operations(Generic[SubscriptionT]):
         """Queue `event` to be sent; raises the driver's would-block error when full."""
         raise NotImplementedError
 
+    def _offer(self, event: ClientEvent) -> bool:
+        """Queue `event` if there is room, without waiting; whether it was queued."""
+        raise NotImplementedError
+
     # --- the operations ----------------------------------------------------------------------
 
     async def subscribe(self, filter: str, *, since: str | None = None) -> SubscriptionT:
-        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like."""
+        """Subscribe; returns once the broker confirmed. Raises InvalidFilter and the like.
+
+        If cancelled, the subscription is undone on the broker: an `unsubscribe` follows the
+        `subscribe` (queued at once, so it reaches the broker before any later request; or, when
+        the send queue is full, sent as soon as the broker answers the subscribe).
+        """
         self._check_usable()
         event = self.core.subscribe(filter, since)
         subscription = self._open_subscription(event.id, filter)
         try:
             subscription.ack = await self._request(("subscribe", event.id), event)
         except BaseException:
-            self.core.subscriptions.pop(event.id, None)
             self._streams.pop(event.id, None)
+            self._undo_subscribe(event.id)
             raise
         return subscription
+
+    def _undo_subscribe(self, sub_id: int) -> None:
+        undo = self.core.unsubscribe(sub_id)  # None: the broker refused it, nothing to undo
+        if undo is None:
+            return
+        if self.failure is not None or self._closed or not self._offer(undo):
+            self.core.abandon(sub_id)
 
     async def unsubscribe(self, subscription: Any) -> None:
         event = self.core.unsubscribe(subscription.id)
@@ -74,13 +94,24 @@ class Operations(Generic[SubscriptionT]):
 
     async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
                       msg_id: str | None = None) -> str | None:
-        """Publish; with ack, wait for the broker and return the message's event id."""
+        """Publish; with ack, wait for the broker and return the message's event id.
+
+        A publish whose topic and payload exceed the broker's `max_message_bytes` fails with
+        MessageTooLarge and is never sent. If cancelled (a timeout around it, say): a publish not
+        yet written to the connection, or waiting to be resent after a reconnect, is withdrawn and
+        never sent; once written it may have been published, and the caller learns nothing more.
+        """
         self._check_usable()
         event = self.core.publish(topic, payload, ack=ack, msg_id=msg_id)
         if event.id is None:
             await self._enqueue(event)
             return None
-        result: str = await self._request(("publish", event.id), event)
+        key = ("publish", event.id)
+        try:
+            result: str = await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)
+            raise
         return result
 
     def publish_nowait(self, topic: str, payload: Any = None, *,
@@ -95,7 +126,12 @@ class Operations(Generic[SubscriptionT]):
         """Drop the recorded history of the topics `filter` matches; returns how many."""
         self._check_usable()
         event = self.core.forget(filter)
-        result: int = await self._request(("forget", event.id), event)
+        key = ("forget", event.id)
+        try:
+            result: int = await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)  # as for publish: withdrawn unless already written
+            raise
         return result
 
     def _check_usable(self) -> None:
