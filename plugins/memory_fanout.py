@@ -71,7 +71,8 @@ class MemoryFanout:
             now = trio.current_time()
             plan = self._plan(drafts, now)
             if plan is None:
-                fresh = await self._position(drafts)
+                fresh = (await self._position(drafts) if any(d.record for d in drafts)
+                         else [self._next(draft) for draft in drafts])
             else:
                 fresh = await self._position(
                     [d for d, s in zip(drafts, plan, strict=True) if s is None])

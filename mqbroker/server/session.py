@@ -330,7 +330,13 @@ class Session:
         for item in items:
             kind = type(item)
             if kind is bytes or kind is str:
-                await self._handle_frame(self.protocol.receive(item))
+                events = self.protocol.receive(item)
+                if len(events) == 1 and type(events[0]) is Publish and self.broker.fanout.local:
+                    # The commonest frame, one publish, straight to the broker: two coroutine
+                    # levels fewer per message.
+                    await self.broker.publish(self, events)  # type: ignore[arg-type]
+                else:
+                    await self._handle_frame(events)
             elif kind is WsPing:
                 # Only the latest ping of a read is answered, once the read is handled (RFC 6455
                 # section 5.5.3 allows it): a burst of pings costs one pong, not a write each.
