@@ -107,6 +107,7 @@ class Session:
         self.protocol.max_items = MAX_FRAME_ITEMS
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
+        self.connection.on_broken = self.outbox.let_go
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 

@@ -1,0 +1,50 @@
+"""Attacks on the merged whole (the review of issues 7, 8 and 9): what the separate branches
+could not see together, each against a real broker over real sockets."""
+
+from __future__ import annotations
+
+import trio
+
+from mqbroker.client import connect
+from mqbroker.config import Config, ServerConfig
+from mqbroker.protocol import Subscribe
+from tests.harness import running_broker
+from tests.rawws import ProtocolSession
+
+TOPIC = "mcp/session/s1/message"  # recorded by the default [history] record filters
+#: Enough replay to fill the socket buffers on both sides of a loopback connection.
+PAYLOAD = b"x" * 60_000
+MESSAGES = 200
+
+
+async def _recorded(url: str) -> str:
+    """Record MESSAGES large messages on TOPIC; the id of the first."""
+    async with connect(url) as client:
+        first = await client.publish(TOPIC, PAYLOAD)
+        for _ in range(MESSAGES - 1):
+            await client.publish(TOPIC, PAYLOAD)
+    return first
+
+
+async def _ended(broker: object, within: float = 5.0) -> bool:
+    """Whether every session and connection ended within `within` seconds."""
+    with trio.move_on_after(within):
+        while broker.broker.sessions or broker.listener.open_connections:  # type: ignore[attr-defined]
+            await trio.sleep(0.05)
+        return True
+    return False
+
+
+async def test_a_client_reset_while_its_replay_waits_for_room_ends_its_session() -> None:
+    """A resuming client that resets TCP while its replay waits for outbox room: its session
+    ends and its connection is closed (it used to wait for room forever, holding both)."""
+    config = Config(server=ServerConfig(port=0, outbox_messages=5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        assert await _ended(broker)
+        attacker = await ProtocolSession.open(broker.listener.port)
+        await attacker.send(Subscribe(id=1, filter=TOPIC, since=first))
+        await trio.sleep(0.5)  # the replay fills the socket buffers, and waits for room
+        attacker.ws.reset()
+        assert await _ended(broker), (len(broker.broker.sessions),
+                                      broker.listener.open_connections)
