@@ -48,3 +48,21 @@ async def test_a_client_reset_while_its_replay_waits_for_room_ends_its_session()
         attacker.ws.reset()
         assert await _ended(broker), (len(broker.broker.sessions),
                                       broker.listener.open_connections)
+
+
+async def test_a_client_that_stops_reading_during_its_replay_is_let_go() -> None:
+    """A resuming client that never reads its replay (and sends nothing more) is not held for
+    ever: once its replay has found no room for `idle_timeout`, it is let go with 4008, like
+    any consumer too slow for its outbox (its session used to count as busy, never idle)."""
+    config = Config(server=ServerConfig(port=0, outbox_messages=5, idle_timeout=1.0,
+                                        ping_interval=0.5, shutdown_grace=0.5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        assert await _ended(broker)
+        attacker = await ProtocolSession.open(broker.listener.port)
+        try:
+            await attacker.send(Subscribe(id=1, filter=TOPIC, since=first))
+            assert await _ended(broker, within=5.0), (broker.broker.counters)
+            assert broker.broker.counters["sessions_closed_slow_consumer"] == 1
+        finally:
+            attacker.close()

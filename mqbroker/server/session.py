@@ -167,7 +167,13 @@ class Session:
         outbox = self.outbox
         if not outbox.has_room():
             self.flush()
-            await outbox.wait_room()
+            # A replay keeps the session busy (never idle), so a peer that reads nothing would
+            # hold it for ever: no room for idle_timeout makes it a slow consumer (4008).
+            with trio.move_on_after(self.config.idle_timeout) as waiting:
+                await outbox.wait_room()
+            if waiting.cancelled_caught:
+                self._let_go()
+                return False
         return outbox.put(message.fragment(self.protocol.format, (sub,)))
 
     def flush(self) -> None:
