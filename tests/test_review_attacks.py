@@ -66,3 +66,26 @@ async def test_a_client_that_stops_reading_during_its_replay_is_let_go() -> None
             assert broker.broker.counters["sessions_closed_slow_consumer"] == 1
         finally:
             attacker.close()
+
+
+async def test_live_messages_overflowing_a_replay_close_the_session_under_drop_oldest() -> None:
+    """docs/protocol.md: the live messages held back while a subscription replays are bounded
+    by outbox_messages, and overflowing that bound closes the session with 4008 under either
+    policy. Under drop_oldest the broker used to drop the newest live messages instead (a
+    `dropped` amid the replay), though they were in history: a resume would have lost none."""
+    config = Config(server=ServerConfig(port=0, outbox_messages=5, slow_consumer="drop_oldest",
+                                        shutdown_grace=0.5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        attacker = await ProtocolSession.open(broker.listener.port)
+        try:
+            await attacker.send(Subscribe(id=1, filter=TOPIC, since=first))
+            await trio.sleep(0.3)  # the replay waits for room
+            async with connect(broker.url) as client:
+                for n in range(20):
+                    await client.publish(TOPIC, n)
+            with trio.fail_after(5):
+                while broker.broker.counters["sessions_closed_slow_consumer"] != 1:
+                    await trio.sleep(0.05)
+        finally:
+            attacker.close()

@@ -135,8 +135,8 @@ class Session:
             self.slow()
         self._dirty = True
 
-    def slow(self) -> None:
-        if self.outbox.drop_oldest and not self.outbox.overflowed:
+    def slow(self, droppable: bool = True) -> None:
+        if droppable and self.outbox.drop_oldest and not self.outbox.overflowed:
             self.outbox.dropped += 1
             self.outbox.dropped_total += 1
             return
