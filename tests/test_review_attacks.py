@@ -7,9 +7,9 @@ import trio
 
 from mqbroker.client import connect
 from mqbroker.config import Config, ServerConfig
-from mqbroker.protocol import Subscribe
+from mqbroker.protocol import ClientConnection, Format, Subscribe
 from tests.harness import running_broker
-from tests.rawws import ProtocolSession
+from tests.rawws import TEXT, ProtocolSession, RawWebSocket
 
 TOPIC = "mcp/session/s1/message"  # recorded by the default [history] record filters
 #: Enough replay to fill the socket buffers on both sides of a loopback connection.
@@ -24,6 +24,10 @@ async def _recorded(url: str) -> str:
         for _ in range(MESSAGES - 1):
             await client.publish(TOPIC, PAYLOAD)
     return first
+
+
+def _utf8(frame: bytes | str) -> bytes:
+    return frame.encode() if isinstance(frame, str) else frame
 
 
 async def _ended(broker: object, within: float = 5.0) -> bool:
@@ -89,3 +93,60 @@ async def test_live_messages_overflowing_a_replay_close_the_session_under_drop_o
                     await trio.sleep(0.05)
         finally:
             attacker.close()
+
+
+async def test_shutdown_during_a_replay_to_a_client_that_reads_nothing_is_bounded() -> None:
+    """Shutdown while a replay waits for room, its client reading nothing: every session ends
+    within the grace period (held up: the replay stops when the session is closed)."""
+    config = Config(server=ServerConfig(port=0, outbox_messages=5, shutdown_grace=0.5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        attacker = await ProtocolSession.open(broker.listener.port)
+        try:
+            await attacker.send(Subscribe(id=1, filter=TOPIC, since=first))
+            await trio.sleep(0.3)
+            with trio.fail_after(3):
+                await broker.listener.shutdown()
+            assert await _ended(broker, within=2.0)
+        finally:
+            attacker.close()
+
+
+async def test_handshakes_that_never_finish_free_their_slots_at_hello_timeout() -> None:
+    """max_connections taken by connections that never finish their handshake (silent, or
+    upgraded with no hello): a newcomer gets 503 meanwhile, and is served once hello_timeout
+    has let them go (held up)."""
+    config = Config(server=ServerConfig(port=0, max_connections=2, hello_timeout=0.5))
+    async with running_broker(config) as broker:
+        port = broker.listener.port
+        silent = await RawWebSocket.open_tcp(port)
+        upgraded = await RawWebSocket.open_tcp(port)
+        try:
+            assert await upgraded.handshake() == 101
+            refused = await RawWebSocket.open_tcp(port)
+            assert await refused.handshake() == 503
+            refused.close()
+            await trio.sleep(1.0)
+            session = await ProtocolSession.open(port)
+            session.close()
+        finally:
+            silent.close()
+            upgraded.close()
+
+
+async def test_a_json_client_reset_mid_replay_ends_its_session() -> None:
+    """The reset-mid-replay case for a JSON session (the payloads go out as $base64)."""
+    config = Config(server=ServerConfig(port=0, outbox_messages=5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        assert await _ended(broker)
+        ws = await RawWebSocket.open_tcp(broker.listener.port)
+        assert await ws.handshake() == 101
+        attacker = ProtocolSession(ws, ClientConnection(Format.JSON))
+        await ws.send_frame(TEXT, _utf8(attacker.connection.hello("json")))
+        assert (await ws.read_frame()).opcode == TEXT  # the welcome
+        await ws.send_frame(TEXT, _utf8(attacker.connection.encode_batch(
+            [Subscribe(id=1, filter=TOPIC, since=first)])))
+        await trio.sleep(0.5)
+        ws.reset()
+        assert await _ended(broker)
