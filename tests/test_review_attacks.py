@@ -52,6 +52,8 @@ async def test_a_client_reset_while_its_replay_waits_for_room_ends_its_session()
         attacker.ws.reset()
         assert await _ended(broker), (len(broker.broker.sessions),
                                       broker.listener.open_connections)
+        # Gone without a close frame (1006), not counted as a slow consumer.
+        assert broker.broker.counters["sessions_closed_other"] == 1
 
 
 async def test_a_client_that_stops_reading_during_its_replay_is_let_go() -> None:

@@ -107,7 +107,7 @@ class Session:
         self.protocol.max_items = MAX_FRAME_ITEMS
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
-        self.connection.on_broken = self.outbox.let_go
+        self.connection.on_broken = self.outbox.gone_away
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
@@ -173,6 +173,8 @@ class Session:
                 await outbox.wait_room()
             if waiting.cancelled_caught:
                 self._let_go()
+                return False
+            if self.connection.broken:
                 return False
         return outbox.put(message.fragment(self.protocol.format, (sub,)))
 
