@@ -165,18 +165,24 @@ class Session:
         # No flush per message: a replay goes out in full frames, written when the outbox
         # fills (here) and when the request is done (by the caller).
         outbox = self.outbox
-        if not outbox.has_room():
+        fragment = message.fragment(self.protocol.format, (sub,))
+        if not outbox.has_room(len(fragment)):
             self.flush()
             # A replay keeps the session busy (never idle), so a peer that reads nothing would
             # hold it for ever: no room for idle_timeout makes it a slow consumer (4008).
             with trio.move_on_after(self.config.idle_timeout) as waiting:
-                await outbox.wait_room()
+                await outbox.wait_room(len(fragment))
             if waiting.cancelled_caught:
                 self._let_go()
                 return False
             if self.connection.broken:
                 return False
-        return outbox.put(message.fragment(self.protocol.format, (sub,)))
+        if outbox.put(fragment):
+            return True
+        # It cannot fit even in an empty outbox, or the session is being let go: stopping the
+        # replay silently would leave the client waiting for the rest, so it is told (4008).
+        self._let_go()
+        return False
 
     def flush(self) -> None:
         """Frame and write what the outbox holds, while the connection takes it at once."""
