@@ -314,7 +314,8 @@ class Broker:
         since = Position.parse(event.since) if event.since is not None else None
         if since is not None:
             # Hold back live messages from here on, so none slips between history and live.
-            switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages)
+            switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages,
+                                  max_held_bytes=self.config.server.outbox_bytes)
             self._recovering.setdefault(session, {})[event.id] = switch
         self.index.add(session, event.id, event.filter)
         try:

@@ -7,7 +7,7 @@ import trio
 
 from mqbroker.client import connect
 from mqbroker.config import Config, ServerConfig
-from mqbroker.protocol import ClientConnection, Format, Subscribe
+from mqbroker.protocol import ClientConnection, Delivery, Format, Subscribe
 from tests.harness import running_broker
 from tests.rawws import TEXT, ProtocolSession, RawWebSocket
 
@@ -152,3 +152,44 @@ async def test_a_json_client_reset_mid_replay_ends_its_session() -> None:
         await trio.sleep(0.5)
         ws.reset()
         assert await _ended(broker)
+
+
+async def test_live_messages_held_during_a_replay_are_bounded_in_bytes() -> None:
+    """The live messages held back while a subscription replays count against outbox_bytes,
+    not only outbox_messages: 100 held messages of 60 KB (6 MB) under a 1 MiB outbox close the
+    session with 4008 (it held them all: a few large publishes per replaying session, and a
+    client reading just often enough, could hold gigabytes)."""
+    config = Config(server=ServerConfig(port=0, outbox_bytes=1024 * 1024,
+                                        shutdown_grace=0.5))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        attacker = await ProtocolSession.open(broker.listener.port)
+        try:
+            await attacker.send(Subscribe(id=1, filter=TOPIC, since=first))
+            await trio.sleep(0.3)  # the replay waits for room
+            async with connect(broker.url) as client:
+                for _ in range(100):
+                    await client.publish(TOPIC, PAYLOAD)
+            with trio.fail_after(5):
+                while broker.broker.counters["sessions_closed_slow_consumer"] != 1:
+                    await trio.sleep(0.05)
+        finally:
+            attacker.close()
+
+
+async def test_a_replay_of_large_messages_fills_the_outbox_by_bytes_and_goes_on() -> None:
+    """A replay whose messages fill outbox_bytes before outbox_messages: it waits for room and
+    delivers every message (it stopped at the first message that did not fit, silently: the
+    outbox was marked overflowed, the session stayed open, and the rest never came)."""
+    config = Config(server=ServerConfig(port=0, outbox_bytes=1024 * 1024))
+    async with running_broker(config) as broker:
+        first = await _recorded(broker.url)
+        reader = await ProtocolSession.open(broker.listener.port)
+        try:
+            await reader.send(Subscribe(id=1, filter=TOPIC, since=first))
+            deliveries = 0
+            while deliveries < MESSAGES - 1:
+                if isinstance(await reader.next_event(), Delivery):
+                    deliveries += 1
+        finally:
+            reader.close()
