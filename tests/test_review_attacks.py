@@ -8,7 +8,8 @@ import trio
 from mqbroker.client import connect
 from mqbroker.config import Config, ServerConfig
 from mqbroker.protocol import ClientConnection, Delivery, Format, Subscribe
-from tests.harness import running_broker
+from tests.harness import RunningBroker, running_broker
+from tests.monitor import wait_until
 from tests.rawws import TEXT, ProtocolSession, RawWebSocket
 
 TOPIC = "mcp/session/s1/message"  # recorded by the default [history] record filters
@@ -30,13 +31,14 @@ def _utf8(frame: bytes | str) -> bytes:
     return frame.encode() if isinstance(frame, str) else frame
 
 
-async def _ended(broker: object, within: float = 5.0) -> bool:
+async def _ended(broker: RunningBroker, within: float = 5.0) -> bool:
     """Whether every session and connection ended within `within` seconds."""
-    with trio.move_on_after(within):
-        while broker.broker.sessions or broker.listener.open_connections:  # type: ignore[attr-defined]
-            await trio.sleep(0.05)
-        return True
-    return False
+    try:
+        await wait_until(lambda: not broker.broker.sessions
+                         and not broker.listener.open_connections, within)
+    except trio.TooSlowError:
+        return False
+    return True
 
 
 async def test_a_client_reset_while_its_replay_waits_for_room_ends_its_session() -> None:
@@ -90,9 +92,8 @@ async def test_live_messages_overflowing_a_replay_close_the_session_under_drop_o
             async with connect(broker.url) as client:
                 for n in range(20):
                     await client.publish(TOPIC, n)
-            with trio.fail_after(5):
-                while broker.broker.counters["sessions_closed_slow_consumer"] != 1:
-                    await trio.sleep(0.05)
+            await wait_until(
+                lambda: broker.broker.counters["sessions_closed_slow_consumer"] == 1, 5)
         finally:
             attacker.close()
 
@@ -170,9 +171,8 @@ async def test_live_messages_held_during_a_replay_are_bounded_in_bytes() -> None
             async with connect(broker.url) as client:
                 for _ in range(100):
                     await client.publish(TOPIC, PAYLOAD)
-            with trio.fail_after(5):
-                while broker.broker.counters["sessions_closed_slow_consumer"] != 1:
-                    await trio.sleep(0.05)
+            await wait_until(
+                lambda: broker.broker.counters["sessions_closed_slow_consumer"] == 1, 5)
         finally:
             attacker.close()
 
