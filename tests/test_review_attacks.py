@@ -3,14 +3,25 @@ could not see together, each against a real broker over real sockets."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import trio
 
 from mqbroker.client import connect
 from mqbroker.config import Config, ServerConfig
-from mqbroker.protocol import ClientConnection, Delivery, Format, Subscribe
+from mqbroker.protocol import ClientConnection, Delivery, Format, Publish, Subscribe
+from tests.daemon import running_daemon
 from tests.harness import RunningBroker, running_broker
 from tests.monitor import wait_until
-from tests.rawws import TEXT, ProtocolSession, RawWebSocket
+from tests.rawws import (
+    BINARY,
+    TEXT,
+    ConnectionEnded,
+    ProtocolSession,
+    RawWebSocket,
+    batch,
+)
 
 TOPIC = "mcp/session/s1/message"  # recorded by the default [history] record filters
 #: Enough replay to fill the socket buffers on both sides of a loopback connection.
@@ -193,3 +204,31 @@ async def test_a_replay_of_large_messages_fills_the_outbox_by_bytes_and_goes_on(
                     deliveries += 1
         finally:
             reader.close()
+
+
+async def test_sigterm_during_a_flood_and_a_replay_exits_0_within_the_grace() -> None:
+    """SIGTERM while one client floods publishes and another's replay waits for room (it
+    reads nothing): the daemon exits 0, within its grace periods (held up)."""
+    async with running_daemon() as daemon:
+        first = await _recorded(daemon.url)
+        replaying = await ProtocolSession.open(daemon.port)
+        flooder = await ProtocolSession.open(daemon.port)
+        frame = batch([Publish(topic="flood/x", payload=b"x" * 100)] * 1000)
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionEnded, OSError):
+                while True:
+                    await flooder.ws.send_frame(BINARY, frame)
+
+        try:
+            await replaying.send(Subscribe(id=1, filter=TOPIC, since=first))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                await trio.sleep(1.0)
+                daemon.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    assert await daemon.process.wait() == 0
+                nursery.cancel_scope.cancel()
+        finally:
+            replaying.close()
+            flooder.close()
