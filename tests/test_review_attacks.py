@@ -16,6 +16,7 @@ from tests.harness import RunningBroker, running_broker
 from tests.monitor import wait_until
 from tests.rawws import (
     BINARY,
+    CLOSE,
     TEXT,
     ConnectionEnded,
     ProtocolSession,
@@ -232,3 +233,37 @@ async def test_sigterm_during_a_flood_and_a_replay_exits_0_within_the_grace() ->
         finally:
             replaying.close()
             flooder.close()
+
+
+async def test_a_hello_during_shutdown_is_closed_with_1001_without_holding_the_shutdown() -> None:
+    """A connection upgraded before shutdown whose hello arrives while sessions are closing:
+    it gets 1001 like every session, and the shutdown does not wait its grace for it."""
+    config = Config(server=ServerConfig(port=0, shutdown_grace=3.0))
+    async with running_broker(config) as broker:
+        port = broker.listener.port
+        staying = await ProtocolSession.open(port)  # keeps the shutdown waiting a moment
+        late = await RawWebSocket.open_tcp(port)
+        try:
+            assert await late.handshake() == 101
+            async with trio.open_nursery() as nursery:
+                done = trio.Event()
+
+                async def shut() -> None:
+                    await broker.listener.shutdown()
+                    done.set()
+
+                nursery.start_soon(shut)
+                await trio.sleep(0.05)
+                await late.send_frame(BINARY, ClientConnection(Format.MSGPACK).hello("late"))
+                # The staying session reads its close and answers it.
+                assert (await staying.ws.read_close()).close_code == 1001
+                await staying.ws.send_frame(CLOSE, (1001).to_bytes(2, "big"))
+                staying.close()
+                frames = await late.read_until_end(within=2.0)
+                closes = [f.close_code for f in frames if f.opcode == CLOSE]
+                assert closes == [1001], closes
+                with trio.fail_after(1.0):
+                    await done.wait()
+        finally:
+            staying.close()
+            late.close()
