@@ -95,9 +95,11 @@ class Session(Protocol):
     def flush(self) -> None:
         """Hand what is queued to the connection now, without waiting for the peer."""
 
-    def slow(self) -> None:
+    def slow(self, droppable: bool = True) -> None:
         """A delivery did not fit: apply the session's slow-consumer policy (let it go with
-        4008, or count the delivery as dropped and tell the client)."""
+        4008, or count the delivery as dropped and tell the client). `droppable=False`: let
+        it go under either policy (a message of a replaying subscription: resuming loses
+        nothing, dropping would lose what history still has)."""
 
     async def replay(self, message: EncodedMessage, sub: int) -> bool:
         """Queue a replayed delivery, waiting for room in this session's outbox; False when the
@@ -285,8 +287,8 @@ class Broker:
                     self._stop_holding(session, sub)
             elif not switch.hold(message):
                 # More arrived while this subscription replays than its outbox could hold:
-                # the session's slow-consumer policy applies, as for a full outbox.
-                session.slow()
+                # the session is let go (4008) under either policy, as protocol.md says.
+                session.slow(droppable=False)
         return tuple(live)
 
     def interrupted(self, filters: Sequence[str]) -> None:
@@ -312,7 +314,8 @@ class Broker:
         since = Position.parse(event.since) if event.since is not None else None
         if since is not None:
             # Hold back live messages from here on, so none slips between history and live.
-            switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages)
+            switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages,
+                                  max_held_bytes=self.config.server.outbox_bytes)
             self._recovering.setdefault(session, {})[event.id] = switch
         self.index.add(session, event.id, event.filter)
         try:

@@ -38,7 +38,11 @@ class ReplaySwitch:
     since: Position
     #: How many live messages may wait; past that `hold` refuses (the session is too slow).
     max_held: int
+    #: ... and how many bytes (their msgpack encoding): a few large messages must not make a
+    #: replaying session hold gigabytes. Unbounded when None.
+    max_held_bytes: int | None = None
     _held: deque[EncodedMessage] = field(factory=deque, init=False)
+    _held_bytes: int = field(default=0, init=False)
     #: The replay and the held messages were handed out: `admit` filters from now on.
     live: bool = field(default=False, init=False)
     #: The last position handed out, history or live.
@@ -54,6 +58,11 @@ class ReplaySwitch:
         """Keep a live message until the switch; False when `max_held` are already waiting."""
         if len(self._held) >= self.max_held:
             return False
+        if self.max_held_bytes is not None:
+            size = len(message.msgpack_tail())
+            if self._held_bytes + size > self.max_held_bytes:
+                return False
+            self._held_bytes += size
         self._held.append(message)
         return True
 
@@ -68,6 +77,8 @@ class ReplaySwitch:
         live, and the caller must stop holding for it before it next awaits anything."""
         while self._held:
             message = self._held.popleft()
+            if self.max_held_bytes is not None:
+                self._held_bytes -= len(message.msgpack_tail())
             if self._is_new(message.message.position):
                 return message
         self.live = True

@@ -51,7 +51,7 @@ class MemorySession:
             self.frames.append(join(self.queued, self.format))
             self.queued = []
 
-    def slow(self) -> None:
+    def slow(self, droppable: bool = True) -> None:
         self.slow_count += 1
 
     async def replay(self, message: EncodedMessage, sub: int) -> bool:

@@ -93,6 +93,13 @@ def test_repo_config_toml_gives_topic_lengths_in_bytes() -> None:
     assert "in UTF-8 bytes" in comment and "in characters" not in comment
 
 
+def test_repo_config_toml_says_the_client_pings_not_the_broker() -> None:
+    """The broker never pings (docs/protocol.md, Keepalive): ping_interval is what it asks of
+    its clients, in the welcome (issue 8, case 9)."""
+    comment = comment_of("ping_interval")
+    assert "to a quiet client" not in comment and "client" in comment and "welcome" in comment
+
+
 def test_repo_config_toml_sketches_the_redis_plugin() -> None:
     """The commented [plugins.redis] table, once uncommented, is valid TOML holding every
     Redis setting at its default: the file documents all of them and cannot drift."""

@@ -91,3 +91,12 @@ def test_holding_is_bounded() -> None:
     assert switch.hold(message(1)) and switch.hold(message(2))
     assert not switch.hold(message(3))
     assert len(switch) == 2
+
+
+def test_holding_is_bounded_in_bytes_and_sending_frees_them() -> None:
+    size = len(message(1).msgpack_tail())
+    switch = ReplaySwitch(Position(EPOCH, 0), max_held=100, max_held_bytes=2 * size)
+    assert switch.hold(message(1)) and switch.hold(message(2))
+    assert not switch.hold(message(3))
+    assert switch.next_live() is not None
+    assert switch.hold(message(3))

@@ -67,7 +67,8 @@ def _safe_text(text: str, limit: int) -> str:
     return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
-def _safe_error(error: Error) -> Error:
+def safe_error(error: Error) -> Error:
+    """The error as the broker sends it: client text it echoes cut and made encodable."""
     ref = None if error.ref is None else _safe_text(error.ref, MAX_ERROR_REF)
     return attrs.evolve(error, message=_safe_text(error.message, MAX_ERROR_MESSAGE), ref=ref)
 
@@ -117,7 +118,7 @@ class ServerConnection:
 
     def encode(self, event: ServerEvent) -> Frame:
         if type(event) is Error:
-            event = _safe_error(event)
+            event = safe_error(event)
         return encode(event, self.format)
 
     def error(self, item: Rejected) -> Frame:

@@ -30,7 +30,7 @@ class Connection:
     """One accepted TCP connection. Not thread-safe; every method runs in trio's thread."""
 
     __slots__ = ("_drained", "_drained_input", "_nursery", "_pending", "broken", "closed",
-                 "on_drained", "sock")
+                 "on_broken", "on_drained", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -41,6 +41,9 @@ class Connection:
         self.closed = False
         #: Called (from the writer task) once everything pending went out.
         self.on_drained: Callable[[], None] | None = None
+        #: Called once when the connection breaks: whoever waits for the peer to read (a replay
+        #: waiting for outbox room) would otherwise wait for ever, the reader being that waiter.
+        self.on_broken: Callable[[], None] | None = None
         self._pending = bytearray()
         self._nursery: trio.Nursery | None = None
         self._drained: trio.Event | None = None
@@ -144,7 +147,7 @@ class Connection:
                     break
                 del self._pending[:sent]
         except trio.ClosedResourceError:
-            self.broken = True
+            self._broke()
         if self._drained is not None:
             self._drained.set()
             self._drained = None
@@ -154,8 +157,12 @@ class Connection:
     def _broke(self) -> None:
         # EPIPE, ECONNRESET and the like: the peer is gone. Its reader finds out too (EOF or
         # an error) and ends the session; a writer must never raise into a publisher's task.
+        if self.broken:
+            return
         self.broken = True
         self._pending.clear()
+        if self.on_broken is not None:
+            self.on_broken()
 
     async def linger(self) -> None:
         """The polite end: the write side shut, then what the peer sends dropped until it

@@ -240,6 +240,11 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
 
 
 async def _run(listener: Listener, session: Session, first_events: list[Any]) -> None:
+    if listener._stopping:
+        # Its hello came once shutdown had begun (and told the sessions then): it is told
+        # too, rather than served until the grace runs out and cut without a close frame.
+        await session.refuse(CloseCode.GOING_AWAY, "broker shutting down")
+        return
     broker = listener.broker
     listener.sessions.add(session)
     broker.attach(session)

@@ -38,6 +38,8 @@ class Outbox:
     dropped_total: int = 0
     #: Set when something did not fit under `disconnect` (or replies alone overflowed).
     overflowed: bool = False
+    #: Set when the connection broke: no room will ever come (see `gone_away`).
+    gone: bool = False
     _room: trio.Event | None = field(default=None)
 
     def __len__(self) -> int:
@@ -76,13 +78,16 @@ class Outbox:
         self._bytes += size
         return True
 
-    def has_room(self) -> bool:
-        """Whether a replayed delivery may be queued now (at least one slot and some bytes)."""
-        return self._count < self.max_messages and self._bytes < self.max_bytes
+    def has_room(self, size: int = 1) -> bool:
+        """Whether a replayed delivery of `size` bytes may be queued now: a slot, and room for
+        its bytes (some room only would let `put` fail, and mark the outbox overflowed)."""
+        return self._count < self.max_messages and self._bytes + size <= self.max_bytes
 
-    async def wait_room(self) -> None:
-        """Wait until `has_room` (or the session is let go): for replays, paced by the writer."""
-        while not self.has_room() and not self.overflowed:
+    async def wait_room(self, size: int = 1) -> None:
+        """Wait until `has_room(size)`, or the outbox is empty (a fragment over max_bytes never
+        fits), or the session is let go: for replays, paced by the writer."""
+        while (not self.has_room(size) and self._count and not self.overflowed
+               and not self.gone):
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()
@@ -117,6 +122,14 @@ class Outbox:
     def let_go(self) -> None:
         """Wake whoever waits for room: the session is ending."""
         self.overflowed = True
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def gone_away(self) -> None:
+        """The connection broke: wake whoever waits for room, which will never come. Unlike
+        `let_go` this is no overflow: the session ends as the peer left it, not as slow."""
+        self.gone = True
         if self._room is not None:
             self._room.set()
             self._room = None

@@ -107,6 +107,7 @@ class Session:
         self.protocol.max_items = MAX_FRAME_ITEMS
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
+        self.connection.on_broken = self.outbox.gone_away
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
@@ -134,8 +135,8 @@ class Session:
             self.slow()
         self._dirty = True
 
-    def slow(self) -> None:
-        if self.outbox.drop_oldest and not self.outbox.overflowed:
+    def slow(self, droppable: bool = True) -> None:
+        if droppable and self.outbox.drop_oldest and not self.outbox.overflowed:
             self.outbox.dropped += 1
             self.outbox.dropped_total += 1
             return
@@ -164,10 +165,24 @@ class Session:
         # No flush per message: a replay goes out in full frames, written when the outbox
         # fills (here) and when the request is done (by the caller).
         outbox = self.outbox
-        if not outbox.has_room():
+        fragment = message.fragment(self.protocol.format, (sub,))
+        if not outbox.has_room(len(fragment)):
             self.flush()
-            await outbox.wait_room()
-        return outbox.put(message.fragment(self.protocol.format, (sub,)))
+            # A replay keeps the session busy (never idle), so a peer that reads nothing would
+            # hold it for ever: no room for idle_timeout makes it a slow consumer (4008).
+            with trio.move_on_after(self.config.idle_timeout) as waiting:
+                await outbox.wait_room(len(fragment))
+            if waiting.cancelled_caught:
+                self._let_go()
+                return False
+            if self.connection.broken:
+                return False
+        if outbox.put(fragment):
+            return True
+        # It cannot fit even in an empty outbox, or the session is being let go: stopping the
+        # replay silently would leave the client waiting for the rest, so it is told (4008).
+        self._let_go()
+        return False
 
     def flush(self) -> None:
         """Frame and write what the outbox holds, while the connection takes it at once."""
