@@ -389,9 +389,8 @@ class Session:
             if run:
                 await self._publish(run)
                 run = []
-            if type(event) is not Publish:
-                await self._handle_one(event)
-                await self._handled_one()
+            await self._handle_one(event)
+            await self._handled_one()
         if run:
             await self._publish(run)
 
