@@ -141,6 +141,19 @@ def _filters(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, .
             raise _Invalid(str(error), (attribute.name, index)) from error
 
 
+#: An origin as browsers send it: scheme "://" host, an optional port, nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+
+
+def _origins(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Every allowed origin is "*" or one exact origin: a path or a trailing slash would never
+    equal what a browser sends, and the operator would not learn why the page is refused."""
+    for index, origin in enumerate(value):
+        if origin != "*" and not _ORIGIN.fullmatch(origin.lower()):
+            raise _Mismatch('an origin such as "https://app.example.com" (or "*")', origin,
+                            (attribute.name, index))
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", validator=_HOST)
@@ -175,6 +188,9 @@ class ServerConfig:
     #: Bounds of what an instance remembers for that (the pairs and their positions, no payload).
     dedup_max_entries: int = field(default=100_000, validator=_POSITIVE)
     dedup_max_bytes: int = field(default=64 * MiB, validator=_POSITIVE)
+    #: Origins whose pages may connect; a handshake with any other `Origin` gets HTTP 403
+    #: (browsers apply no CORS to WebSockets: this is the only thing that stops a web page).
+    allowed_origins: tuple[str, ...] = field(default=(), validator=_origins)
 
 
 @frozen(kw_only=True)

@@ -21,6 +21,7 @@ from mqbroker.config import ServerConfig
 from mqbroker.protocol import CloseCode
 from mqbroker.protocol.websocket import Handshake, HandshakeRejected, ServerWebSocket
 from mqbroker.server.connection import Connection
+from mqbroker.server.security import loggable_origin, origin_allowed
 from mqbroker.server.session import Session
 
 if TYPE_CHECKING:
@@ -224,6 +225,8 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
             return None
         try:
             request = handshake.receive_data(data)
+            if request is not None:
+                _check_origin(listener, request.header("origin"), peer)
         except HandshakeRejected as rejected:
             connection.write(rejected.response())
             await connection.flush_now()
@@ -237,6 +240,16 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
     session = Session(connection, ServerWebSocket(config.max_frame_bytes), config,
                       listener.broker, peer)
     return session, handshake.leftover
+
+
+def _check_origin(listener: Listener, origin: str | None, peer: str) -> None:
+    """Raise HandshakeRejected(403) for a web page whose origin is not allowed."""
+    if origin_allowed(origin, listener.config.allowed_origins):
+        return
+    assert origin is not None  # no Origin is always allowed
+    listener.broker.counters["security_origin_refused"] += 1
+    logger.warning("security.origin_refused", peer=peer, origin=loggable_origin(origin))
+    raise HandshakeRejected(403, "origin not allowed")
 
 
 async def _run(listener: Listener, session: Session, first_events: list[Any]) -> None:
