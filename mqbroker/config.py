@@ -191,6 +191,12 @@ class ServerConfig:
     #: Origins whose pages may connect; a handshake with any other `Origin` gets HTTP 403
     #: (browsers apply no CORS to WebSockets: this is the only thing that stops a web page).
     allowed_origins: tuple[str, ...] = field(default=(), validator=_origins)
+    #: PEM files of the listener's certificate (chain) and private key; empty: plain ws://.
+    #: Read and checked by mqbroker.tls.server_context (files are not config values).
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: PEM file of the CAs whose client certificates are required (mutual TLS); empty: none.
+    tls_client_ca: str = ""
 
 
 @frozen(kw_only=True)
