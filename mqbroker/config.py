@@ -223,11 +223,29 @@ class FanoutConfig:
     plugin: str = field(default="memory", validator=_PLUGIN)
 
 
+#: Characters a bearer token may hold (RFC 6750 section 2.1's b64token), so that it fits an
+#: `Authorization` header as written.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_TOKEN_CHARS = 16
+
+
+def _bearer_token(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Empty, or a token long enough not to be guessed. The message never repeats the value:
+    it is a secret, and errors are printed and logged."""
+    if value and (len(value) < MIN_TOKEN_CHARS or not _TOKEN.fullmatch(value)):
+        raise _Invalid(f"expected empty or a token of at least {MIN_TOKEN_CHARS} characters "
+                       "from A-Z a-z 0-9 - . _ ~ + / (then any '='); the value is not shown",
+                       (attribute.name,))
+
+
 @frozen(kw_only=True)
 class MetricsConfig:
     #: Serve /health and /metrics over HTTP on this port; 0 turns it off.
     port: int = field(default=0, validator=_PORT)
     host: str = field(default="127.0.0.1", validator=_HOST)
+    #: Non-empty: /health and /metrics answer 401 unless sent `Authorization: Bearer <token>`.
+    #: Kept out of repr, so that no log of the config shows it.
+    token: str = field(default="", validator=_bearer_token, repr=False)
 
 
 @frozen(kw_only=True)

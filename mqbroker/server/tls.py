@@ -103,7 +103,7 @@ class TLSConnection(Connection):
             return
         try:
             self._tls.write(data)
-        except ssl.SSLError:
+        except (ssl.SSLError, ValueError):  # after our close_notify: nothing more to say
             self._broke()
             return
         self._send_records()
