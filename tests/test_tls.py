@@ -147,6 +147,27 @@ async def test_a_silent_client_is_dropped_after_hello_timeout(
         assert running.listener.open_connections == 0
 
 
+async def test_a_forged_record_ends_that_connection_only(pki: Certificates) -> None:
+    """After a good handshake, a record that fails its integrity check (bytes injected on the
+    wire) ends that connection; the broker serves on."""
+    async with tls_broker(pki) as running:
+        tcp = await trio.open_tcp_stream("127.0.0.1", running.listener.port)
+        tls = trio.SSLStream(tcp, pki.client_context(), server_hostname="127.0.0.1")
+        await tls.do_handshake()
+        # An application-data record of TLS 1.2/1.3 framing, with 32 bytes no key made.
+        await tcp.send_all(b"\x17\x03\x03\x00\x20" + bytes(range(32)))
+        with trio.fail_after(5):
+            while await tcp.receive_some(4096):
+                pass  # an alert perhaps, then the close
+        await tcp.aclose()
+        for _ in range(100):
+            if running.listener.open_connections == 0:
+                break
+            await trio.sleep(0.01)
+        assert running.listener.open_connections == 0
+        await round_trip(wss(running), pki.client_context())
+
+
 # --- mutual TLS -------------------------------------------------------------------------------
 
 
