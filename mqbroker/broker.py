@@ -58,7 +58,8 @@ logger = structlog.get_logger("mqbroker.broker")
 ENVELOPE_BYTES = 1024
 COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "gaps",
             *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
-            "sessions_closed_other")
+            "sessions_closed_other", "security_origin_refused", "security_metrics_refused",
+            "tls_handshakes_failed")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 #: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds

@@ -17,6 +17,7 @@ import attrs
 from mqbroker import __version__, logs
 from mqbroker.config import Config, ConfigError, LogLevel, load_config, plugin_settings
 from mqbroker.plugins import PluginError, load_plugin
+from mqbroker.tls import server_context
 
 #: The exit status for a configuration the broker cannot use: argparse's for a bad command line.
 EXIT_CONFIG = 2
@@ -37,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.path)
         config = build_config(args)
         # Checked before start-up, so that a bad plugin name is a message, not a traceback.
-        check_plugins(config, source=str(args.config or "built-in defaults"))
+        source = str(args.config or "built-in defaults")
+        check_plugins(config, source=source)
+        server_context(config.server, source=source)  # TLS files: said now, not per client
         return serve(config)
     except ConfigError as error:
         print(error, file=sys.stderr)
@@ -64,6 +67,7 @@ def check_config(path: Path) -> int:
     source = str(path)
     config = load_config(path)
     check_plugins(config, source=source)
+    server_context(config.server, source=source)
     print(f"ok: {source}")
     return 0
 

@@ -141,6 +141,19 @@ def _filters(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, .
             raise _Invalid(str(error), (attribute.name, index)) from error
 
 
+#: An origin as browsers send it: scheme "://" host, an optional port, nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+
+
+def _origins(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    """Every allowed origin is "*" or one exact origin: a path or a trailing slash would never
+    equal what a browser sends, and the operator would not learn why the page is refused."""
+    for index, origin in enumerate(value):
+        if origin != "*" and not _ORIGIN.fullmatch(origin.lower()):
+            raise _Mismatch('an origin such as "https://app.example.com" (or "*")', origin,
+                            (attribute.name, index))
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", validator=_HOST)
@@ -175,6 +188,15 @@ class ServerConfig:
     #: Bounds of what an instance remembers for that (the pairs and their positions, no payload).
     dedup_max_entries: int = field(default=100_000, validator=_POSITIVE)
     dedup_max_bytes: int = field(default=64 * MiB, validator=_POSITIVE)
+    #: Origins whose pages may connect; a handshake with any other `Origin` gets HTTP 403
+    #: (browsers apply no CORS to WebSockets: this is the only thing that stops a web page).
+    allowed_origins: tuple[str, ...] = field(default=(), validator=_origins)
+    #: PEM files of the listener's certificate (chain) and private key; empty: plain ws://.
+    #: Read and checked by mqbroker.tls.server_context (files are not config values).
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: PEM file of the CAs whose client certificates are required (mutual TLS); empty: none.
+    tls_client_ca: str = ""
 
 
 @frozen(kw_only=True)
@@ -201,11 +223,29 @@ class FanoutConfig:
     plugin: str = field(default="memory", validator=_PLUGIN)
 
 
+#: Characters a bearer token may hold (RFC 6750 section 2.1's b64token), so that it fits an
+#: `Authorization` header as written.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_TOKEN_CHARS = 16
+
+
+def _bearer_token(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Empty, or a token long enough not to be guessed. The message never repeats the value:
+    it is a secret, and errors are printed and logged."""
+    if value and (len(value) < MIN_TOKEN_CHARS or not _TOKEN.fullmatch(value)):
+        raise _Invalid(f"expected empty or a token of at least {MIN_TOKEN_CHARS} characters "
+                       "from A-Z a-z 0-9 - . _ ~ + / (then any '='); the value is not shown",
+                       (attribute.name,))
+
+
 @frozen(kw_only=True)
 class MetricsConfig:
     #: Serve /health and /metrics over HTTP on this port; 0 turns it off.
     port: int = field(default=0, validator=_PORT)
     host: str = field(default="127.0.0.1", validator=_HOST)
+    #: Non-empty: /health and /metrics answer 401 unless sent `Authorization: Bearer <token>`.
+    #: Kept out of repr, so that no log of the config shows it.
+    token: str = field(default="", validator=_bearer_token, repr=False)
 
 
 @frozen(kw_only=True)

@@ -206,3 +206,15 @@ def test_a_missing_plugin_dependency_says_what_to_install(
         check_plugins(config, source="x.toml")
     assert str(raised.value).startswith("x.toml: history.plugin: plugin 'redis' cannot be imported")
     assert str(raised.value).endswith("pip install 'mqbroker[redis]'")
+
+
+def test_unusable_tls_files_are_a_config_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config and serve read the TLS files, and name the key, before starting anything."""
+    missing = tmp_path / "absent.pem"
+    path = write(tmp_path, f"[server]\ntls_cert = '{missing}'\ntls_key = '{missing}'\n")
+    expected = f"{path}: server.tls_cert: cannot read {str(missing)!r}: No such file or directory\n"
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == expected
+    assert main(["serve", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == expected

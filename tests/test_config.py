@@ -235,6 +235,12 @@ BAD_VALUES = [
         id="ping-not-below-idle",
     ),
     pytest.param(
+        "[server]\nallowed_origins = ['https://app.example.com/']",
+        "server.allowed_origins[0]: expected an origin such as \"https://app.example.com\" "
+        "(or \"*\"), got 'https://app.example.com/' (str)",
+        id="origin-with-path",
+    ),
+    pytest.param(
         "[fanout]\nplugin = ''",
         "fanout.plugin: expected a plugin name, got '' (str)",
         id="empty-plugin-name",

@@ -61,9 +61,11 @@ async def exchange(port: int, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
-async def fetch(port: int, target: str = "/health", method: str = "GET") -> Fetched:
+async def fetch(port: int, target: str = "/health", method: str = "GET",
+                headers: Sequence[tuple[str, str]] = ()) -> Fetched:
     client = h11.Connection(h11.CLIENT)
-    request = h11.Request(method=method, target=target, headers=[("host", "127.0.0.1")])
+    request = h11.Request(method=method, target=target,
+                          headers=[("host", "127.0.0.1"), *headers])
     sent = (client.send(request) or b"") + (client.send(h11.EndOfMessage()) or b"")
     client.receive_data(await exchange(port, sent))
     client.receive_data(b"")
@@ -427,3 +429,65 @@ async def test_plugins_declare_their_gauges(redis_server: RedisServer) -> None:
     assert "# TYPE mqbroker_fanout_tracked_topics gauge" in text
     assert "# TYPE mqbroker_fanout_watches gauge" in text
     assert "# TYPE mqbroker_fanout_batches_total counter" in text
+
+
+# --- The bearer token (issue 10) ---------------------------------------------------------------
+
+TOKEN = "s3cret-Token_0123456789abcdef"
+
+
+@pytest.fixture
+async def guarded_port(broker: RunningBroker) -> AsyncIterator[int]:
+    """The HTTP endpoints of the `broker` fixture, requiring TOKEN."""
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(serve_http, broker.broker, MetricsConfig(port=0, token=TOKEN))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("target", ["/health", "/metrics"])
+async def test_with_a_token_the_right_bearer_is_served(guarded_port: int, target: str) -> None:
+    fetched = await fetch(guarded_port, target, headers=[("authorization", f"Bearer {TOKEN}")])
+    assert fetched.status == 200
+    # The scheme is case-insensitive (RFC 9110 section 11.1).
+    fetched = await fetch(guarded_port, target, headers=[("authorization", f"bearer {TOKEN}")])
+    assert fetched.status == 200
+
+
+@pytest.mark.parametrize("target", ["/health", "/metrics", "/elsewhere"])
+@pytest.mark.parametrize("authorization", [
+    None, "", "Bearer", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+    f"Bearer {TOKEN.upper()}", TOKEN,
+])
+async def test_with_a_token_anything_else_gets_401(
+        broker: RunningBroker, guarded_port: int, target: str, authorization: str | None) -> None:
+    headers = [] if authorization is None else [("authorization", authorization)]
+    with structlog.testing.capture_logs() as logs:
+        fetched = await fetch(guarded_port, target, headers=headers)
+    assert fetched.status == 401
+    assert fetched.headers["www-authenticate"] == 'Bearer realm="mqbroker"'
+    assert TOKEN.encode() not in fetched.body
+    assert TOKEN not in repr(logs)
+    assert broker.broker.stats()["security_metrics_refused"] == 1
+
+
+async def test_a_header_sent_twice_is_refused(guarded_port: int) -> None:
+    """Which copy would count is a guess; neither does."""
+    right = ("authorization", f"Bearer {TOKEN}")
+    assert (await fetch(guarded_port, "/metrics", headers=[right, right])).status == 401
+
+
+async def test_without_a_token_the_endpoints_stay_open(port: int) -> None:
+    assert (await fetch(port, "/metrics")).status == 200
+
+
+def test_the_token_is_kept_out_of_reprs() -> None:
+    assert TOKEN not in repr(MetricsConfig(token=TOKEN))
+    assert TOKEN not in repr(Config(metrics=MetricsConfig(token=TOKEN)))
+
+
+@pytest.mark.parametrize("token", ["short", "has space in it, long enough", "é" * 20])
+def test_a_weak_or_unusable_token_is_refused_without_echoing_it(token: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        MetricsConfig(token=token)
+    assert token not in str(raised.value)
+    assert "at least 16 characters" in str(raised.value)

@@ -83,13 +83,17 @@ class _Target:
                    authority=parts.netloc.rpartition("@")[2], resource=resource)
 
 
-async def open_websocket(url: str, *, max_message_size: int) -> WebSocket:
+async def open_websocket(url: str, *, max_message_size: int,
+                         ssl_context: ssl.SSLContext | None = None) -> WebSocket:
     """Connect to `url` and upgrade to a WebSocket; the caller must `aclose` the result.
 
     Raises OSError if the server cannot be reached, HandshakeError if it refuses the upgrade.
     """
     target = _Target.parse(url)
-    context = ssl.create_default_context() if target.tls else None
+    if ssl_context is not None and not target.tls:
+        # It would silently not be used: plaintext while its owner believes it protected.
+        raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
+    context = (ssl_context or ssl.create_default_context()) if target.tls else None
     reader, writer = await asyncio.open_connection(target.host, target.port, ssl=context)
     ws = WebSocket(reader, writer, max_message_size)
     try:

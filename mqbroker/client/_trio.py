@@ -145,6 +145,8 @@ class Client(Operations[Subscription]):
     buffer: int
     open_timeout: float = OPEN_TIMEOUT
     close_timeout: float = CLOSE_TIMEOUT
+    #: For wss:// URLs: the TLS settings (None: the system's CAs, the URL's host verified).
+    ssl_context: ssl.SSLContext | None = None
     _send: trio.MemorySendChannel[ClientEvent] = field(init=False)
     _queued: trio.MemoryReceiveChannel[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], _Waiter] = field(factory=dict)
@@ -281,7 +283,7 @@ class Client(Operations[Subscription]):
     async def _open(self, connection: trio.Nursery) -> WebSocketConnection:
         """Connect, upgrade, say hello and resume; the reader task runs in `connection`."""
         target = _Target.parse(self.url)
-        stream = await _WatchedStream.connect(target)
+        stream = await _WatchedStream.connect(target, self.ssl_context)
         try:
             with trio.CancelScope() as upgrading:
                 # trio-websocket waits for the upgrade forever if the connection ends first
@@ -417,10 +419,10 @@ class _WatchedStream(trio.abc.Stream):
         self.ended = trio.Event()
 
     @classmethod
-    async def connect(cls, target: _Target) -> _WatchedStream:
+    async def connect(cls, target: _Target, context: ssl.SSLContext | None) -> _WatchedStream:
         if target.tls:
             return cls(await trio.open_ssl_over_tcp_stream(
-                target.host, target.port, ssl_context=ssl.create_default_context(),
+                target.host, target.port, ssl_context=context or ssl.create_default_context(),
                 https_compatible=True))
         return cls(await trio.open_tcp_stream(target.host, target.port))
 
@@ -459,17 +461,20 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   reconnect: Reconnect | None = None,
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
-                  close_timeout: float = CLOSE_TIMEOUT) -> AsyncIterator[Client]:
-    """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
+                  close_timeout: float = CLOSE_TIMEOUT,
+                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
+    """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
     subscription and the send queue hold before pushing back. open_timeout: seconds one
     connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
-    handshake may take before the socket is dropped.
+    handshake may take before the socket is dropped. ssl_context: the TLS settings of a wss://
+    URL (a private CA, a client certificate for mutual TLS); by default the system's CAs.
     """
+    _check_ssl_context(url, ssl_context)
     core = ClientCore(format=Format(format), client_name=name)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
-                    open_timeout, close_timeout)
+                    open_timeout, close_timeout, ssl_context)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)
@@ -484,6 +489,13 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def _check_ssl_context(url: str, context: ssl.SSLContext | None) -> None:
+    # A context given for a ws:// URL would silently not be used: the connection would be
+    # plaintext while its owner believes it is protected.
+    if context is not None and not _Target.parse(url).tls:
+        raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
 
 
 __all__ = ["Client", "Gap", "Message", "Reconnect", "Subscription", "connect"]

@@ -17,6 +17,7 @@ connection attempt, `close_timeout` per close, the keepalive while connected.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -147,6 +148,8 @@ class Client(Operations[Subscription]):
     buffer: int
     open_timeout: float = OPEN_TIMEOUT
     close_timeout: float = CLOSE_TIMEOUT
+    #: For wss:// URLs: the TLS settings (None: the system's CAs, the URL's host verified).
+    ssl_context: ssl.SSLContext | None = None
     _queued: asyncio.Queue[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], asyncio.Future[Any]] = field(factory=dict)
     _streams: dict[int, _Stream] = field(factory=dict)
@@ -223,7 +226,8 @@ class Client(Operations[Subscription]):
     async def open(self) -> WebSocket:
         """A new connection, open and resumed; raises what makes an attempt fail."""
         async with asyncio.timeout(self.open_timeout):
-            ws = await open_websocket(self.url, max_message_size=self.max_frame_bytes)
+            ws = await open_websocket(self.url, max_message_size=self.max_frame_bytes,
+                                      ssl_context=self.ssl_context)
             try:
                 await self._handshake(ws)
             except BaseException:
@@ -369,18 +373,23 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   reconnect: Reconnect | None = None,
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
-                  close_timeout: float = CLOSE_TIMEOUT) -> AsyncIterator[Client]:
-    """Connect to a broker at `url` (ws://host:port/); closes the session on exit.
+                  close_timeout: float = CLOSE_TIMEOUT,
+                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
+    """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
     subscription and the send queue hold before pushing back. open_timeout: seconds one
     connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
     handshake may take before the socket is dropped. Raises ConnectError if the first
-    connection fails; later drops are reconnected as `reconnect` says.
+    connection fails; later drops are reconnected as `reconnect` says. ssl_context: the TLS
+    settings of a wss:// URL (a private CA, a client certificate for mutual TLS); by default the
+    system's CAs.
     """
+    if ssl_context is not None and not url.lower().startswith("wss://"):
+        raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
     core = ClientCore(format=Format(format), client_name=name)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
-                    open_timeout, close_timeout)
+                    open_timeout, close_timeout, ssl_context)
     try:
         ws = await client.open()
     except (*_ATTEMPT_FAILED, HandshakeFailed) as e:

@@ -41,6 +41,7 @@ _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _STATUS_PHRASES = {
     400: "Bad Request",
+    403: "Forbidden",
     405: "Method Not Allowed",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",

@@ -7,6 +7,7 @@ broker's resources or crash it, whatever bytes it sends.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -109,9 +110,16 @@ class Endpoints:
 
     broker: Broker
     started: float = field(factory=trio.current_time)
+    #: Non-empty: every request must carry `Authorization: Bearer <token>` (see MetricsConfig).
+    token: str = field(default="", repr=False)
 
-    def reply(self, method: bytes, target: bytes) -> Reply:
-        """The reply to `method target`; a failing plugin gives a 500, never an exception."""
+    def reply(self, method: bytes, target: bytes, authorization: bytes | None = None) -> Reply:
+        """The reply to `method target` (with that `Authorization` header value, if any); a
+        failing plugin gives a 500, never an exception."""
+        if self.token and not bearer_matches(authorization, self.token):
+            self.broker.counters["security_metrics_refused"] += 1
+            return Reply(status=401, body=b"unauthorized\n",
+                         headers=(("www-authenticate", 'Bearer realm="mqbroker"'),))
         routes: dict[bytes, Callable[[], Reply]] = {b"/health": self.health,
                                                    b"/metrics": self.metrics}
         route = routes.get(target.partition(b"?")[0])
@@ -171,7 +179,7 @@ class Endpoints:
             return
         if request is None:
             return  # the client left without asking anything
-        reply = self.reply(request.method, request.target)
+        reply = self.reply(request.method, request.target, _header(request, b"authorization"))
         logger.debug("http.request", method=request.method.decode("ascii", "replace"),
                      target=_printable(request.target), status=reply.status)
         await _send(stream, connection, reply, head=request.method == b"HEAD")
@@ -181,7 +189,7 @@ class Endpoints:
 async def serve_http(broker: Broker, config: MetricsConfig, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `/health` and `/metrics` on config.host:config.port; `task_status` gets the port."""
-    endpoints = Endpoints(broker)
+    endpoints = Endpoints(broker, token=config.token)
     async with trio.open_nursery() as nursery:
         try:
             listeners: list[trio.SocketListener] = await nursery.start(
@@ -191,6 +199,24 @@ async def serve_http(broker: Broker, config: MetricsConfig, *,
         port: int = listeners[0].socket.getsockname()[1]
         logger.info("http.listening", host=config.host, port=port)
         task_status.started(port)
+
+
+def bearer_matches(authorization: bytes | None, token: str) -> bool:
+    """Whether an `Authorization` value is `Bearer <token>` (the scheme in any case, RFC 9110
+    section 11.1). The token is compared in constant time: its length is all a timing reveals."""
+    if authorization is None:
+        return False
+    scheme, _, presented = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(presented.strip(), token.encode("ascii"))
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    """The value of header `name` (h11 lower-cases names); None if absent. Sent twice, the
+    header is refused as a whole: which copy counts would be a guess."""
+    values = [value for field, value in request.headers if field == name]
+    return values[0] if len(values) == 1 else None
 
 
 # --- Bytes in, bytes out -------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,7 +22,10 @@ from mqbroker.config import ServerConfig
 from mqbroker.protocol import CloseCode
 from mqbroker.protocol.websocket import Handshake, HandshakeRejected, ServerWebSocket
 from mqbroker.server.connection import Connection
+from mqbroker.server.security import loggable_origin, origin_allowed
 from mqbroker.server.session import Session
+from mqbroker.server.tls import TLSConnection, establish
+from mqbroker.tls import server_context
 
 if TYPE_CHECKING:
     from mqbroker.broker import Broker
@@ -56,12 +60,20 @@ class Listener:
     port: int
     _accepting: trio.CancelScope
     _connections: trio.CancelScope
+    #: The TLS context of a wss:// listener; None for plain ws://.
+    tls: ssl.SSLContext | None = None
     sessions: set[Session] = field(factory=set)
     #: Connections accepted and not yet closed, handshaking ones included.
     open_connections: int = 0
     #: Set once shutting down and every session has ended.
     _all_closed: trio.Event = field(factory=trio.Event)
     _stopping: bool = False
+
+    def connection(self, sock: socket.socket) -> Connection:
+        """A freshly accepted socket as this listener's kind of connection."""
+        if self.tls is not None:
+            return TLSConnection(sock, self.tls)
+        return Connection(sock)
 
     def _ended(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -83,18 +95,23 @@ class Listener:
 
 async def serve(broker: Broker, config: ServerConfig, *,
                 task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept sessions on config.host:config.port; `task_status` gets the Listener once bound."""
+    """Accept sessions on config.host:config.port; `task_status` gets the Listener once bound.
+
+    Raises ConfigError for unusable TLS settings, ListenError for an address it cannot bind."""
+    tls = server_context(config)
     sockets = _listen(config)
     port = sockets[0].getsockname()[1]
     try:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 listener = Listener(broker, config, port, accepting.cancel_scope,
-                                    connections.cancel_scope)
+                                    connections.cancel_scope, tls)
                 for sock in sockets:
                     accepting.start_soon(_accept_loop, listener, sock, connections)
                 accepting.start_soon(_watch_idle, listener)
-                logger.info("server.listening", host=config.host, port=port)
+                logger.info("server.listening", host=config.host, port=port,
+                            tls=tls is not None,
+                            client_certificates=tls is not None and bool(config.tls_client_ca))
                 task_status.started(listener)
     finally:
         for sock in sockets:
@@ -163,9 +180,11 @@ async def _accept_loop(listener: Listener, sock: socket.socket, nursery: trio.Nu
 async def _refuse(listener: Listener, sock: socket.socket) -> None:
     """Past max_connections: read the request (briefly), answer 503, close."""
     listener.broker.counters["connections_refused"] += 1
-    connection = Connection(sock)
+    connection = listener.connection(sock)
     try:
         with trio.move_on_after(REFUSAL_TIMEOUT):
+            if not await establish(connection):
+                return
             handshake = Handshake()
             while (data := await connection.receive()) and handshake.receive_data(data) is None:
                 pass
@@ -184,7 +203,7 @@ async def _serve_connection(listener: Listener, sock: socket.socket, address: ob
     config = listener.config
     session: Session | None = None
     try:
-        connection = Connection(sock)
+        connection = listener.connection(sock)
         first_events = None
         with trio.move_on_after(config.hello_timeout) as opening:
             upgraded = await _upgrade(listener, connection, _peer(address))
@@ -217,6 +236,9 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
                    ) -> tuple[Session, bytes] | None:
     """The HTTP upgrade: a session awaiting its hello, and the bytes that came behind the
     request; None when the request was refused or the peer left."""
+    if not await establish(connection):
+        _tls_failed(listener, connection, peer)
+        return None
     handshake = Handshake()
     while True:
         data = await connection.receive()
@@ -224,6 +246,8 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
             return None
         try:
             request = handshake.receive_data(data)
+            if request is not None:
+                _check_origin(listener, request.header("origin"), peer)
         except HandshakeRejected as rejected:
             connection.write(rejected.response())
             await connection.flush_now()
@@ -237,6 +261,24 @@ async def _upgrade(listener: Listener, connection: Connection, peer: str
     session = Session(connection, ServerWebSocket(config.max_frame_bytes), config,
                       listener.broker, peer)
     return session, handshake.leftover
+
+
+def _tls_failed(listener: Listener, connection: Connection, peer: str) -> None:
+    # A plain ws:// client, an unknown certificate, a scanner: the peer's problem, but the
+    # operator's news when it is a client of theirs misconfigured.
+    listener.broker.counters["tls_handshakes_failed"] += 1
+    failure = connection.failure if isinstance(connection, TLSConnection) else ""
+    logger.info("connection.tls_failed", peer=peer, reason=failure)
+
+
+def _check_origin(listener: Listener, origin: str | None, peer: str) -> None:
+    """Raise HandshakeRejected(403) for a web page whose origin is not allowed."""
+    if origin_allowed(origin, listener.config.allowed_origins):
+        return
+    assert origin is not None  # no Origin is always allowed
+    listener.broker.counters["security_origin_refused"] += 1
+    logger.warning("security.origin_refused", peer=peer, origin=loggable_origin(origin))
+    raise HandshakeRejected(403, "origin not allowed")
 
 
 async def _run(listener: Listener, session: Session, first_events: list[Any]) -> None:
