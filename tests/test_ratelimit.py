@@ -1,0 +1,107 @@
+"""Rate limits (mqbroker.ratelimit): token buckets, violation windows, the per-peer table."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqbroker.ratelimit import PeerLimiter, TokenBucket, Violations, bucket
+
+#: A client's requests: (seconds since the previous one, units asked).
+requests = st.lists(
+    st.tuples(st.floats(0, 5, allow_nan=False), st.integers(1, 20)), max_size=200)
+rates = st.floats(0.1, 1000, allow_nan=False)
+bursts = st.floats(1, 1000, allow_nan=False)
+
+
+@given(rates, bursts, requests)
+def test_never_more_than_burst_plus_rate_times_elapsed_over_any_interval(
+    rate: float, burst: float, steps: list[tuple[float, int]]
+) -> None:
+    """Whatever the requests, the units admitted between any two of them (both included) are at
+    most burst + rate x the time between them."""
+    limiter = TokenBucket(rate, burst)
+    now, admitted = 0.0, []
+    for gap, n in steps:
+        now += gap
+        if limiter.take(n, now):
+            admitted.append((now, n))
+    for (i, (start, _)), (j, (end, _)) in itertools.combinations_with_replacement(
+            enumerate(admitted), 2):
+        units = sum(n for _, n in admitted[i:j + 1])
+        assert units <= burst + rate * (end - start) + 1e-6
+
+
+@given(rates, bursts, st.floats(0, 100, allow_nan=False))
+def test_a_client_within_the_rate_is_never_refused(rate: float, burst: float, start: float
+                                                   ) -> None:
+    """One unit every 1/rate seconds always passes: the limit costs a paced client nothing."""
+    limiter = TokenBucket(rate, burst)
+    assert all(limiter.take(1, start + k / rate) for k in range(200))
+
+
+def test_a_full_bucket_admits_a_burst_then_refuses_until_it_refills() -> None:
+    limiter = TokenBucket(rate=10, burst=5)
+    assert [limiter.take(1, 0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert not limiter.take(1, 0.05)  # half a token
+    assert limiter.take(1, 0.1)
+
+
+def test_a_refused_request_takes_nothing() -> None:
+    """A request too big for what is left does not drain the bucket: a smaller one still passes."""
+    limiter = TokenBucket(rate=1, burst=10)
+    assert not limiter.take(11, 0.0)
+    assert limiter.take(10, 0.0)
+
+
+def test_a_rate_of_0_is_no_limit_and_a_burst_of_0_is_one_seconds_worth() -> None:
+    assert bucket(0, 100) is None
+    limiter = bucket(20, 0)
+    assert limiter is not None and limiter.burst == 20
+    fractional = bucket(0.5, 0)
+    assert fractional is not None and fractional.burst == 1  # one request must fit
+
+
+def test_violations_close_after_max_within_the_window() -> None:
+    violations = Violations(max_violations=3, window=10.0)
+    assert not violations.record(0.0)
+    assert not violations.record(1.0)
+    assert violations.record(2.0)
+
+
+def test_violations_older_than_the_window_do_not_count() -> None:
+    violations = Violations(max_violations=3, window=10.0)
+    assert not violations.record(0.0)
+    assert not violations.record(5.0)
+    assert not violations.record(10.0)  # the first is out of the window
+    assert violations.record(11.0)
+
+
+@given(st.lists(st.floats(0, 3, allow_nan=False), max_size=300), st.integers(1, 10))
+def test_violations_hold_at_most_max_violations_times(gaps: list[float], most: int) -> None:
+    violations = Violations(max_violations=most, window=100.0)
+    now = 0.0
+    for gap in gaps:
+        now += gap
+        violations.record(now)
+        assert len(violations._times) <= most
+
+
+def test_each_peer_has_its_own_bucket() -> None:
+    limiter = PeerLimiter(rate=1, burst=2)
+    assert [limiter.take("a", 0.0) for _ in range(3)] == [True, True, False]
+    assert limiter.take("b", 0.0)
+    assert limiter.take("a", 1.0)
+
+
+def test_the_peer_table_is_bounded_and_forgets_the_least_recently_seen() -> None:
+    limiter = PeerLimiter(rate=1, burst=1, max_peers=3)
+    for peer in ("a", "b", "c"):
+        assert limiter.take(peer, 0.0)
+    assert not limiter.take("a", 0.0)  # a is now the most recently seen
+    for n in range(1000):
+        limiter.take(f"flood-{n}", 0.0)
+        assert len(limiter) <= 3
+    assert limiter.take("a", 0.0)  # forgotten, so a full bucket again
