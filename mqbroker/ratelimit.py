@@ -8,8 +8,10 @@ without a clock and the server uses trio's.
 from __future__ import annotations
 
 import collections
+import math
+from typing import Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 #: Tokens a request may be short of and still pass (rounding of `elapsed * rate`).
 _SLACK = 1e-9
@@ -47,13 +49,25 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self, n: float) -> None:
+        """Return `n` tokens taken for a request that was refused after all (by another bucket)."""
+        self.tokens = min(self.burst, self.tokens + n)
+
+
+def effective_burst(rate: float, burst: float) -> float:
+    """The burst a limit configured as (`rate`, `burst`) allows: `burst`, or when it is 0 one
+    second's worth of `rate` (at least 1, so that one request fits); 0 when the limit is off."""
+    if rate <= 0:
+        return 0.0
+    return burst if burst > 0 else max(rate, 1.0)
+
 
 def bucket(rate: float, burst: float) -> TokenBucket | None:
     """A bucket for `rate` per second with `burst` (0: one second's worth); None when `rate` is
     0, which turns the limit off."""
     if rate <= 0:
         return None
-    return TokenBucket(rate, burst if burst > 0 else max(rate, 1.0))
+    return TokenBucket(rate, effective_burst(rate, burst))
 
 
 @define
@@ -106,3 +120,102 @@ class PeerLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+@frozen
+class Refusal:
+    """What a refused request calls for, besides its `rate_limited` error."""
+
+    #: Write the `security.rate_limited` log line (at most once per session per window).
+    log: bool
+    #: The session reached max_violations within the window: close it (4029).
+    exceeded: bool
+
+
+@define
+class SessionLimits:
+    """One session's rate limits: its buckets, and the violations they led to.
+
+    A violation is a frame in which at least one request was refused, however many were: a
+    batch of a thousand publishes over the limit is one violation, not a thousand, so a client
+    is closed for persisting, not for one burst. The session calls `new_frame()` before each
+    frame it handles.
+    """
+
+    messages: TokenBucket | None
+    bytes: TokenBucket | None
+    requests: TokenBucket | None
+    violations: Violations
+    _frame: int = 0
+    _violated_frame: int = -1
+    _reported_frame: int = -1
+    _log_after: float = -math.inf
+
+    @classmethod
+    def of(cls, rates: RateSettings) -> SessionLimits:
+        return cls(
+            bucket(rates.publish_messages_per_second, rates.publish_messages_burst),
+            bucket(rates.publish_bytes_per_second, rates.publish_bytes_burst),
+            bucket(rates.requests_per_second, rates.requests_burst),
+            Violations(rates.max_violations, rates.violation_window),
+        )
+
+    def new_frame(self) -> None:
+        self._frame += 1
+
+    def publish(self, size: int, now: float) -> str | None:
+        """Admit one publish of `size` bytes at `now`: None, or the name of the limit it is
+        over (then nothing is taken from either bucket)."""
+        messages, size_bucket = self.messages, self.bytes
+        if messages is not None and not messages.take(1, now):
+            return "publish_messages_per_second"
+        if size_bucket is not None and not size_bucket.take(size, now):
+            if messages is not None:
+                messages.give_back(1)
+            return "publish_bytes_per_second"
+        return None
+
+    def request(self, now: float) -> str | None:
+        """Admit one subscribe, unsubscribe or forget at `now`: None, or the limit's name."""
+        if self.requests is not None and not self.requests.take(1, now):
+            return "requests_per_second"
+        return None
+
+    def refused(self, now: float) -> Refusal:
+        """Record that a request was refused at `now`: what that calls for."""
+        if self._violated_frame == self._frame:
+            return Refusal(log=False, exceeded=False)
+        self._violated_frame = self._frame
+        log = now >= self._log_after
+        if log:
+            self._log_after = now + self.violations.window
+        return Refusal(log=log, exceeded=self.violations.record(now))
+
+    def report_unacknowledged(self) -> bool:
+        """Whether to send the `rate_limited` error for a dropped publish without an id: one
+        per frame at most, since there is no id to tell them apart."""
+        if self._reported_frame == self._frame:
+            return False
+        self._reported_frame = self._frame
+        return True
+
+
+class RateSettings(Protocol):
+    """What SessionLimits needs of the configuration (mqbroker.config.LimitsConfig)."""
+
+    @property
+    def publish_messages_per_second(self) -> float: ...
+    @property
+    def publish_messages_burst(self) -> float: ...
+    @property
+    def publish_bytes_per_second(self) -> float: ...
+    @property
+    def publish_bytes_burst(self) -> float: ...
+    @property
+    def requests_per_second(self) -> float: ...
+    @property
+    def requests_burst(self) -> float: ...
+    @property
+    def max_violations(self) -> int: ...
+    @property
+    def violation_window(self) -> float: ...
