@@ -455,11 +455,11 @@ class Session:
         with `rate_limited` (those without an id: one error per frame at most) and dropped."""
         limits = self._limits
         assert limits is not None
-        if self.closing is not None:
-            return []  # closing (over max_violations, say): nothing more is published
         now = trio.current_time()
         admitted: list[Publish] = []
         for event in run:
+            if self.closing is not None:
+                break  # closing (past max_violations, say): the rest is neither done nor answered
             # Only measured when a bytes limit is on: most payloads are never encoded here.
             size = (len(event.topic.encode()) + payload_size(event.payload)
                     if limits.bytes is not None else 0)
@@ -475,6 +475,8 @@ class Session:
     def _admit_request(self, event: Subscribe | Unsubscribe | Forget) -> bool:
         limits = self._limits
         assert limits is not None
+        if self.closing is not None:
+            return False
         now = trio.current_time()
         over = limits.request(now)
         if over is None:
