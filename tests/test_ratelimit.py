@@ -7,7 +7,8 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqbroker.ratelimit import PeerLimiter, TokenBucket, Violations, bucket
+from mqbroker.config import LimitsConfig
+from mqbroker.ratelimit import PeerLimiter, SessionLimits, TokenBucket, Violations, bucket
 
 #: A client's requests: (seconds since the previous one, units asked).
 requests = st.lists(
@@ -105,3 +106,43 @@ def test_the_peer_table_is_bounded_and_forgets_the_least_recently_seen() -> None
         limiter.take(f"flood-{n}", 0.0)
         assert len(limiter) <= 3
     assert limiter.take("a", 0.0)  # forgotten, so a full bucket again
+
+
+def session_limits(**rates: float) -> SessionLimits:
+    return SessionLimits.of(LimitsConfig(**rates))  # type: ignore[arg-type]
+
+
+def test_a_frame_with_many_refusals_is_one_violation() -> None:
+    """A batch over the limit counts once: max_violations counts frames, not requests."""
+    limits = session_limits(publish_messages_per_second=1, max_violations=2)
+    limits.new_frame()
+    refusals = [limits.refused(0.0) for _ in range(100)]
+    assert not any(r.exceeded for r in refusals)
+    limits.new_frame()
+    assert limits.refused(0.0).exceeded
+
+
+def test_the_refusal_log_line_is_written_once_per_window() -> None:
+    limits = session_limits(requests_per_second=1, max_violations=1000, violation_window=10)
+    logged = []
+    for second in range(30):
+        limits.new_frame()
+        logged.append(limits.refused(float(second)).log)
+    assert [n for n, log in enumerate(logged) if log] == [0, 10, 20]
+
+
+def test_dropped_publishes_without_id_are_reported_once_per_frame() -> None:
+    limits = session_limits(publish_messages_per_second=1)
+    limits.new_frame()
+    assert [limits.report_unacknowledged() for _ in range(3)] == [True, False, False]
+    limits.new_frame()
+    assert limits.report_unacknowledged()
+
+
+def test_a_publish_over_the_bytes_limit_takes_no_message_token() -> None:
+    limits = session_limits(publish_messages_per_second=1, publish_messages_burst=1,
+                            publish_bytes_per_second=1, publish_bytes_burst=100)
+    assert limits.publish(101, 0.0) == "publish_bytes_per_second"
+    assert limits.publish(100, 0.0) is None
+    assert limits.publish(1, 0.0) == "publish_messages_per_second"
+    assert limits.request(0.0) is None  # no request limit
