@@ -20,8 +20,8 @@ from attrs import define, field
 
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import CloseCode
-from mqbroker.ratelimit import PeerLimiter, effective_burst
 from mqbroker.protocol.websocket import Handshake, HandshakeRejected, ServerWebSocket
+from mqbroker.ratelimit import PeerLimiter, effective_burst
 from mqbroker.server.connection import Connection
 from mqbroker.server.session import Session
 
