@@ -175,6 +175,19 @@ class SessionLimits:
             return "publish_bytes_per_second"
         return None
 
+    def publish_run(self, count: int, size: int, now: float) -> bool:
+        """Admit `count` publishes of `size` bytes in all at once, or take nothing: a run within
+        the limits (the common case) costs one check, not one per publish. When this says no,
+        the caller checks each publish with `publish`, to admit what fits."""
+        messages, size_bucket = self.messages, self.bytes
+        if messages is not None and not messages.take(count, now):
+            return False
+        if size_bucket is not None and not size_bucket.take(size, now):
+            if messages is not None:
+                messages.give_back(count)
+            return False
+        return True
+
     def request(self, now: float) -> str | None:
         """Admit one subscribe, unsubscribe or forget at `now`: None, or the limit's name."""
         if self.requests is not None and not self.requests.take(1, now):

@@ -146,3 +146,30 @@ def test_a_publish_over_the_bytes_limit_takes_no_message_token() -> None:
     assert limits.publish(100, 0.0) is None
     assert limits.publish(1, 0.0) == "publish_messages_per_second"
     assert limits.request(0.0) is None  # no request limit
+
+
+def test_a_run_within_both_limits_is_taken_whole_and_one_over_takes_nothing() -> None:
+    """publish_run admits a whole run at once (the common case, one check per run), or takes
+    nothing so that its publishes are checked one by one."""
+    limits = session_limits(publish_messages_per_second=1, publish_messages_burst=10,
+                            publish_bytes_per_second=1, publish_bytes_burst=1000)
+    assert limits.publish_run(5, 500, 0.0)
+    assert not limits.publish_run(6, 100, 0.0)  # over the messages left: nothing taken
+    assert not limits.publish_run(1, 501, 0.0)  # over the bytes left: nothing taken
+    assert limits.publish_run(5, 500, 0.0)
+    assert limits.publish(1, 0.0) == "publish_messages_per_second"
+
+
+@given(st.lists(st.tuples(st.floats(0, 2, allow_nan=False), st.integers(1, 30),
+                          st.integers(0, 3000)), max_size=100))
+def test_runs_never_admit_more_than_the_buckets_allow(steps: list[tuple[float, int, int]]
+                                                       ) -> None:
+    limits = session_limits(publish_messages_per_second=10, publish_messages_burst=20,
+                            publish_bytes_per_second=1000, publish_bytes_burst=2000)
+    now = messages = size = 0.0
+    for gap, count, run_bytes in steps:
+        now += gap
+        if limits.publish_run(count, run_bytes, now):
+            messages, size = messages + count, size + run_bytes
+    assert messages <= 20 + 10 * now + 1e-6
+    assert size <= 2000 + 1000 * now + 1e-6
