@@ -15,7 +15,14 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed
 
-from mqbroker.config import Config, LimitsConfig, LogConfig, ServerConfig
+from mqbroker.config import (
+    Config,
+    FanoutConfig,
+    HistoryConfig,
+    LimitsConfig,
+    LogConfig,
+    ServerConfig,
+)
 from mqbroker.logs import configure
 from mqbroker.protocol import (
     CloseCode,
@@ -33,6 +40,7 @@ from mqbroker.protocol import (
 from mqbroker.server.http import exposition
 from tests.harness import RawSession, raw_session, running_broker
 from tests.rawws import RawWebSocket
+from tests.redis_server import RedisServer
 
 
 def limited(**limits: Any) -> Config:
@@ -252,3 +260,21 @@ async def test_new_connections_per_peer_over_the_rate_get_429(log_lines: io.Stri
     assert "mqbroker_security_rate_limited_total 0" in metrics
     [logged] = events_named(log_lines, "security.rate_limited")
     assert logged["peer"] == "127.0.0.1" and logged["limit"] == "connections_per_second_per_peer"
+
+
+async def test_the_limits_hold_with_the_redis_fanout_too(redis_server: RedisServer) -> None:
+    """With a fan-out that is not local, publishes go through the session's publishing task
+    (another path than the memory fan-out's): they are limited before it, the same way."""
+    config = Config(server=ServerConfig(port=0), history=HistoryConfig(plugin="redis"),
+                    fanout=FanoutConfig(plugin="redis"),
+                    plugins={"redis": {"url": redis_server.url, "key_prefix": "rl:"}},
+                    limits=LimitsConfig(publish_messages_per_second=0.01,
+                                        publish_messages_burst=5))
+    async with running_broker(config) as broker, raw_session(broker.url) as session:
+        await session.send(*(Publish(topic="t", payload=n, id=n) for n in range(8)))
+        replies = await drain(session, 8)
+        await session.send(Publish(topic="t", payload=8, id=8))
+        [last] = await session.receive()
+    assert sorted(r.id for r in replies if isinstance(r, PubAck)) == [0, 1, 2, 3, 4]
+    assert sorted(e.id for e in rate_limited(replies)) == [5, 6, 7]  # type: ignore[misc]
+    assert isinstance(last, Error) and last.code == ErrorCode.RATE_LIMITED
