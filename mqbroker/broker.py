@@ -42,6 +42,7 @@ from mqbroker.protocol import (
 )
 from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
+from mqbroker.ratelimit import effective_burst
 from mqbroker.resume import ReplaySwitch
 from mqbroker.topics import (
     FilterSet,
@@ -57,6 +58,10 @@ logger = structlog.get_logger("mqbroker.broker")
 #: Room kept in a frame for a delivery's envelope (subs, event id, time) around topic + payload.
 ENVELOPE_BYTES = 1024
 COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "gaps",
+            # Requests refused over a rate limit, sessions closed for it (4029), and
+            # connections refused over connections_per_second_per_peer.
+            "security_rate_limited", "security_violations_exceeded",
+            "connections_rate_limited",
             *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
             "sessions_closed_other", "security_origin_refused", "security_metrics_refused",
             "tls_handshakes_failed")
@@ -157,6 +162,24 @@ class Broker:
             "ping_interval": s.ping_interval,
             "idle_timeout": s.idle_timeout,
             "dedup_window": s.dedup_window,
+            **self._rate_limits(),
+        }
+
+    def _rate_limits(self) -> dict[str, Any]:
+        """The [limits] in force, bursts as applied (0 in the config: one second's worth), so
+        that a client can pace itself; a rate of 0 is no limit."""
+        r = self.config.limits
+        return {
+            "publish_messages_per_second": r.publish_messages_per_second,
+            "publish_messages_burst": effective_burst(r.publish_messages_per_second,
+                                                      r.publish_messages_burst),
+            "publish_bytes_per_second": r.publish_bytes_per_second,
+            "publish_bytes_burst": effective_burst(r.publish_bytes_per_second,
+                                                   r.publish_bytes_burst),
+            "requests_per_second": r.requests_per_second,
+            "requests_burst": effective_burst(r.requests_per_second, r.requests_burst),
+            "max_violations": r.max_violations,
+            "violation_window": r.violation_window,
         }
 
     # --- sessions ------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ _POSITIVE = _Number("a positive integer", 1)
 _FRAME_BYTES = _Number("an integer of at least 4096 (bytes)", 4096)
 _SECONDS = _Number("a finite number of seconds, 0 or more", 0)
 _POSITIVE_SECONDS = _Number("a finite number of seconds greater than 0", 0, exclusive=True)
+_RATE = _Number("a finite number, 0 or more (0: no limit)", 0)
+_BURST = _Number("a finite number, 0 or more (0: one second's worth)", 0)
 _HOST = _NonEmpty("a host name or IP address")
 _PLUGIN = _NonEmpty("a plugin name")
 
@@ -200,6 +202,33 @@ class ServerConfig:
 
 
 @frozen(kw_only=True)
+class LimitsConfig:
+    """Rate limits, per session (and per peer address for new connections); 0 turns one off.
+
+    Every limit is a token bucket: `rate` per second on average, up to `burst` at once (0: one
+    second's worth). See config.toml for what each covers."""
+
+    publish_messages_per_second: float = field(default=0.0, validator=_RATE)
+    publish_messages_burst: float = field(default=0.0, validator=_BURST)
+    publish_bytes_per_second: float = field(default=0.0, validator=_RATE)
+    publish_bytes_burst: float = field(default=0.0, validator=_BURST)
+    #: subscribe, unsubscribe and forget.
+    requests_per_second: float = field(default=0.0, validator=_RATE)
+    requests_burst: float = field(default=0.0, validator=_BURST)
+    #: A session refused this many times within violation_window is closed with 4029.
+    max_violations: int = field(default=10, validator=_POSITIVE)
+    violation_window: float = field(default=10.0, validator=_POSITIVE_SECONDS)
+    connections_per_second_per_peer: float = field(default=0.0, validator=_RATE)
+    connections_burst_per_peer: float = field(default=0.0, validator=_BURST)
+
+    @property
+    def session_limited(self) -> bool:
+        """Whether any per-session limit is on (when none is, sessions skip the checks)."""
+        return bool(self.publish_messages_per_second or self.publish_bytes_per_second
+                    or self.requests_per_second)
+
+
+@frozen(kw_only=True)
 class LogConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"
@@ -251,6 +280,7 @@ class MetricsConfig:
 @frozen(kw_only=True)
 class Config:
     server: ServerConfig = field(factory=ServerConfig)
+    limits: LimitsConfig = field(factory=LimitsConfig)
     log: LogConfig = field(factory=LogConfig)
     history: HistoryConfig = field(factory=HistoryConfig)
     fanout: FanoutConfig = field(factory=FanoutConfig)

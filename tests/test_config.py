@@ -18,6 +18,7 @@ from mqbroker.config import (
     ConfigError,
     FanoutConfig,
     HistoryConfig,
+    LimitsConfig,
     LogConfig,
     MetricsConfig,
     ServerConfig,
@@ -31,6 +32,7 @@ REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 SERVER_KEYS = ", ".join(a.name for a in attrs.fields(ServerConfig))
 SECTIONS = {
     "server": ServerConfig,
+    "limits": LimitsConfig,
     "log": LogConfig,
     "history": HistoryConfig,
     "fanout": FanoutConfig,
@@ -241,6 +243,35 @@ BAD_VALUES = [
         id="origin-with-path",
     ),
     pytest.param(
+        "[limits]\npublish_messages_per_second = -1",
+        "limits.publish_messages_per_second: expected a finite number, 0 or more (0: no limit), "
+        "got -1.0 (float)",
+        id="negative-rate",
+    ),
+    pytest.param(
+        "[limits]\nrequests_burst = 'ten'",
+        "limits.requests_burst: expected a finite number, 0 or more (0: one second's worth), "
+        "got 'ten' (str)",
+        id="burst-not-a-number",
+    ),
+    pytest.param(
+        "[limits]\nconnections_per_second_per_peer = inf",
+        "limits.connections_per_second_per_peer: expected a finite number, 0 or more "
+        "(0: no limit), got inf (float)",
+        id="infinite-rate",
+    ),
+    pytest.param(
+        "[limits]\nmax_violations = 0",
+        "limits.max_violations: expected a positive integer, got 0 (int)",
+        id="no-violations-allowed",
+    ),
+    pytest.param(
+        "[limits]\nviolation_window = 0",
+        "limits.violation_window: expected a finite number of seconds greater than 0, "
+        "got 0.0 (float)",
+        id="violation-window-zero",
+    ),
+    pytest.param(
         "[fanout]\nplugin = ''",
         "fanout.plugin: expected a plugin name, got '' (str)",
         id="empty-plugin-name",
@@ -267,7 +298,7 @@ def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[sever]\nport = 1\n")
     assert error_of(path) == (
         f"{path}: sever: unknown key (did you mean 'server'? "
-        "known: server, log, history, fanout, metrics, plugins)"
+        "known: server, limits, log, history, fanout, metrics, plugins)"
     )
 
 

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mqbroker"
 #: the client's sans-IO core: nothing here may do I/O or depend on how it is done.
 PURE = [
     "topics.py", "index.py", "message.py", "history.py", "fanout.py", "dedup.py",
+    "ratelimit.py",
     "plugins.py", "protocol/events.py", "protocol/codec.py", "protocol/connection.py",
     "protocol/__init__.py", "protocol/websocket.py", "client/core.py", "client/errors.py",
     "resume.py", "redact.py",

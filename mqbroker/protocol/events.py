@@ -66,6 +66,8 @@ class ErrorCode(enum.StrEnum):
     # must reuse the same msg_id, which dedup then absorbs.
     OUTCOME_UNKNOWN = "outcome_unknown"
     INTERNAL = "internal"
+    # Over one of the session's rate limits ([limits]): nothing was done; retry later.
+    RATE_LIMITED = "rate_limited"
 
 
 class CloseCode(enum.IntEnum):
@@ -80,6 +82,7 @@ class CloseCode(enum.IntEnum):
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version
     IDLE_TIMEOUT = 4001  # nothing received for idle_timeout seconds
     SLOW_CONSUMER = 4008  # the outbox overflowed under the `disconnect` policy
+    RATE_LIMITED = 4029  # max_violations of the rate limits within violation_window
 
 
 # --- client to server -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ _STATUS_PHRASES = {
     403: "Forbidden",
     405: "Method Not Allowed",
     426: "Upgrade Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
 }
 #: RFC 9110 section 5.6.2: the characters of a token (method and field names).

@@ -4,7 +4,8 @@ on each, until shutdown.
 Every connection is served inside its own crash boundary: nothing that happens on one, from
 the accept through the handshake to the last byte, can reach the listener or another session.
 Accept errors (out of file descriptors, say) are logged once per burst and retried with a
-backoff. Past `max_connections`, a new connection is refused with HTTP 503.
+backoff. Past `max_connections`, a new connection is refused with HTTP 503; past
+`connections_per_second_per_peer` ([limits]), with HTTP 429, before any handshake work.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from attrs import define, field
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import CloseCode
 from mqbroker.protocol.websocket import Handshake, HandshakeRejected, ServerWebSocket
+from mqbroker.ratelimit import PeerLimiter, effective_burst
 from mqbroker.server.connection import Connection
 from mqbroker.server.security import loggable_origin, origin_allowed
 from mqbroker.server.session import Session
@@ -68,6 +70,36 @@ class Listener:
     #: Set once shutting down and every session has ended.
     _all_closed: trio.Event = field(factory=trio.Event)
     _stopping: bool = False
+    #: New connections per peer address; None when that limit is off.
+    peers: PeerLimiter | None = None
+    #: Connections refused by `peers` since the last `security.rate_limited` line about them
+    #: (one line per violation_window at most, whatever the flood).
+    _peers_refused: int = 0
+    _peers_log_after: float = float("-inf")
+
+    def __attrs_post_init__(self) -> None:
+        limits = self.broker.config.limits
+        rate = limits.connections_per_second_per_peer
+        if rate > 0:
+            self.peers = PeerLimiter(rate, effective_burst(rate, limits.connections_burst_per_peer))
+
+    def admit(self, address: object) -> bool:
+        """Whether a connection from `address` is within connections_per_second_per_peer."""
+        if self.peers is None:
+            return True
+        now = trio.current_time()
+        host = _host(address)
+        if self.peers.take(host, now):
+            return True
+        self.broker.counters["connections_rate_limited"] += 1
+        self._peers_refused += 1
+        if now >= self._peers_log_after:
+            self._peers_log_after = now + self.broker.config.limits.violation_window
+            logger.warning("security.rate_limited", peer=host,
+                           limit="connections_per_second_per_peer",
+                           refused=self._peers_refused)
+            self._peers_refused = 0
+        return False
 
     def connection(self, sock: socket.socket) -> Connection:
         """A freshly accepted socket as this listener's kind of connection."""
@@ -171,15 +203,20 @@ async def _accept_loop(listener: Listener, sock: socket.socket, nursery: trio.Nu
             backoff = 0.0
         listener.open_connections += 1
         if listener.open_connections > listener.config.max_connections:
-            nursery.start_soon(_refuse, listener, conn)
+            listener.broker.counters["connections_refused"] += 1
+            nursery.start_soon(_refuse, listener, conn, 503, "too many connections")
+        elif not listener.admit(address):
+            # Counted in open_connections like any other, so max_connections bounds these too.
+            nursery.start_soon(_refuse, listener, conn, 429,
+                               "too many new connections from this address")
         else:
             nursery.start_soon(_serve_connection, listener, conn, address)
         await trio.lowlevel.checkpoint()
 
 
-async def _refuse(listener: Listener, sock: socket.socket) -> None:
-    """Past max_connections: read the request (briefly), answer 503, close."""
-    listener.broker.counters["connections_refused"] += 1
+async def _refuse(listener: Listener, sock: socket.socket, status: int, reason: str) -> None:
+    """Past max_connections (503) or a peer's connection rate (429): read the request (briefly),
+    answer `status`, close."""
     connection = listener.connection(sock)
     try:
         with trio.move_on_after(REFUSAL_TIMEOUT):
@@ -188,7 +225,7 @@ async def _refuse(listener: Listener, sock: socket.socket) -> None:
             handshake = Handshake()
             while (data := await connection.receive()) and handshake.receive_data(data) is None:
                 pass
-            connection.write(HandshakeRejected(503, "too many connections").response())
+            connection.write(HandshakeRejected(status, reason).response())
             await connection.flush_now()
             await connection.linger()
     except HandshakeRejected:
@@ -310,6 +347,13 @@ async def _watch_idle(listener: Listener) -> None:
         for session in list(listener.sessions):
             if not session.busy and session.last_read <= deadline:
                 session.close_soon(CloseCode.IDLE_TIMEOUT, "idle timeout")
+
+
+def _host(address: object) -> str:
+    """The peer's address without its port: what connections_per_second_per_peer counts by."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
 
 
 def _peer(address: object) -> str:

@@ -26,6 +26,9 @@ from mqbroker.protocol import (
     CloseCode,
     Dropped,
     EncodedMessage,
+    Error,
+    ErrorCode,
+    Forget,
     Frame,
     HandshakeFailed,
     Ping,
@@ -34,8 +37,11 @@ from mqbroker.protocol import (
     Rejected,
     ServerConnection,
     ServerEvent,
+    Subscribe,
+    Unsubscribe,
     join,
 )
+from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.websocket import (
     CloseReceived,
     ProtocolViolation,
@@ -44,6 +50,7 @@ from mqbroker.protocol.websocket import (
 from mqbroker.protocol.websocket import (
     Ping as WsPing,
 )
+from mqbroker.ratelimit import SessionLimits
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
@@ -96,6 +103,8 @@ class Session:
     _ended: trio.Event = field(factory=trio.Event)
     #: WebSocket items that arrived with the hello, handled first by the read loop.
     _backlog: list[Any] = field(factory=list)
+    #: The session's rate limits; None when [limits] sets none (the checks are skipped).
+    _limits: SessionLimits | None = None
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
@@ -108,6 +117,8 @@ class Session:
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
         self.connection.on_broken = self.outbox.gone_away
+        if self.broker.config.limits.session_limited:
+            self._limits = SessionLimits.of(self.broker.config.limits)
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
@@ -306,6 +317,8 @@ class Session:
                 self.connection.start_writing(nursery)
                 self.flush()
                 with trio.CancelScope() as self._reading:
+                    if self._limits is not None:
+                        self._limits.new_frame()
                     await self._handle_frame(first_events)
                     self.flush()
                     await self._read_loop()
@@ -346,10 +359,13 @@ class Session:
             kind = type(item)
             if kind is bytes or kind is str:
                 events = self.protocol.receive(item)
+                if self._limits is not None:
+                    self._limits.new_frame()
                 if len(events) == 1 and type(events[0]) is Publish and self.broker.fanout.local:
                     # The commonest frame, one publish, straight to the broker: two coroutine
                     # levels fewer per message.
-                    await self.broker.publish(self, events)  # type: ignore[arg-type]
+                    if self._limits is None or self._admitted(events):  # type: ignore[arg-type]
+                        await self.broker.publish(self, events)  # type: ignore[arg-type]
                 else:
                     await self._handle_frame(events)
             elif kind is WsPing:
@@ -403,6 +419,10 @@ class Session:
             await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
+        if self._limits is not None:
+            run = self._admitted(run)
+            if not run:
+                return
         if self.broker.fanout.local:
             await self.broker.publish(self, run)
             return
@@ -423,9 +443,68 @@ class Session:
             self.reply(Pong(id=event.id))
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
-        else:
+        elif self._limits is None or self._admit_request(event):
             await self.broker.handle(self, event)
             self.flush()
+
+    # --- rate limits ([limits]) ----------------------------------------------------------------
+
+    def _admitted(self, run: list[Publish]) -> list[Publish]:
+        """The publishes of `run` within the session's limits; each of the others is answered
+        with `rate_limited` (those without an id: one error per frame at most) and dropped."""
+        limits = self._limits
+        assert limits is not None
+        now = trio.current_time()
+        # Only measured when a bytes limit is on: otherwise no payload is sized here.
+        sizes = ([len(event.topic.encode()) + payload_size(event.payload) for event in run]
+                 if limits.bytes is not None else [0] * len(run))
+        if self.closing is None and limits.publish_run(len(run), sum(sizes), now):
+            return run  # the common case: the whole run is within the limits, one check
+        admitted: list[Publish] = []
+        for event, size in zip(run, sizes, strict=True):
+            if self.closing is not None:
+                break  # closing (past max_violations, say): the rest is neither done nor answered
+            over = limits.publish(size, now)
+            if over is None:
+                admitted.append(event)
+                continue
+            if event.id is not None or limits.report_unacknowledged():
+                self.reply(_rate_limited(over, event))
+            self._refused(over, now)
+        return admitted
+
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+        limits = self._limits
+        assert limits is not None
+        if self.closing is not None:
+            return False
+        now = trio.current_time()
+        over = limits.request(now)
+        if over is None:
+            return True
+        self.reply(_rate_limited(over, event))
+        self._refused(over, now)
+        return False
+
+    def _refused(self, limit: str, now: float) -> None:
+        """Count a refusal; log it (once per window) and close the session past max_violations."""
+        limits = self._limits
+        assert limits is not None
+        self.broker.counters["security_rate_limited"] += 1
+        refusal = limits.refused(now)
+        if refusal.log:
+            self.log.warning("security.rate_limited", limit=limit)
+        if refusal.exceeded and self.closing is None:
+            self.broker.counters["security_violations_exceeded"] += 1
+            self.log.warning("security.violations_exceeded",
+                             max_violations=limits.violations.max_violations,
+                             window=limits.violations.window)
+            self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
+
+
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget) -> Error:
+    return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
+                 id=event.id, ref=event.OP)
 
 
 def _ws_code(code: int) -> CloseCode:
