@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import structlog
 from attrs import define, field
 
+from mqbroker.auth import Access, access_of
 from mqbroker.config import Config
 from mqbroker.fanout import Fanout, FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
@@ -64,7 +65,9 @@ COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "ga
             "connections_rate_limited",
             *(f"sessions_closed_{code.name.lower()}" for code in CloseCode),
             "sessions_closed_other", "security_origin_refused", "security_metrics_refused",
-            "tls_handshakes_failed")
+            "tls_handshakes_failed",
+            # Hellos refused for their credential (4003), requests refused as forbidden.
+            "security_auth_failed", "security_forbidden")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 #: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds
@@ -127,12 +130,15 @@ class Broker:
         dict.fromkeys(COUNTERS, 0)))
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
+    #: Who may open a session and what each may do ([auth]).
+    access: Access = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
         self.recorded = FilterSet(self.config.history.record)
+        self.access = access_of(self.config.auth)
         self.topic_limits = TopicLimits(max_length=server.max_topic_length,
                                         max_levels=server.max_topic_levels)
 

@@ -277,6 +277,81 @@ class MetricsConfig:
     token: str = field(default="", validator=_bearer_token, repr=False)
 
 
+AuthMode = Literal["anonymous", "token"]
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+#: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
+_PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
+
+
+def _sha256(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _SHA256.fullmatch(value):
+        raise _Mismatch("the SHA-256 of the token in hex (64 characters)", value,
+                        (attribute.name,))
+
+
+def _principal(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _PRINCIPAL.fullmatch(value):
+        raise _Mismatch("a principal name without / + # { } $ or spaces", value,
+                        (attribute.name,))
+
+
+def _sessions(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, session in enumerate(value):
+        if not _PRINCIPAL.fullmatch(session):
+            raise _Mismatch("a session id without / + # { } $ or spaces", session,
+                            (attribute.name, index))
+
+
+def _rule_filters(instance: Any, attribute: attrs.Attribute[Any],
+                  value: tuple[str, ...]) -> None:
+    """Every rule is a filter once `{principal}` and `{session}` are filled in."""
+    for index, text in enumerate(value):
+        try:
+            validate_filter(text.replace("{principal}", "p").replace("{session}", "s"))
+        except InvalidTopic as error:
+            raise _Invalid(str(error), (attribute.name, index)) from error
+
+
+@frozen(kw_only=True)
+class TokenConfig:
+    """One static token of `[[auth.tokens]]`: its SHA-256 (never the token itself)."""
+
+    sha256: str = field(validator=_sha256, repr=False)
+    principal: str = field(validator=_principal)
+    roles: tuple[str, ...] = ()
+    #: The session ids `{session}` stands for in this principal's rules.
+    sessions: tuple[str, ...] = field(default=(), validator=_sessions)
+
+
+@frozen(kw_only=True)
+class RoleConfig:
+    """`[auth.roles.NAME]`: the filters each right covers."""
+
+    publish: tuple[str, ...] = field(default=(), validator=_rule_filters)
+    subscribe: tuple[str, ...] = field(default=(), validator=_rule_filters)
+    replay: tuple[str, ...] = field(default=(), validator=_rule_filters)
+    forget: tuple[str, ...] = field(default=(), validator=_rule_filters)
+
+
+def _known_roles(instance: Any, attribute: attrs.Attribute[Any],
+                 value: tuple[TokenConfig, ...]) -> None:
+    """A token naming a role that no [auth.roles.NAME] defines is a typo, not "no rights"."""
+    for index, token in enumerate(value):
+        for position, role in enumerate(token.roles):
+            if role not in instance.roles:
+                raise _Invalid(f"unknown role {role!r} (not an [auth.roles.{role}] table)",
+                               (attribute.name, index, "roles", position))
+
+
+@frozen(kw_only=True)
+class AuthConfig:
+    """Authentication in `hello` and authorization per request (docs/security.md)."""
+
+    mode: AuthMode = "anonymous"
+    roles: Mapping[str, RoleConfig] = field(factory=dict)
+    tokens: tuple[TokenConfig, ...] = field(default=(), validator=_known_roles)
+
+
 @frozen(kw_only=True)
 class Config:
     server: ServerConfig = field(factory=ServerConfig)
@@ -285,6 +360,7 @@ class Config:
     history: HistoryConfig = field(factory=HistoryConfig)
     fanout: FanoutConfig = field(factory=FanoutConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
+    auth: AuthConfig = field(factory=AuthConfig)
     #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
     plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)
 

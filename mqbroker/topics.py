@@ -84,6 +84,32 @@ def matches(filter: str, topic: str) -> bool:
     return len(filter_levels) == len(topic_levels)
 
 
+def covers(wide: str, narrow: str) -> bool:
+    """Whether every topic `narrow` can match is matched by `wide` (both valid filters).
+
+    Authorization needs it: a subscribe with a wildcard filter is allowed only when the rights
+    cover everything it could deliver, not merely some of it.
+    """
+    if wide[:1] in (SINGLE_LEVEL, MULTI_LEVEL) and narrow.startswith("$"):
+        # A `$` topic is never matched by a leading wildcard (MQTT-4.7.2-1).
+        return False
+    return _covers(wide.split(SEPARATOR), narrow.split(SEPARATOR))
+
+
+def _covers(wide: list[str], narrow: list[str]) -> bool:
+    for index, level in enumerate(wide):
+        if level == MULTI_LEVEL:
+            return True  # matches whatever remains, including nothing (the parent level)
+        if index >= len(narrow):
+            return False
+        other = narrow[index]
+        if other == MULTI_LEVEL:
+            return False  # `narrow` reaches any depth here; `wide` stops at a fixed one
+        if level != SINGLE_LEVEL and (other == SINGLE_LEVEL or other != level):
+            return False
+    return len(wide) == len(narrow)
+
+
 def _to_filters(filters: Iterable[str]) -> frozenset[str]:
     # A lone string is an iterable of characters: refuse it rather than subscribe to each letter.
     if isinstance(filters, str):

@@ -298,7 +298,7 @@ def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[sever]\nport = 1\n")
     assert error_of(path) == (
         f"{path}: sever: unknown key (did you mean 'server'? "
-        "known: server, limits, log, history, fanout, metrics, plugins)"
+        "known: server, limits, log, history, fanout, metrics, auth, plugins)"
     )
 
 

@@ -81,6 +81,8 @@ class ServerConnection:
     #: The session's format, set by the frame type of its `hello`.
     format: Format = Format.MSGPACK
     client: str = ""
+    #: The hello's credential, for the authenticator; dropped once checked.
+    auth: str | None = field(default=None, repr=False)
     #: A batch of more events than this is refused whole (`max_frame_items` in the welcome).
     max_items: int | None = None
 
@@ -107,6 +109,7 @@ class ServerConnection:
                 message=f"protocol version {first.version} is not supported "
                         f"(supported: {PROTOCOL_VERSION})"))
         self.client = first.client
+        self.auth = first.auth
         self.state = State.OPEN
 
     @staticmethod
@@ -133,8 +136,8 @@ class ClientConnection:
     state: State = State.AWAITING_HELLO
     welcome: Welcome | None = field(default=None)
 
-    def hello(self, client: str = "") -> Frame:
-        return encode(Hello(version=PROTOCOL_VERSION, client=client), self.format)
+    def hello(self, client: str = "", auth: str | None = None) -> Frame:
+        return encode(Hello(version=PROTOCOL_VERSION, client=client, auth=auth), self.format)
 
     def receive(self, frame: Frame) -> list[ServerEvent | Rejected]:
         items: list[Any] = decode(frame, SERVER_SPECS)

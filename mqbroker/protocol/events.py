@@ -68,6 +68,10 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     # Over one of the session's rate limits ([limits]): nothing was done; retry later.
     RATE_LIMITED = "rate_limited"
+    # The hello's `auth` credential is missing or not valid ([auth] mode); closed with 4003.
+    UNAUTHORIZED = "unauthorized"
+    # The session's principal has no right to this operation on this topic or filter ([auth]).
+    FORBIDDEN = "forbidden"
 
 
 class CloseCode(enum.IntEnum):
@@ -81,6 +85,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version
     IDLE_TIMEOUT = 4001  # nothing received for idle_timeout seconds
+    UNAUTHORIZED = 4003  # the hello had no valid `auth` credential ([auth] mode token)
     SLOW_CONSUMER = 4008  # the outbox overflowed under the `disconnect` policy
     RATE_LIMITED = 4029  # max_violations of the rate limits within violation_window
 
@@ -93,6 +98,8 @@ class Hello:
     OP: ClassVar[str] = "hello"
     version: int
     client: str = ""
+    #: The credential ([auth] mode): a static token. Never logged.
+    auth: str | None = field(default=None, repr=False)
 
 
 @frozen(kw_only=True)
@@ -149,6 +156,8 @@ class Welcome:
     session: str
     #: The limits in force: max_frame_bytes, max_subscriptions, max_topic_length, ...
     limits: dict[str, Any] = field(factory=dict)
+    #: Who the session authenticated as; absent in anonymous mode.
+    principal: str | None = None
 
 
 @frozen(kw_only=True)

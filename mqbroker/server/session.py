@@ -14,12 +14,15 @@ through the small `mqbroker.broker.Session` protocol (deliver, reply, flush, slo
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import structlog
 import trio
 from attrs import define, field
 
+from mqbroker.auth import ANONYMOUS, AuthFailed, Operation, Permissions, Principal
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import (
@@ -54,6 +57,7 @@ from mqbroker.ratelimit import SessionLimits
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
+from mqbroker.topics import InvalidTopic, validate_filter
 
 if TYPE_CHECKING:
     from mqbroker.broker import Broker
@@ -105,6 +109,11 @@ class Session:
     _backlog: list[Any] = field(factory=list)
     #: The session's rate limits; None when [limits] sets none (the checks are skipped).
     _limits: SessionLimits | None = None
+    #: Who the hello authenticated as ([auth]), and what that principal may do.
+    principal: Principal = ANONYMOUS
+    permissions: Permissions = field(factory=Permissions.all)
+    #: When security.forbidden was last logged: once per violation_window at most.
+    _forbidden_logged: float | None = None
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
@@ -287,8 +296,32 @@ class Session:
             await self._refuse(self.protocol.encode(e.error), CloseCode.HANDSHAKE_FAILED,
                                e.error.message)
             return None
-        self.connection.write(self.ws.send(self.protocol.encode(self.broker.welcome(self))))
+        auth, self.protocol.auth = self.protocol.auth, None
+        if not await self._authenticate(auth):
+            return None
+        welcome = self.broker.welcome(self)
+        if not self.permissions.everything:
+            welcome = attrs.evolve(welcome, principal=self.principal.name)
+        self.connection.write(self.ws.send(self.protocol.encode(welcome)))
         return events
+
+    async def _authenticate(self, credential: str | None) -> bool:
+        """Check the hello's credential; refuse the session (4003) when it is not valid."""
+        access = self.broker.access
+        try:
+            self.principal = access.authenticator.authenticate(credential)
+        except AuthFailed as e:
+            self.broker.counters["security_auth_failed"] += 1
+            # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
+            self.log.warning("security.auth_failed", reason=e.reason)
+            error = Error(code=ErrorCode.UNAUTHORIZED, ref="hello",
+                          message=f"authentication failed: {e.reason}")
+            await self._refuse(self.protocol.encode(error), CloseCode.UNAUTHORIZED,
+                               "unauthorized")
+            return False
+        self.permissions = access.permissions(self.principal)
+        self.log = self.log.bind(principal=self.principal.name)
+        return True
 
     async def refuse(self, code: CloseCode, reason: str) -> None:
         """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
@@ -423,6 +456,10 @@ class Session:
             run = self._admitted(run)
             if not run:
                 return
+        if not self.permissions.everything:
+            run = self._authorized(run)
+            if not run:
+                return
         if self.broker.fanout.local:
             await self.broker.publish(self, run)
             return
@@ -444,8 +481,63 @@ class Session:
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
-            await self.broker.handle(self, event)
+            if self.permissions.everything or self._may(event):
+                await self.broker.handle(self, event)
             self.flush()
+
+    # --- authorization ([auth]) ----------------------------------------------------------------
+
+    def _authorized(self, run: list[Publish]) -> list[Publish]:
+        """The publishes of `run` the principal may make; each other one is answered with
+        `forbidden` (those without an id: one error per run at most) and dropped."""
+        permissions = self.permissions
+        allowed = [event for event in run
+                   if permissions.allows_topic(Operation.PUBLISH, event.topic)]
+        if len(allowed) == len(run):
+            return run
+        unacknowledged_told = False
+        for event in run:
+            if permissions.allows_topic(Operation.PUBLISH, event.topic):
+                continue
+            if event.id is not None or not unacknowledged_told:
+                unacknowledged_told = unacknowledged_told or event.id is None
+                self.reply(_forbidden(event, event.topic))
+            self._forbade(Operation.PUBLISH, event.topic)
+        return allowed
+
+    def _may(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+        """Whether the principal may make this request; answers `forbidden` when not."""
+        if isinstance(event, Unsubscribe):
+            return True  # only ever the session's own subscriptions
+        try:
+            validate_filter(event.filter, self.broker.topic_limits)
+        except InvalidTopic:
+            return True  # the broker answers invalid_filter, as it would without [auth]
+        needed = self._rights(event)
+        for operation in needed:
+            if not self.permissions.allows_filter(operation, event.filter):
+                self.reply(_forbidden(event, event.filter, operation))
+                self._forbade(operation, event.filter)
+                return False
+        return True
+
+    @staticmethod
+    def _rights(event: Subscribe | Forget) -> Sequence[Operation]:
+        if type(event) is Forget:
+            return (Operation.FORGET,)
+        if type(event) is Subscribe and event.since is not None:
+            return (Operation.SUBSCRIBE, Operation.REPLAY)
+        return (Operation.SUBSCRIBE,)
+
+    def _forbade(self, operation: Operation, topic: str) -> None:
+        """Count a refusal; log it at most once per violation_window."""
+        self.broker.counters["security_forbidden"] += 1
+        now = trio.current_time()
+        last = self._forbidden_logged
+        if last is None or now - last >= self.broker.config.limits.violation_window:
+            self._forbidden_logged = now
+            self.log.warning("security.forbidden", op=operation.value,
+                             topic=_loggable(topic))
 
     # --- rate limits ([limits]) ----------------------------------------------------------------
 
@@ -505,6 +597,21 @@ class Session:
 def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
+
+
+def _forbidden(event: Publish | Subscribe | Forget, topic: str,
+               operation: Operation = Operation.PUBLISH) -> Error:
+    return Error(code=ErrorCode.FORBIDDEN,
+                 message=f"not allowed: {operation.value} on {topic!r}: not done",
+                 id=event.id, ref=event.OP)
+
+
+#: A topic longer than this is cut in logs: it is the client's text.
+LOGGED_TOPIC_CHARS = 120
+
+
+def _loggable(topic: str) -> str:
+    return topic if len(topic) <= LOGGED_TOPIC_CHARS else topic[:LOGGED_TOPIC_CHARS] + "..."
 
 
 def _ws_code(code: int) -> CloseCode:
