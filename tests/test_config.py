@@ -14,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mqbroker.config import (
+    AuthConfig,
     Config,
     ConfigError,
     FanoutConfig,
@@ -37,6 +38,7 @@ SECTIONS = {
     "history": HistoryConfig,
     "fanout": FanoutConfig,
     "metrics": MetricsConfig,
+    "auth": AuthConfig,
 }
 
 

@@ -462,7 +462,8 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
                   close_timeout: float = CLOSE_TIMEOUT,
-                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
+                  ssl_context: ssl.SSLContext | None = None,
+                  auth: str | None = None) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
@@ -470,9 +471,10 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
     connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
     handshake may take before the socket is dropped. ssl_context: the TLS settings of a wss://
     URL (a private CA, a client certificate for mutual TLS); by default the system's CAs.
+    auth: the credential the broker's [auth] mode asks for (a static token), sent in each hello.
     """
     _check_ssl_context(url, ssl_context)
-    core = ClientCore(format=Format(format), client_name=name)
+    core = ClientCore(format=Format(format), client_name=name, auth=auth)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
                     open_timeout, close_timeout, ssl_context)
     try:

@@ -374,7 +374,8 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
                   close_timeout: float = CLOSE_TIMEOUT,
-                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
+                  ssl_context: ssl.SSLContext | None = None,
+                  auth: str | None = None) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
@@ -383,11 +384,12 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
     handshake may take before the socket is dropped. Raises ConnectError if the first
     connection fails; later drops are reconnected as `reconnect` says. ssl_context: the TLS
     settings of a wss:// URL (a private CA, a client certificate for mutual TLS); by default the
-    system's CAs.
+    system's CAs. auth: the credential the broker's [auth] mode asks for (a static token), sent
+    in each hello.
     """
     if ssl_context is not None and not url.lower().startswith("wss://"):
         raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
-    core = ClientCore(format=Format(format), client_name=name)
+    core = ClientCore(format=Format(format), client_name=name, auth=auth)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
                     open_timeout, close_timeout, ssl_context)
     try:

@@ -137,6 +137,8 @@ class _Subscription:
 class ClientCore:
     format: Format = Format.MSGPACK
     client_name: str = ""
+    #: The credential sent in every hello (the broker's [auth] mode); kept out of repr.
+    auth: str | None = field(default=None, repr=False)
     connection: ClientConnection = field(init=False)
     subscriptions: dict[int, _Subscription] = field(factory=dict)
     #: (op, id) -> the request, until its answer arrives.
@@ -163,7 +165,7 @@ class ClientCore:
         """Start a new connection: the `hello` frame to send first."""
         self.connection = ClientConnection(format=self.format)
         self._largest = (0, [])
-        return self.connection.hello(self.client_name)
+        return self.connection.hello(self.client_name, self.auth)
 
     def resume(self) -> tuple[list[ClientEvent], list[Outcome]]:
         """Once a new connection is open: what to send again, and what that settles at once."""
