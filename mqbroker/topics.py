@@ -104,7 +104,9 @@ def _covers(wide: list[str], narrow: list[str]) -> bool:
             return False
         other = narrow[index]
         if other == MULTI_LEVEL:
-            return False  # `narrow` reaches any depth here; `wide` stops at a fixed one
+            # `narrow` reaches any depth from here on, the parent level included; only a
+            # leading `#` has no parent (every topic has a first level), which `+/#` covers.
+            return index == 0 and level == SINGLE_LEVEL and wide[1:] == [MULTI_LEVEL]
         if level != SINGLE_LEVEL and (other == SINGLE_LEVEL or other != level):
             return False
     return len(wide) == len(narrow)
