@@ -24,7 +24,6 @@ from typing import Protocol
 from attrs import field, frozen
 
 from mqbroker.config import AuthConfig
-
 from mqbroker.topics import covers, matches
 
 #: Decisions remembered per session; past this the cache starts again (a session publishing
