@@ -2,7 +2,8 @@
 
 `[auth] mode` picks an `Authenticator`: "anonymous" lets everyone in with every right (the
 embedded default, bound to 127.0.0.1); "token" takes static tokens from the config, stored as
-their SHA-256 so that the config file never holds a usable secret. A scheme is any object with
+their SHA-256 so that the config file never holds a usable secret; "jwt" verifies JSON Web
+Tokens (PyJWT) with a key file. A scheme is any object with
 `authenticate` (the `Authenticator` protocol): a plugin could add one (see docs/security.md).
 
 Authorization is per role, `[auth.roles.NAME]`: for each operation a list of MQTT filters, with
@@ -18,12 +19,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+import jwt
 from attrs import field, frozen
 
-from mqbroker.config import AuthConfig
+from mqbroker.config import AuthConfig, ConfigError
 from mqbroker.topics import covers, matches
 
 #: Decisions remembered per session; past this the cache starts again (a session publishing
@@ -55,6 +59,9 @@ class Principal:
     name: str
     roles: tuple[str, ...] = ()
     sessions: tuple[str, ...] = ()
+    #: When the credential stops being valid (Unix time, leeway included); None: never.
+    #: Not part of equality: sessions of one principal share permissions whatever it is.
+    expires: float | None = field(default=None, eq=False)
 
 
 class Authenticator(Protocol):
@@ -212,12 +219,119 @@ class Access:
         return permissions
 
 
+#: What a principal or session id from a token may look like (it becomes part of topics).
+_NAME = re.compile(r"[^/+#{}$\s]+")
+
+
+@frozen(kw_only=True)
+class JwtAuthenticator:
+    """JSON Web Tokens (PyJWT): signature, `exp` (required), `nbf`, `iss` and `aud` checked
+    with `leeway` seconds; `sub` is the principal, `roles_claim` its roles and
+    `sessions_claim` the session ids `{session}` stands for."""
+
+    key: Any = field(repr=False)
+    algorithms: tuple[str, ...]
+    #: A JWKS: the key is picked by the token's `kid` (`key` is then unused).
+    jwks: jwt.PyJWKSet | None = field(default=None, repr=False)
+    issuer: str = ""
+    audience: str = ""
+    leeway: float = 30.0
+    roles_claim: str = "roles"
+    sessions_claim: str = "sessions"
+
+    def authenticate(self, credential: str | None) -> Principal:
+        if not credential:
+            raise AuthFailed("no credential")
+        try:
+            claims = jwt.decode(credential, self._key(credential),
+                                algorithms=list(self.algorithms),
+                                audience=self.audience or None, issuer=self.issuer or None,
+                                leeway=self.leeway, options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise AuthFailed("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthFailed("token not yet valid") from None
+        except jwt.InvalidAudienceError:
+            raise AuthFailed("token for another audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthFailed("token from another issuer") from None
+        except jwt.PyJWTError as e:
+            raise AuthFailed(f"invalid token ({type(e).__name__})") from None
+        return Principal(name=_name(claims.get("sub"), "sub"),
+                         roles=_names(claims.get(self.roles_claim, []), self.roles_claim),
+                         sessions=_names(claims.get(self.sessions_claim, []),
+                                         self.sessions_claim),
+                         expires=float(claims["exp"]) + self.leeway)
+
+    def _key(self, credential: str) -> Any:
+        if self.jwks is None:
+            return self.key
+        try:
+            kid = jwt.get_unverified_header(credential).get("kid")
+        except jwt.PyJWTError as e:
+            raise AuthFailed(f"invalid token ({type(e).__name__})") from None
+        keys = self.jwks.keys
+        if kid is None and len(keys) == 1:
+            return keys[0].key
+        for key in keys:
+            if key.key_id == kid:
+                return key.key
+        raise AuthFailed("unknown key id")
+
+
+def _name(value: Any, claim: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise AuthFailed(f"claim {claim!r} is not a name without / + # {{ }} $ or spaces")
+    return value
+
+
+def _names(value: Any, claim: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise AuthFailed(f"claim {claim!r} is not a list of names")
+    return tuple(_name(item, claim) for item in value)
+
+
+def _read(config: AuthConfig, key: str) -> str:
+    path = getattr(config, key)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"auth.{key}: cannot read {path!r}: {e}") from None
+
+
+def jwt_authenticator(config: AuthConfig) -> JwtAuthenticator:
+    """The JWT scheme of `[auth]`, its key file read now; ConfigError names a bad key."""
+    settings: dict[str, Any] = {
+        "issuer": config.jwt_issuer, "audience": config.jwt_audience,
+        "leeway": config.jwt_leeway, "roles_claim": config.jwt_roles_claim,
+        "sessions_claim": config.jwt_sessions_claim}
+    if config.jwt_secret_file:
+        secret = _read(config, "jwt_secret_file").strip()
+        if len(secret) < 32:
+            raise ConfigError("auth.jwt_secret_file: the secret must be at least 32 characters")
+        return JwtAuthenticator(key=secret, algorithms=("HS256",), **settings)
+    # Public keys only: HS256 is never accepted with them (the algorithm confusion attack).
+    algorithms = ("RS256", "ES256")
+    if config.jwt_public_key_file:
+        text = _read(config, "jwt_public_key_file")
+        if "PUBLIC KEY" not in text:
+            raise ConfigError("auth.jwt_public_key_file: expected a PEM public key")
+        return JwtAuthenticator(key=text, algorithms=algorithms, **settings)
+    try:
+        jwks = jwt.PyJWKSet.from_json(_read(config, "jwt_jwks_file"))
+    except jwt.PyJWTError as e:
+        raise ConfigError(f"auth.jwt_jwks_file: not a usable JWKS: {e}") from None
+    return JwtAuthenticator(key=None, algorithms=algorithms, jwks=jwks, **settings)
+
+
 def access_of(config: AuthConfig) -> Access:
-    """The Access an `[auth]` table describes."""
+    """The Access an `[auth]` table describes (JWT key files are read now)."""
     if config.mode == "anonymous":
         return Access.anyone()
     roles = {name: Rules(publish=role.publish, subscribe=role.subscribe, replay=role.replay,
                          forget=role.forget) for name, role in config.roles.items()}
+    if config.mode == "jwt":
+        return Access(jwt_authenticator(config), roles)
     tokens = principals_of((token.sha256, token.principal, token.roles, token.sessions)
                            for token in config.tokens)
     return Access(TokenAuthenticator(tokens), roles)

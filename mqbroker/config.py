@@ -277,7 +277,7 @@ class MetricsConfig:
     token: str = field(default="", validator=_bearer_token, repr=False)
 
 
-AuthMode = Literal["anonymous", "token"]
+AuthMode = Literal["anonymous", "token", "jwt"]
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
 _PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
@@ -343,6 +343,22 @@ def _known_roles(instance: Any, attribute: attrs.Attribute[Any],
                                (attribute.name, index, "roles", position))
 
 
+def _one_jwt_key(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Mode "jwt" verifies with exactly one key: a shared secret (HS256), a PEM public key or
+    a JWKS (RS256, ES256)."""
+    if instance.mode != "jwt":
+        return
+    given = [name for name in ("jwt_secret_file", "jwt_public_key_file", "jwt_jwks_file")
+             if getattr(instance, name)]
+    if len(given) != 1:
+        raise _Invalid("mode \"jwt\" needs exactly one of jwt_secret_file, jwt_public_key_file "
+                       f"and jwt_jwks_file (given: {', '.join(given) or 'none'})",
+                       (attribute.name,))
+
+
+_CLAIM = _NonEmpty("a claim name")
+
+
 @frozen(kw_only=True)
 class AuthConfig:
     """Authentication in `hello` and authorization per request (docs/security.md)."""
@@ -350,6 +366,16 @@ class AuthConfig:
     mode: AuthMode = "anonymous"
     roles: Mapping[str, RoleConfig] = field(factory=dict)
     tokens: tuple[TokenConfig, ...] = field(default=(), validator=_known_roles)
+    #: mode "jwt": exactly one of these key files (read at start by mqbroker.auth.access_of).
+    jwt_secret_file: str = field(default="", validator=_one_jwt_key)
+    jwt_public_key_file: str = ""
+    jwt_jwks_file: str = ""
+    #: Checked when not empty.
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway: float = field(default=30.0, validator=_SECONDS)
+    jwt_roles_claim: str = field(default="roles", validator=_CLAIM)
+    jwt_sessions_claim: str = field(default="sessions", validator=_CLAIM)
 
 
 @frozen(kw_only=True)

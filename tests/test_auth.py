@@ -8,10 +8,15 @@ nothing forbidden was delivered or recorded.
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import attrs
+import jwt
 import pytest
 import structlog
 import structlog.testing
@@ -27,6 +32,7 @@ from mqbroker.auth import (
     Principal,
     Rules,
     TokenAuthenticator,
+    access_of,
     token_hash,
 )
 from mqbroker.client import connect
@@ -381,3 +387,124 @@ async def test_a_refused_token_is_logged_as_auth_failed_without_the_token() -> N
     failed = [entry for entry in logs if entry["event"] == "security.auth_failed"]
     assert len(failed) == 1 and failed[0]["reason"] == "unknown token"
     assert "token-nobody-has-000" not in repr(logs)
+
+
+# --- JWT ---------------------------------------------------------------------------------------
+
+SECRET = "a-shared-secret-of-at-least-32-characters"
+AUDIENCE, ISSUER = "mqbroker", "https://issuer.example"
+
+
+def jwt_config(tmp_path: Path, **keys: str) -> Config:
+    if not keys:
+        (tmp_path / "secret").write_text(SECRET + "\n")
+        keys = {"jwt_secret_file": str(tmp_path / "secret")}
+    return Config(server=ServerConfig(port=0), auth=AuthConfig(
+        mode="jwt", roles=ROLES, jwt_issuer=ISSUER, jwt_audience=AUDIENCE, jwt_leeway=5.0,
+        **keys))
+
+
+def claims(**changes: Any) -> dict[str, Any]:
+    now = time.time()
+    values: dict[str, Any] = {"sub": "alice", "roles": ["server"], "sessions": ["s-alice"],
+                              "iss": ISSUER, "aud": AUDIENCE, "nbf": now - 1,
+                              "exp": now + 600}
+    values.update(changes)
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def hs256(**changes: Any) -> str:
+    return jwt.encode(claims(**changes), SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(("token", "reason"), [
+    (lambda: hs256(exp=time.time() - 60), "token expired"),
+    (lambda: hs256(nbf=time.time() + 60), "token not yet valid"),
+    (lambda: hs256(aud="another-service"), "token for another audience"),
+    (lambda: hs256(iss="https://elsewhere.example"), "token from another issuer"),
+    (lambda: hs256(exp=None), "invalid token (MissingRequiredClaimError)"),
+    (lambda: jwt.encode(claims(), "x" * 40, algorithm="HS256"),
+     "invalid token (InvalidSignatureError)"),
+    (lambda: hs256(sub="a/#"), "claim 'sub' is not a name without / + # { } $ or spaces"),
+    (lambda: "not-a-jwt-at-all", "invalid token (DecodeError)"),
+])
+async def test_a_jwt_that_is_not_valid_now_here_and_signed_is_refused(
+        tmp_path: Path, token: Callable[[], str], reason: str) -> None:
+    """Every operation is out of reach: the session never opens (nothing can be done)."""
+    async with running_broker(jwt_config(tmp_path)) as broker:
+        async with session_of(broker.url, token()) as (session, answer):
+            assert answer == Error(code=ErrorCode.UNAUTHORIZED, ref="hello",
+                                   message=f"authentication failed: {reason}")
+            assert await session.closed_with() == CloseCode.UNAUTHORIZED
+        assert broker.broker.counters["sessions_opened"] == 0
+
+
+async def test_a_jwt_within_the_leeway_is_accepted(tmp_path: Path) -> None:
+    async with (running_broker(jwt_config(tmp_path)) as broker,
+                session_of(broker.url, hs256(exp=time.time() - 2)) as (_, welcome)):
+        assert isinstance(welcome, Welcome) and welcome.principal == "alice"
+
+
+async def test_a_jwt_gives_principal_roles_and_sessions(tmp_path: Path) -> None:
+    async with (running_broker(jwt_config(tmp_path)) as broker,
+                session_of(broker.url, hs256()) as (session, welcome)):
+        assert isinstance(welcome, Welcome) and welcome.principal == "alice"
+        await session.send(Publish(id=1, topic=ALICE_TOPIC, payload=1),
+                           Publish(id=2, topic="mcp/session/s-bob/message", payload=2))
+        assert isinstance(await answer_to(session), PubAck)
+        refused = await answer_to(session)
+        assert isinstance(refused, Error) and refused.code == ErrorCode.FORBIDDEN
+
+
+async def test_a_session_is_told_and_closed_when_its_jwt_expires(tmp_path: Path) -> None:
+    config = jwt_config(tmp_path)
+    config = attrs.evolve(config, auth=attrs.evolve(config.auth, jwt_leeway=0.0))
+    async with (running_broker(config) as broker,
+                session_of(broker.url, hs256(exp=time.time() + 1.5)) as (session, welcome)):
+        assert isinstance(welcome, Welcome)
+        with trio.fail_after(4):
+            told = await session.next_event()
+        assert told == Error(code=ErrorCode.UNAUTHORIZED, message="credential expired",
+                             ref="hello")
+        assert await session.closed_with() == CloseCode.UNAUTHORIZED
+
+
+def _rsa_and_ec() -> tuple[Any, Any]:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    return (rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            ec.generate_private_key(ec.SECP256R1()))
+
+
+async def test_rs256_with_a_pem_public_key_and_es256_with_a_jwks(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    rsa_key, ec_key = _rsa_and_ec()
+    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "public.pem").write_bytes(pem)
+    async with (running_broker(jwt_config(tmp_path, jwt_public_key_file=str(
+                    tmp_path / "public.pem"))) as broker,
+                session_of(broker.url, jwt.encode(claims(), rsa_key, algorithm="RS256"))
+                as (_, welcome)):
+        assert isinstance(welcome, Welcome) and welcome.principal == "alice"
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+    config = jwt_config(tmp_path, jwt_jwks_file=str(tmp_path / "jwks.json"))
+    token = jwt.encode(claims(sub="bob"), ec_key, algorithm="ES256", headers={"kid": "k1"})
+    async with (running_broker(config) as broker,
+                session_of(broker.url, token) as (_, welcome)):
+        assert isinstance(welcome, Welcome) and welcome.principal == "bob"
+        # The public key is no HS256 secret: a token signed with it as one is refused.
+        forged = jwt.encode(claims(), SECRET, algorithm="HS256", headers={"kid": "k1"})
+        async with session_of(broker.url, forged) as (_, answer):
+            assert isinstance(answer, Error) and answer.code == ErrorCode.UNAUTHORIZED
+
+
+def test_jwt_mode_needs_exactly_one_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[auth]\nmode = "jwt"\n')
+    with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: mode \"jwt\" needs exactly"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: cannot read"):
+        access_of(AuthConfig(mode="jwt", jwt_secret_file=str(tmp_path / "missing")))

@@ -337,15 +337,19 @@ async def _run(listener: Listener, session: Session, first_events: list[Any]) ->
 
 
 async def _watch_idle(listener: Listener) -> None:
-    """Close sessions that have waited `idle_timeout` for a frame. One watchdog for all the
-    sessions, rather than a timer per session or per read: sessions are many, timeouts rare."""
+    """Close sessions that have waited `idle_timeout` for a frame, and those whose credential
+    expired ([auth] mode jwt). One watchdog for all the sessions, rather than a timer per
+    session or per read: sessions are many, timeouts rare."""
     idle = listener.config.idle_timeout
     period = min(idle / 4, 1.0)
     while True:
         await trio.sleep(period)
-        deadline = trio.current_time() - idle
+        now = trio.current_time()
+        deadline = now - idle
         for session in list(listener.sessions):
-            if not session.busy and session.last_read <= deadline:
+            if session.expires_at <= now:
+                session.expired()
+            elif not session.busy and session.last_read <= deadline:
                 session.close_soon(CloseCode.IDLE_TIMEOUT, "idle timeout")
 
 

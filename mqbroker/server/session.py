@@ -13,7 +13,9 @@ through the small `mqbroker.broker.Session` protocol (deliver, reply, flush, slo
 
 from __future__ import annotations
 
+import math
 import secrets
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +116,9 @@ class Session:
     permissions: Permissions = field(factory=Permissions.all)
     #: When security.forbidden was last logged: once per violation_window at most.
     _forbidden_logged: float | None = None
+    #: When the credential expires (trio's clock); the listener's watchdog closes the session
+    #: then (4003). Infinite for credentials that do not expire.
+    expires_at: float = math.inf
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(
@@ -222,6 +227,15 @@ class Session:
             return int(self.closing)
         return self.peer_code
 
+    def expired(self) -> None:
+        """The credential expired: tell the client (after what is queued), then close (4003)."""
+        if self.closing is not None:
+            return
+        self.log.info("security.credential_expired")
+        self.signal(Error(code=ErrorCode.UNAUTHORIZED, message="credential expired",
+                          ref="hello"))
+        self.close_soon(CloseCode.UNAUTHORIZED, "credential expired")
+
     # --- closing ---------------------------------------------------------------------------
 
     def close_soon(self, code: CloseCode, reason: str, *, discard: bool = False) -> None:
@@ -320,6 +334,8 @@ class Session:
                                "unauthorized")
             return False
         self.permissions = access.permissions(self.principal)
+        if self.principal.expires is not None:
+            self.expires_at = trio.current_time() + (self.principal.expires - time.time())
         self.log = self.log.bind(principal=self.principal.name)
         return True
 
