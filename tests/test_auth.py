@@ -40,6 +40,8 @@ from mqbroker.config import (
     AuthConfig,
     Config,
     ConfigError,
+    FanoutConfig,
+    HistoryConfig,
     RoleConfig,
     ServerConfig,
     TokenConfig,
@@ -64,6 +66,7 @@ from mqbroker.protocol import (
 )
 from mqbroker.topics import covers, matches
 from tests.harness import RawSession, running_broker
+from tests.redis_server import RedisServer
 
 # --- covers: "filter A is covered by filter B" ------------------------------------------------
 
@@ -508,3 +511,39 @@ def test_jwt_mode_needs_exactly_one_key_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: cannot read"):
         access_of(AuthConfig(mode="jwt", jwt_secret_file=str(tmp_path / "missing")))
+
+
+async def test_forbidden_requests_are_logged_once_per_window_and_counted() -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with (running_broker(token_config()) as broker,
+                    session_of(broker.url, TOKENS["caster"]) as (session, _)):
+            await session.send(*(Publish(id=n, topic=ALICE_TOPIC, payload=n) for n in range(20)),
+                               Forget(id=99, filter=BROADCAST))
+            for _ in range(21):
+                answer = await answer_to(session)
+                assert isinstance(answer, Error) and answer.code == ErrorCode.FORBIDDEN
+            assert broker.broker.counters["security_forbidden"] == 21
+    forbidden = [entry for entry in logs if entry["event"] == "security.forbidden"]
+    assert len(forbidden) == 1
+    assert forbidden[0]["op"] == "publish" and forbidden[0]["topic"] == ALICE_TOPIC
+
+
+async def test_publishes_with_the_redis_fanout_are_authorized_in_order(
+        redis_server: RedisServer) -> None:
+    """The pipelined publish path (a publishing task per session) answers in request order."""
+    config = attrs.evolve(token_config(), history=HistoryConfig(plugin="redis"),
+                          fanout=FanoutConfig(plugin="redis"),
+                          plugins={"redis": {"url": redis_server.url, "key_prefix": "au:"}})
+    async with (running_broker(config) as broker,
+                session_of(broker.url, TOKENS["admin"]) as (admin, _),
+                session_of(broker.url, TOKENS["alice"]) as (session, _)):
+        await admin.send(Subscribe(id=1, filter="mcp/#"))
+        assert await answer_to(admin) == SubAck(id=1)
+        await session.send(Publish(id=1, topic=ALICE_TOPIC, payload=1),
+                           Publish(id=2, topic=BROADCAST, payload=2),
+                           Publish(id=3, topic=ALICE_TOPIC, payload=3))
+        answers = [await answer_to(session) for _ in range(3)]
+        assert [type(a).__name__ for a in answers] == ["PubAck", "Error", "PubAck"]
+        assert [a.id for a in answers] == [1, 2, 3]  # type: ignore[union-attr]
+        assert await payloads_until(admin, lambda e: type(e) is Delivery and e.payload == 3) == [
+            1, 3]
