@@ -410,17 +410,7 @@ class Session:
                 events = self.protocol.receive(item)
                 if self._limits is not None:
                     self._limits.new_frame()
-                if len(events) == 1 and type(events[0]) is Publish and self.broker.fanout.local:
-                    # The commonest frame, one publish, straight to the broker: two coroutine
-                    # levels fewer per message.
-                    if self._limits is not None and not self._admitted(events):  # type: ignore[arg-type]
-                        pass
-                    elif self.permissions.everything or self._authorized(events):  # type: ignore[arg-type]
-                        await self.broker.publish(self, events)  # type: ignore[arg-type]
-                    else:
-                        await self._publish_allowed(events)  # type: ignore[arg-type]
-                else:
-                    await self._handle_frame(events)
+                await self._handle_frame(events)
             elif kind is WsPing:
                 # Only the latest ping of a read is answered, once the read is handled (RFC 6455
                 # section 5.5.3 allows it): a burst of pings costs one pong, not a write each.
