@@ -20,18 +20,17 @@ import statistics
 import sys
 import time
 import timeit
+from functools import partial
 from pathlib import Path
 
 import jwt
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from trio_websocket import WebSocketConnection, connect_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import Broker, count_deliveries, machine, publish_frame, subscribe
+from bench_e2e import Broker, machine, one_to_one
 
 from mqbroker.auth import JwtAuthenticator, Principal, TokenAuthenticator, token_hash
-from mqbroker.protocol import ClientConnection
 
 TOKEN = "bench-token-0123456789abcdef"
 TOPIC = "mcp/session/s1/message"
@@ -49,43 +48,11 @@ subscribe = ["mcp/session/{{session}}/#", "mcp/broadcast/#"]
 """
 
 
-async def open_session(nursery: trio.Nursery, url: str, auth: str | None
-                       ) -> WebSocketConnection:
-    for _ in range(100):
-        try:
-            ws = await connect_websocket_url(nursery, url, max_message_size=1 << 26)
-            break
-        except OSError:
-            await trio.sleep(0.05)  # the broker process is still starting
-    await ws.send_message(ClientConnection().hello("bench", auth))
-    await ws.get_message()
-    return ws
-
-
-async def one_to_one(url: str, auth: str | None, messages: int, per_frame: int) -> None:
-    async with trio.open_nursery() as nursery:
-        subscriber = await open_session(nursery, url, auth)
-        await subscribe(subscriber, TOPIC)
-        publisher = await open_session(nursery, url, auth)
-        frame = publish_frame(TOPIC, per_frame)
-
-        async def drain(ws: WebSocketConnection) -> None:
-            received = 0
-            while received < messages:
-                received += count_deliveries(await ws.get_message())
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(drain, subscriber)
-        for _ in range(messages // per_frame):
-            await publisher.send_message(frame)
-        await trio.sleep_forever()
-
-
 def measure(extra: str, auth: str | None, messages: int, per_frame: int) -> float:
     """Broker CPU microseconds per message."""
     with Broker(10_000, extra) as broker:
         before = broker.cpu_seconds()
-        trio.run(one_to_one, broker.url, auth, messages, per_frame)
+        trio.run(partial(one_to_one, broker.url, messages, per_frame, TOPIC, auth=auth))
         time.sleep(0.1)  # let the broker finish writing before its CPU time is read
         return (broker.cpu_seconds() - before) / messages * 1e6
 

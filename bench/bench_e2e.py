@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import ssl
 import statistics
 import subprocess
 import sys
@@ -98,14 +99,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def open_session(nursery: trio.Nursery, url: str) -> WebSocketConnection:
+async def open_session(nursery: trio.Nursery, url: str, *,
+                       ssl_context: ssl.SSLContext | None = None,
+                       auth: str | None = None) -> WebSocketConnection:
+    """A session past its welcome (over TLS with `ssl_context`, with credential `auth`)."""
     for _ in range(100):
         try:
-            ws = await connect_websocket_url(nursery, url, max_message_size=1 << 26)
+            ws = await connect_websocket_url(nursery, url, ssl_context=ssl_context,
+                                             max_message_size=1 << 26)
             break
         except OSError:
             await trio.sleep(0.05)  # the broker process is still starting
-    await ws.send_message(ClientConnection().hello("bench"))
+    await ws.send_message(ClientConnection().hello("bench", auth))
     await ws.get_message()
     return ws
 
@@ -134,14 +139,16 @@ def publish_frame(topic: str, count: int) -> bytes:
 
 
 async def throughput(url: str, subscribers: int, messages: int,
-                     topic: str = "bench/fanout", publish_url: str | None = None) -> float:
+                     topic: str = "bench/fanout", publish_url: str | None = None, *,
+                     ssl_context: ssl.SSLContext | None = None) -> float:
     """Deliveries per second from one publisher (on `publish_url`, by default `url` too) to
     `subscribers` sessions on `url`."""
     async with trio.open_nursery() as nursery:
-        sessions = [await open_session(nursery, url) for _ in range(subscribers)]
+        sessions = [await open_session(nursery, url, ssl_context=ssl_context)
+                    for _ in range(subscribers)]
         for ws in sessions:
             await subscribe(ws, topic)
-        publisher = await open_session(nursery, publish_url or url)
+        publisher = await open_session(nursery, publish_url or url, ssl_context=ssl_context)
         frame = publish_frame(topic, BATCH)
         done = trio.Event()
         remaining = [subscribers]
@@ -163,6 +170,28 @@ async def throughput(url: str, subscribers: int, messages: int,
         elapsed = time.perf_counter() - start
         nursery.cancel_scope.cancel()
     return messages * subscribers / elapsed
+
+
+async def one_to_one(url: str, messages: int, per_frame: int, topic: str = "bench/p2p", *,
+                     auth: str | None = None) -> None:
+    """One publisher to one subscriber, frames of `per_frame` publishes, until all arrived:
+    for benchmarks that read the broker's CPU around it."""
+    async with trio.open_nursery() as nursery:
+        subscriber = await open_session(nursery, url, auth=auth)
+        await subscribe(subscriber, topic)
+        publisher = await open_session(nursery, url, auth=auth)
+        frame = publish_frame(topic, per_frame)
+
+        async def drain() -> None:
+            received = 0
+            while received < messages:
+                received += count_deliveries(await subscriber.get_message())
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(drain)
+        for _ in range(messages // per_frame):
+            await publisher.send_message(frame)
+        await trio.sleep_forever()
 
 
 async def latency(url: str, subscribers: int, rate: float, seconds: float,

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import trio
-from trio_websocket import WebSocketConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import Broker, count_deliveries, machine, open_session, publish_frame, subscribe
+from bench_e2e import Broker, machine, one_to_one
 
 LIMITS_ON = """
 [limits]
@@ -32,30 +31,11 @@ requests_per_second = 1e9
 """
 
 
-async def one_to_one(url: str, messages: int, per_frame: int) -> None:
-    async with trio.open_nursery() as nursery:
-        subscriber = await open_session(nursery, url)
-        await subscribe(subscriber, "bench/rate")
-        publisher = await open_session(nursery, url)
-        frame = publish_frame("bench/rate", per_frame)
-
-        async def drain(ws: WebSocketConnection) -> None:
-            received = 0
-            while received < messages:
-                received += count_deliveries(await ws.get_message())
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(drain, subscriber)
-        for _ in range(messages // per_frame):
-            await publisher.send_message(frame)
-        await trio.sleep_forever()
-
-
 def measure(extra: str, messages: int, per_frame: int) -> float:
     """Broker CPU microseconds per message."""
     with Broker(10_000, extra) as broker:
         before = broker.cpu_seconds()
-        trio.run(one_to_one, broker.url, messages, per_frame)
+        trio.run(one_to_one, broker.url, messages, per_frame, "bench/rate")
         time.sleep(0.1)  # let the broker finish writing before its CPU time is read
         return (broker.cpu_seconds() - before) / messages * 1e6
 

@@ -18,75 +18,27 @@ import ssl
 import statistics
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import WebSocketConnection, connect_websocket_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/certificates.py
 
-from bench_e2e import (
-    BATCH,
-    Broker,
-    count_deliveries,
-    machine,
-    publish_frame,
-    subscribe,
-)
+from bench_e2e import BATCH, Broker, machine, throughput
 
-from mqbroker.protocol import ClientConnection
 from tests.certificates import make_pki
 
 SUBSCRIBERS = 4
 OUTBOX = 1_000_000
 
 
-async def open_session(nursery: trio.Nursery, url: str,
-                       context: ssl.SSLContext | None) -> WebSocketConnection:
-    ws = await connect_websocket_url(nursery, url, ssl_context=context,
-                                     max_message_size=1 << 26)
-    await ws.send_message(ClientConnection().hello("bench"))
-    await ws.get_message()
-    return ws
-
-
-async def fan_out(url: str, context: ssl.SSLContext | None, messages: int) -> float:
-    """Deliveries per second, one publisher to SUBSCRIBERS sessions."""
-    topic = "bench/tls"
-    async with trio.open_nursery() as nursery:
-        sessions = [await open_session(nursery, url, context) for _ in range(SUBSCRIBERS)]
-        for ws in sessions:
-            await subscribe(ws, topic)
-        publisher = await open_session(nursery, url, context)
-        frame = publish_frame(topic, BATCH)
-        done = trio.Event()
-        remaining = [SUBSCRIBERS]
-
-        async def drain(ws: WebSocketConnection) -> None:
-            received = 0
-            while received < messages:
-                received += count_deliveries(await ws.get_message())
-            remaining[0] -= 1
-            if not remaining[0]:
-                done.set()
-
-        for ws in sessions:
-            nursery.start_soon(drain, ws)
-        start = time.perf_counter()
-        for _ in range(messages // BATCH):
-            await publisher.send_message(frame)
-        await done.wait()
-        elapsed = time.perf_counter() - start
-        nursery.cancel_scope.cancel()
-    return messages * SUBSCRIBERS / elapsed
-
-
 def measure(broker: Broker, url: str, context: ssl.SSLContext | None,
             messages: int) -> tuple[float, float]:
     """(deliveries per second, broker CPU microseconds per delivery) of one round."""
     before = broker.cpu_seconds()
-    rate = trio.run(fan_out, url, context, messages)
+    rate = trio.run(partial(throughput, url, SUBSCRIBERS, messages, "bench/tls",
+                            ssl_context=context))
     cpu = broker.cpu_seconds() - before
     return rate, cpu / (messages * SUBSCRIBERS) * 1e6
 
