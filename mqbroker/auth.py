@@ -20,7 +20,7 @@ import enum
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -157,23 +157,20 @@ class Permissions:
 
     def allows_topic(self, operation: Operation, topic: str) -> bool:
         """Whether `operation` (publish) is allowed on the topic."""
-        if self.everything:
-            return True
-        key = (operation, topic)
-        decision = self._cache.get(key)
-        if decision is None:
-            decision = any(matches(f, topic) for f in self.filters[operation])
-            self._remember(key, decision)
-        return decision
+        return self.everything or self._decide(operation, topic, matches)
 
     def allows_filter(self, operation: Operation, filter: str) -> bool:
         """Whether `operation` is allowed on every topic the filter can match."""
-        if self.everything:
-            return True
-        key = (operation, filter)
+        return self.everything or self._decide(operation, filter, covers)
+
+    def _decide(self, operation: Operation, text: str, allowed_by: Callable[[str, str], bool]
+                ) -> bool:
+        """Whether one of the operation's filters allows `text`, cached. Topics and filters
+        share the cache: a topic has no wildcard, and on one the two tests agree."""
+        key = (operation, text)
         decision = self._cache.get(key)
         if decision is None:
-            decision = any(covers(f, filter) for f in self.filters[operation])
+            decision = any(allowed_by(f, text) for f in self.filters[operation])
             self._remember(key, decision)
         return decision
 
