@@ -1,8 +1,9 @@
 """Plugins: what a plugin provides, and how the broker finds one by name.
 
 Every plugin, built-in or third-party, is an object of type `Plugin` published in the
-`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"` and `[fanout] plugin = "NAME"`
-in config.toml pick one by its entry-point name, and `[plugins.NAME]` holds its settings.
+`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`
+and `[sessions] plugin = "NAME"` in config.toml pick one by its entry-point name, and
+`[plugins.NAME]` holds its settings.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from attrs import frozen
 
 from mqbroker.fanout import Fanout, FanoutContext
 from mqbroker.history import HistoryStore
+from mqbroker.sessions import PresenceStore, SessionStore
 
 ENTRY_POINT_GROUP = "mqbroker.plugins"
 
@@ -23,6 +25,9 @@ ENTRY_POINT_GROUP = "mqbroker.plugins"
 HistoryFactory = Callable[[Any, Any], AbstractAsyncContextManager[HistoryStore]]
 #: (plugin settings, context) -> an async context manager owning the fan-out.
 FanoutFactory = Callable[[Any, FanoutContext], AbstractAsyncContextManager[Fanout]]
+#: (plugin settings, [sessions] settings) -> an async context manager owning the store.
+SessionsFactory = Callable[[Any, Any], AbstractAsyncContextManager[SessionStore]]
+PresenceFactory = Callable[[Any, Any], AbstractAsyncContextManager[PresenceStore]]
 
 
 @frozen(kw_only=True)
@@ -34,6 +39,9 @@ class Plugin:
     settings_type: type[Any] | None = None
     open_history: HistoryFactory | None = None
     open_fanout: FanoutFactory | None = None
+    #: The session registry's stores ([sessions] plugin = "NAME").
+    open_sessions: SessionsFactory | None = None
+    open_presence: PresenceFactory | None = None
 
 
 class PluginError(Exception):

@@ -23,6 +23,7 @@ from mqbroker.config import (
     LogConfig,
     MetricsConfig,
     ServerConfig,
+    SessionsConfig,
     load_config,
     plugin_settings,
 )
@@ -39,6 +40,7 @@ SECTIONS = {
     "fanout": FanoutConfig,
     "metrics": MetricsConfig,
     "auth": AuthConfig,
+    "sessions": SessionsConfig,
 }
 
 
@@ -300,7 +302,7 @@ def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[sever]\nport = 1\n")
     assert error_of(path) == (
         f"{path}: sever: unknown key (did you mean 'server'? "
-        "known: server, limits, log, history, fanout, metrics, auth, plugins)"
+        "known: server, limits, log, history, fanout, metrics, auth, sessions, plugins)"
     )
 
 
@@ -489,3 +491,11 @@ def test_plugin_without_settings_type_takes_none(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         plugin_settings(config, BARE)
     assert str(caught.value) == "config.toml: plugins.bare: the plugin takes no settings (size)"
+
+
+@pytest.mark.parametrize("prefix", ["", "a/+", "a/#", "$sys/x", "a//" + "b" * 70000])
+def test_sessions_topic_prefix_must_be_plain_levels(tmp_path: Path, prefix: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[sessions]\ntopic_prefix = "{prefix}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sessions\.topic_prefix: expected topic levels"):
+        load_config(path)
