@@ -24,6 +24,7 @@ from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
 from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
 from mqbroker.plugins import PluginError, load_plugin
+from mqbroker.presence import entry_map
 from mqbroker.protocol import (
     CloseCode,
     EncodedMessage,
@@ -32,6 +33,8 @@ from mqbroker.protocol import (
     Forget,
     Forgot,
     GapNotice,
+    Presence,
+    Present,
     PubAck,
     Publish,
     ServerEvent,
@@ -45,6 +48,7 @@ from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
 from mqbroker.ratelimit import effective_burst
 from mqbroker.resume import ReplaySwitch
+from mqbroker.sessions import PresenceEntry, StoreUnavailable, check_session_id
 from mqbroker.topics import (
     FilterSet,
     InvalidTopic,
@@ -115,6 +119,23 @@ class Session(Protocol):
         session was let go meanwhile."""
 
 
+class PresenceTracking(Protocol):
+    """Presence (mqbroker.server.presence.PresenceService), as the broker sees it: told of
+    every subscription added or removed, where the index changes (so that the two always
+    agree), and asked the `presence` query. Nothing here but `query` may block."""
+
+    def subscribed(self, session: Session, filter: str) -> None: ...
+
+    def unsubscribed(self, session: Session, filter: str) -> None: ...
+
+    def detached(self, session: Session, filters: Sequence[str]) -> None: ...
+
+    async def query(self, session_id: str) -> Sequence[PresenceEntry]:
+        """The entries of an application session; raises StoreUnavailable."""
+
+    def stats(self) -> dict[str, int]: ...
+
+
 @define(eq=False)
 class Broker:
     instance_id: str
@@ -134,6 +155,8 @@ class Broker:
     access: Access = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
+    #: Presence tracking and the `presence` query; None when not served (an embedded broker).
+    presence: PresenceTracking | None = None
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
@@ -200,6 +223,8 @@ class Broker:
         self._recovering.pop(session, None)
         filters = list(self.index.filters_of(session).values())
         self.index.remove_session(session)
+        if self.presence is not None:
+            self.presence.detached(session, filters)
         for filter in filters:
             await self._unwatch(filter)
         code = session.close_code
@@ -215,6 +240,8 @@ class Broker:
             await self.unsubscribe(session, event)
         elif isinstance(event, Forget):
             await self.forget(session, event)
+        elif isinstance(event, Presence):
+            await self.presence_query(session, event)
         else:  # the codec only yields the events above, publishes and pings
             raise AssertionError(f"unexpected event {event!r}")
 
@@ -347,12 +374,12 @@ class Broker:
             switch = ReplaySwitch(since, max_held=self.config.server.outbox_messages,
                                   max_held_bytes=self.config.server.outbox_bytes)
             self._recovering.setdefault(session, {})[event.id] = switch
-        self.index.add(session, event.id, event.filter)
+        self._add(session, event.id, event.filter)
         try:
             # The watch is live (confirmed) before the suback and before history is read.
             await self.fanout.watch(event.filter)
         except FanoutUnavailable as e:
-            self.index.remove(session, event.id)
+            self._remove(session, event.id)
             self._stop_holding(session, event.id)
             session.reply(_error(ErrorCode.UNAVAILABLE, f"subscribe failed: {e}", event))
             return
@@ -365,6 +392,19 @@ class Broker:
         finally:
             if not live:  # once live, the switch filters until the first new live message
                 self._stop_holding(session, event.id)
+
+    def _add(self, session: Session, sub: int, filter: str) -> None:
+        self.index.add(session, sub, filter)
+        if self.presence is not None:
+            self.presence.subscribed(session, filter)
+
+    def _remove(self, session: Session, sub: int) -> tuple[str, bool] | None:
+        """Remove a subscription from the index, and from presence: every removal but a
+        whole session's (`detach`) goes through here."""
+        removed = self.index.remove(session, sub)
+        if removed is not None and self.presence is not None:
+            self.presence.unsubscribed(session, removed[0])
+        return removed
 
     def _stop_holding(self, session: Session, sub: int) -> None:
         switches = self._recovering.get(session)
@@ -446,7 +486,7 @@ class Broker:
             return Replay(messages=(), gap=Gap.UNAVAILABLE)
 
     async def unsubscribe(self, session: Session, event: Unsubscribe) -> None:
-        removed = self.index.remove(session, event.id)
+        removed = self._remove(session, event.id)
         if removed is None:
             session.reply(_error(ErrorCode.UNKNOWN_SUBSCRIPTION,
                                  f"no subscription with id {event.id}", event))
@@ -474,13 +514,42 @@ class Broker:
             return
         session.reply(Forgot(id=event.id, topics=count))
 
+    async def presence_query(self, session: Session, event: Presence) -> None:
+        """Answer `presence` with the entries of the application session, from every
+        instance (authorization is the session's: mqbroker.server.session)."""
+        try:
+            check_session_id(event.session)
+        except ValueError as e:
+            session.reply(_error(ErrorCode.BAD_EVENT, f"presence: `session`: {e}", event))
+            return
+        if self.presence is None:
+            session.reply(_error(ErrorCode.UNAVAILABLE, "presence is not served here", event))
+            return
+        try:
+            entries = await self.presence.query(event.session)
+        except StoreUnavailable as e:
+            session.reply(_error(ErrorCode.UNAVAILABLE, f"presence failed: {e}", event))
+            return
+        session.reply(Present(id=event.id, entries=tuple(entry_map(e) for e in entries)))
+
+    async def publish_own(self, messages: Sequence[tuple[str, Any]]) -> None:
+        """Publish the broker's own messages ((topic, payload): presence events) through the
+        one publish path that clients' publishes take, recorded where [history] says. Raises
+        FanoutUnavailable."""
+        now = time.time()
+        drafts = [Draft(topic=topic, payload=payload, published_at=now,
+                        record=self.recorded.matches_any(topic)) for topic, payload in messages]
+        published = await self.fanout.publish(drafts)
+        self.counters["published"] += len(published)
+
     def gauges(self) -> frozenset[str]:
         """The `stats()` names that are levels, not totals: the broker's own, and those its
         plugins declare in STAT_GAUGES (issue 9: a plugin's gauge was exported as a counter)."""
         history: frozenset[str] = getattr(self.history, "STAT_GAUGES", frozenset())
         fanout: frozenset[str] = getattr(self.fanout, "STAT_GAUGES", frozenset())
+        presence: frozenset[str] = getattr(self.presence, "STAT_GAUGES", frozenset())
         return frozenset({"sessions", "subscriptions", *(f"history_{k}" for k in history),
-                          *(f"fanout_{k}" for k in fanout)})
+                          *(f"fanout_{k}" for k in fanout), *(f"presence_{k}" for k in presence)})
 
     def stats(self) -> dict[str, int]:
         return {
@@ -489,11 +558,13 @@ class Broker:
             **self.counters,
             **{f"history_{k}": v for k, v in self.history.stats().items()},
             **{f"fanout_{k}": v for k, v in self.fanout.stats().items()},
+            **({f"presence_{k}": v for k, v in self.presence.stats().items()}
+               if self.presence is not None else {}),
         }
 
 
-def _error(code: ErrorCode, message: str, event: Publish | Subscribe | Unsubscribe | Forget
-           ) -> Error:
+def _error(code: ErrorCode, message: str,
+           event: Publish | Subscribe | Unsubscribe | Forget | Presence) -> Error:
     return Error(code=code, message=message, id=event.id, ref=event.OP)
 
 

@@ -12,6 +12,7 @@ import trio
 from mqbroker.broker import open_broker
 from mqbroker.config import Config
 from mqbroker.server.listener import Listener, serve
+from mqbroker.server.presence import open_presence
 
 logger = structlog.get_logger("mqbroker")
 
@@ -38,7 +39,10 @@ async def run(config: Config, *,
     instance_id = config.server.instance_id or secrets.token_hex(4)
     log = logger.bind(instance=instance_id)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_broker(config, instance_id) as broker, trio.open_nursery() as nursery:
+        # Presence before the listener: no subscription goes untracked; and after it, so that
+        # the leaves of the connections a shutdown closes are written and published.
+        async with open_broker(config, instance_id) as broker, \
+                open_presence(broker, config), trio.open_nursery() as nursery:
             listener: Listener = await nursery.start(serve, broker, config.server)
             _tune_gc()
             if config.metrics.port:

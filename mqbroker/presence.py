@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from attrs import define, field, frozen
 
-from mqbroker.sessions import check_session_id
+from mqbroker.sessions import PresenceEntry, check_session_id
 
 __all__ = [
     "BROKER_LEVELS",
@@ -31,6 +32,8 @@ __all__ = [
     "Holder",
     "LeaveReason",
     "PresenceTracker",
+    "entry_map",
+    "event_payload",
     "presence_topic",
     "session_of",
 ]
@@ -57,6 +60,23 @@ def session_of(filter: str, prefix: str) -> str | None:
     except ValueError:
         return None
     return session
+
+
+def entry_map(entry: PresenceEntry) -> dict[str, Any]:
+    """One entry of the `present` reply (docs/protocol.md, `present`)."""
+    return {"instance": entry.instance, "connection": entry.connection, "client": entry.client,
+            "principal": entry.principal, "expires": entry.expires}
+
+
+def event_payload(event: str, session: str, instance: str, holder: Holder,
+                  reason: str | None = None) -> dict[str, Any]:
+    """The payload of a join or leave event (docs/sessions.md, "Presence")."""
+    payload: dict[str, Any] = {
+        "event": event, "session": session, "instance": instance,
+        "connection": holder.connection, "client": holder.client, "principal": holder.principal}
+    if reason is not None:
+        payload["reason"] = reason
+    return payload
 
 
 @frozen(kw_only=True)
@@ -87,6 +107,8 @@ class Change:
     holder: Holder
     #: None for a join.
     reason: LeaveReason | None = None
+    #: The instance whose entry it is, when not this one (an expired entry another left).
+    instance: str | None = None
 
     @property
     def joined(self) -> bool:
@@ -190,6 +212,10 @@ class PresenceTracker:
         if self._announced.pop(key, None) is None:
             return False
         return self._mark(key, LeaveReason.UNSUBSCRIBED)
+
+    def announces(self, session: str, connection: str) -> bool:
+        """Whether this instance has announced the entry and not withdrawn it."""
+        return (session, connection) in self._announced
 
     def announced(self) -> list[tuple[str, Holder]]:
         """(session, holder) of every entry this instance announced: what it re-announces."""

@@ -32,6 +32,9 @@ class MemorySession:
     #: Flushed frames, in order.
     frames: list[Frame] = field(factory=list)
     slow_count: int = 0
+    #: What presence reads (as on mqbroker.server.session.Session).
+    client_name: str = ""
+    principal_name: str | None = None
 
     def deliver(self, message: EncodedMessage, subs: tuple[int, ...]) -> bool:
         if len(self.queued) >= self.max_queued:

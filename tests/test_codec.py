@@ -94,6 +94,7 @@ _BY_TYPE: dict[Any, st.SearchStrategy[Any]] = {
     bool: st.booleans(),
     dict[str, Any]: _maps(payloads),
     tuple[int, ...]: st.lists(ids, max_size=20).map(tuple),
+    tuple[dict[str, Any], ...]: st.lists(_maps(payloads), max_size=4).map(tuple),
     Any: payloads,
 }
 

@@ -31,6 +31,7 @@ DOC_TYPES: dict[Any, str] = {
     bool: "boolean",
     dict[str, Any]: "map",
     tuple[int, ...]: "array of integers",
+    tuple[dict[str, Any], ...]: "array of maps",
     Any: "any",
 }
 

@@ -100,6 +100,12 @@ def _check_int_tuple(value: Any) -> tuple[int, ...]:
     return tuple(_check_int(item) for item in value)
 
 
+def _check_map_tuple(value: Any) -> tuple[dict[str, Any], ...]:
+    if type(value) not in (list, tuple) or any(type(item) is not dict for item in value):
+        raise ValueError("an array of maps")
+    return tuple(value)
+
+
 # --- the payload rule (docs/protocol.md, "Payloads") ------------------------------------------
 #
 # One rule, checked here on the decode side of every publish and nowhere else: a payload is
@@ -224,6 +230,7 @@ _CHECKS: dict[Any, Check] = {
     bool: _check_bool,
     dict[str, Any]: _check_dict,
     tuple[int, ...]: _check_int_tuple,
+    tuple[dict[str, Any], ...]: _check_map_tuple,
 }
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "Payload",
     "Ping",
     "Pong",
+    "Presence",
+    "Present",
     "PubAck",
     "Publish",
     "ServerEvent",
@@ -143,6 +145,16 @@ class Ping:
     id: int | None = None
 
 
+@frozen(kw_only=True)
+class Presence:
+    """Who holds subscriptions to an application session's topics, on every instance."""
+
+    OP: ClassVar[str] = "presence"
+    id: int
+    #: The application session's id.
+    session: str
+
+
 # --- server to client -------------------------------------------------------------------------
 
 
@@ -187,6 +199,15 @@ class Forgot:
     OP: ClassVar[str] = "forgot"
     id: int
     topics: int
+
+
+@frozen(kw_only=True)
+class Present:
+    """The answer to `presence`: one map per connection present (docs/protocol.md)."""
+
+    OP: ClassVar[str] = "present"
+    id: int
+    entries: tuple[dict[str, Any], ...] = ()
 
 
 @frozen(kw_only=True)
@@ -239,15 +260,17 @@ class Error:
     ref: str | None = None
 
 
-ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping
+ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping | Presence
 ServerEvent = (
     Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | GapNotice | Error
+    | Present
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping, Presence,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
     Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, GapNotice, Error,
+    Present,
 )

@@ -27,6 +27,7 @@ from attrs import define, field
 from mqbroker.auth import ANONYMOUS, AuthFailed, Operation, Permissions, Principal
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
+from mqbroker.presence import presence_topic
 from mqbroker.protocol import (
     CloseCode,
     Dropped,
@@ -38,6 +39,7 @@ from mqbroker.protocol import (
     HandshakeFailed,
     Ping,
     Pong,
+    Presence,
     Publish,
     Rejected,
     ServerConnection,
@@ -59,6 +61,7 @@ from mqbroker.ratelimit import SessionLimits
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
+from mqbroker.sessions import check_session_id
 from mqbroker.topics import InvalidTopic, validate_filter
 
 if TYPE_CHECKING:
@@ -235,6 +238,18 @@ class Session:
         self.signal(Error(code=ErrorCode.UNAUTHORIZED, message="credential expired",
                           ref="hello"))
         self.close_soon(CloseCode.UNAUTHORIZED, "credential expired")
+
+    # --- what presence reads (mqbroker.server.presence) --------------------------------------
+
+    @property
+    def client_name(self) -> str:
+        """The hello's `client`."""
+        return self.protocol.client
+
+    @property
+    def principal_name(self) -> str | None:
+        """Who the hello authenticated as; None in anonymous mode (as in the welcome)."""
+        return None if self.permissions.everything else self.principal.name
 
     # --- closing ---------------------------------------------------------------------------
 
@@ -527,10 +542,12 @@ class Session:
         if allowed:
             await self._publish_run(allowed)
 
-    def _may(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+    def _may(self, event: Subscribe | Unsubscribe | Forget | Presence) -> bool:
         """Whether the principal may make this request; answers `forbidden` when not."""
         if isinstance(event, Unsubscribe):
             return True  # only ever the session's own subscriptions
+        if isinstance(event, Presence):
+            return self._may_see_presence(event)
         try:
             validate_filter(event.filter, self.broker.topic_limits)
         except InvalidTopic:
@@ -542,6 +559,20 @@ class Session:
                 self._forbade(operation, event.filter)
                 return False
         return True
+
+    def _may_see_presence(self, event: Presence) -> bool:
+        """The `presence` query tells what the session's presence events tell: it is allowed
+        to those who may subscribe to `{topic_prefix}/{id}/presence`."""
+        try:
+            check_session_id(event.session)
+        except ValueError:
+            return True  # the broker answers bad_event, as it would without [auth]
+        topic = presence_topic(self.broker.config.sessions.topic_prefix, event.session)
+        if self.permissions.allows_filter(Operation.SUBSCRIBE, topic):
+            return True
+        self.reply(_forbidden(event, topic, Operation.SUBSCRIBE))
+        self._forbade(Operation.SUBSCRIBE, topic)
+        return False
 
     @staticmethod
     def _rights(event: Subscribe | Forget) -> Sequence[Operation]:
@@ -587,7 +618,7 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Presence) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -616,12 +647,13 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Presence
+                  ) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
 
-def _forbidden(event: Publish | Subscribe | Forget, topic: str,
+def _forbidden(event: Publish | Subscribe | Forget | Presence, topic: str,
                operation: Operation = Operation.PUBLISH) -> Error:
     return Error(code=ErrorCode.FORBIDDEN,
                  message=f"not allowed: {operation.value} on {topic!r}: not done",
