@@ -7,7 +7,7 @@ for tests that must see exact frames, errors and close codes; the others use mqb
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -18,6 +18,7 @@ from mqbroker.broker import Broker, open_broker
 from mqbroker.config import Config, ServerConfig
 from mqbroker.protocol import ClientConnection, ClientEvent, Format, ServerEvent
 from mqbroker.server.listener import Listener, serve
+from mqbroker.server.presence import open_presence
 
 
 @attrs.define
@@ -46,9 +47,16 @@ def broker_config(**server: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_broker(config: Config | None = None) -> AsyncIterator[RunningBroker]:
+async def running_broker(config: Config | None = None, *, presence: bool = False,
+                         instance_id: str = "test") -> AsyncIterator[RunningBroker]:
+    """A broker listening on an ephemeral port; with `presence`, serving it as the daemon does
+    (`[sessions]` presence store, join/leave events, the `presence` query)."""
     config = config or broker_config()
-    async with open_broker(config, "test") as broker, trio.open_nursery() as nursery:
+    async with AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(open_broker(config, instance_id))
+        if presence:
+            await stack.enter_async_context(open_presence(broker, config))
+        nursery = await stack.enter_async_context(trio.open_nursery())
         listener: Listener = await nursery.start(serve, broker, config.server)
         yield RunningBroker(broker, listener)
         nursery.cancel_scope.cancel()

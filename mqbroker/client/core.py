@@ -32,6 +32,8 @@ from mqbroker.protocol import (
     Format,
     Frame,
     GapNotice,
+    Presence,
+    Present,
     PubAck,
     Publish,
     Rejected,
@@ -42,6 +44,7 @@ from mqbroker.protocol import (
     join,
 )
 from mqbroker.protocol.codec import payload_size
+from mqbroker.sessions import PresenceEntry
 from mqbroker.topics import is_wildcard
 
 
@@ -118,7 +121,7 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Presence)
 #: Frame limits assumed until a welcome says otherwise (the broker's defaults).
 _DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _ENVELOPE_BYTES = 1024
@@ -374,6 +377,11 @@ class ClientCore:
         self.pending[("forget", event.id)] = event
         return event
 
+    def presence(self, session: str) -> Presence:
+        event = Presence(id=next(self._ids), session=session)
+        self.pending[("presence", event.id)] = event
+        return event
+
     # --- what the broker says ----------------------------------------------------------------
 
     def receive(self, frame: Frame) -> list[Outcome]:
@@ -394,6 +402,8 @@ class ClientCore:
             return self._settle(("unsubscribe", item.id), None)
         if isinstance(item, Forgot):
             return self._settle(("forget", item.id), item.topics)
+        if isinstance(item, Present):
+            return self._present(item)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):
@@ -438,6 +448,18 @@ class ClientCore:
         sub.established = True
         return outcomes + self._settle(("subscribe", item.id), item)
 
+    def _present(self, item: Present) -> list[Outcome]:
+        key = ("presence", item.id)
+        request = self.pending.get(key)
+        if not isinstance(request, Presence):
+            return []  # answered twice (resent after a reconnect)
+        try:
+            entries = [_presence_entry(request.session, entry) for entry in item.entries]
+        except (KeyError, TypeError, ValueError) as e:
+            del self.pending[key]
+            return [Failed(key, ProtocolViolation(f"the broker sent a bad `present`: {e!r}"))]
+        return self._settle(key, entries)
+
     def _settle(self, key: tuple[str, int], value: Any) -> list[Outcome]:
         if self.pending.pop(key, None) is None:
             return []  # a resent request answered twice, or a resubscription
@@ -461,6 +483,18 @@ class ClientCore:
         if self.pending.pop(key, None) is None:
             return [Unsolicited(error)]
         return [Failed(key, error)]
+
+
+def _presence_entry(session: str, entry: dict[str, Any]) -> PresenceEntry:
+    """One entry of a `present` answer; raises KeyError, TypeError or ValueError when the
+    broker's map is not one."""
+    principal = entry["principal"]
+    fields = (entry["instance"], entry["connection"], entry["client"])
+    if not all(isinstance(text, str) for text in fields) or not (
+            principal is None or isinstance(principal, str)):
+        raise TypeError("instance, connection, client and principal are strings")
+    return PresenceEntry(session=session, instance=fields[0], connection=fields[1],
+                         client=fields[2], principal=principal, expires=float(entry["expires"]))
 
 
 def _key(event: ClientEvent) -> tuple[str, int] | None:

@@ -5,8 +5,8 @@ if there is room; open a subscription's stream; send a request and wait for its 
 operations mean is decided here and in the sans-IO `ClientCore`.
 
 Cancellation (a timeout around a call, say) is defined here: a cancelled `subscribe` is undone on
-the broker, and a cancelled `publish` or `forget` is withdrawn if it was not written yet (see
-`publish`).
+the broker, and a cancelled `publish`, `forget` or `presence` is withdrawn if it was not written
+yet (see `publish`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from mqbroker.client.core import ClientCore
 from mqbroker.client.errors import ClientClosed, ConnectionLost
-from mqbroker.protocol import ClientEvent, SubAck
+from mqbroker.protocol import ClientEvent, Forget, Presence, SubAck
+from mqbroker.sessions import PresenceEntry
 
 
 class _Stream(Protocol):
@@ -125,14 +126,28 @@ class Operations(Generic[SubscriptionT]):
     async def forget(self, filter: str) -> int:
         """Drop the recorded history of the topics `filter` matches; returns how many."""
         self._check_usable()
-        event = self.core.forget(filter)
-        key = ("forget", event.id)
-        try:
-            result: int = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)  # as for publish: withdrawn unless already written
-            raise
+        result: int = await self._ask(self.core.forget(filter))
         return result
+
+    async def presence(self, session: str) -> list[PresenceEntry]:
+        """Who holds subscriptions to the topics of application session `session` now, on every
+        broker instance sharing the presence store: one entry per connection (its instance,
+        connection id, client name and principal), ordered by instance, then connection.
+        Raises Unavailable, and a BrokerError coded `forbidden` when the principal may not
+        subscribe to the session's presence topic."""
+        self._check_usable()
+        result: list[PresenceEntry] = await self._ask(self.core.presence(session))
+        return result
+
+    async def _ask(self, event: Forget | Presence) -> Any:
+        """Send a request and wait for its answer; if cancelled, it is withdrawn (as a publish
+        is: unless already written)."""
+        key = (event.OP, event.id)
+        try:
+            return await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)
+            raise
 
     def _check_usable(self) -> None:
         if self._closed:
