@@ -17,13 +17,13 @@ from typing import Any, Protocol
 import structlog
 from attrs import define, field
 
-from mqbroker.auth import Access, access_of
-from mqbroker.config import Config
+from mqbroker.auth import Access, Authenticator, access_of
+from mqbroker.config import BUILT_IN_AUTH_MODES, Config
 from mqbroker.fanout import Fanout, FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
 from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
-from mqbroker.plugins import PluginError, load_plugin
+from mqbroker.plugins import PluginError, load_auth_plugin, load_plugin
 from mqbroker.protocol import (
     CloseCode,
     EncodedMessage,
@@ -43,7 +43,7 @@ from mqbroker.protocol import (
 )
 from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
-from mqbroker.ratelimit import effective_burst
+from mqbroker.ratelimit import Rates
 from mqbroker.resume import ReplaySwitch
 from mqbroker.topics import (
     FilterSet,
@@ -67,7 +67,10 @@ COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "ga
             "sessions_closed_other", "security_origin_refused", "security_metrics_refused",
             "tls_handshakes_failed",
             # Hellos refused for their credential (4003), requests refused as forbidden.
-            "security_auth_failed", "security_forbidden")
+            "security_auth_failed", "security_forbidden",
+            # Hellos whose authenticator (a plugin's) did not answer in time (1013), or failed
+            # unexpectedly (1011).
+            "security_auth_unavailable", "security_auth_errors")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 #: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds
@@ -130,7 +133,10 @@ class Broker:
         dict.fromkeys(COUNTERS, 0)))
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
-    #: Who may open a session and what each may do ([auth]).
+    #: The scheme of an `[auth] mode` that is a plugin (open_broker opens it); None for the
+    #: built-in modes.
+    authenticator: Authenticator | None = None
+    #: Who may open a session, what each may do and at what rate ([auth], [limits]).
     access: Access = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
@@ -138,7 +144,7 @@ class Broker:
     def __attrs_post_init__(self) -> None:
         server = self.config.server
         self.recorded = FilterSet(self.config.history.record)
-        self.access = access_of(self.config.auth)
+        self.access = access_of(self.config, self.authenticator)
         self.topic_limits = TopicLimits(max_length=server.max_topic_length,
                                         max_levels=server.max_topic_levels)
 
@@ -146,12 +152,15 @@ class Broker:
     def max_message_bytes(self) -> int:
         return self.config.server.max_frame_bytes - ENVELOPE_BYTES
 
-    def welcome(self, session: Session) -> Welcome:
-        return Welcome(version=PROTOCOL_VERSION, instance=self.instance_id, session=session.id,
-                       limits=self.limits())
+    def welcome(self, session_id: str, rates: Rates) -> Welcome:
+        """The welcome of a session whose rate limits (its principal's) are `rates`."""
+        return Welcome(version=PROTOCOL_VERSION, instance=self.instance_id, session=session_id,
+                       limits=self.limits(rates))
 
-    def limits(self) -> dict[str, Any]:
-        """The limits in force, as the welcome tells them."""
+    def limits(self, rates: Rates) -> dict[str, Any]:
+        """The limits in force for a session, as the welcome tells them: the instance's, and
+        the session's rate limits with bursts as applied (0 in the config: one second's
+        worth), so that a client can pace itself; a rate of 0 is no limit."""
         s = self.config.server
         return {
             "max_frame_bytes": s.max_frame_bytes,
@@ -168,24 +177,7 @@ class Broker:
             "ping_interval": s.ping_interval,
             "idle_timeout": s.idle_timeout,
             "dedup_window": s.dedup_window,
-            **self._rate_limits(),
-        }
-
-    def _rate_limits(self) -> dict[str, Any]:
-        """The [limits] in force, bursts as applied (0 in the config: one second's worth), so
-        that a client can pace itself; a rate of 0 is no limit."""
-        r = self.config.limits
-        return {
-            "publish_messages_per_second": r.publish_messages_per_second,
-            "publish_messages_burst": effective_burst(r.publish_messages_per_second,
-                                                      r.publish_messages_burst),
-            "publish_bytes_per_second": r.publish_bytes_per_second,
-            "publish_bytes_burst": effective_burst(r.publish_bytes_per_second,
-                                                   r.publish_bytes_burst),
-            "requests_per_second": r.requests_per_second,
-            "requests_burst": effective_burst(r.requests_per_second, r.requests_burst),
-            "max_violations": r.max_violations,
-            "violation_window": r.violation_window,
+            **rates.as_dict(),
         }
 
     # --- sessions ------------------------------------------------------------------------------
@@ -499,7 +491,8 @@ def _error(code: ErrorCode, message: str, event: Publish | Subscribe | Unsubscri
 
 @asynccontextmanager
 async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]:
-    """Open the configured history store and fan-out, and the broker that routes through them."""
+    """Open the configured authenticator (when it is a plugin's), history store and fan-out,
+    and the broker that routes through them."""
     from mqbroker.config import plugin_settings
 
     history_plugin = load_plugin(config.history.plugin)
@@ -510,8 +503,10 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
         raise PluginError(f"plugin {fanout_plugin.name!r} provides no fan-out")
     history_settings = plugin_settings(config, history_plugin)
     fanout_settings = plugin_settings(config, fanout_plugin)
-    async with history_plugin.open_history(history_settings, config.history) as history:
-        broker = Broker(instance_id=instance_id, config=config, history=history)
+    async with open_authenticator(config) as authenticator, \
+            history_plugin.open_history(history_settings, config.history) as history:
+        broker = Broker(instance_id=instance_id, config=config, history=history,
+                        authenticator=authenticator)
         context = FanoutContext(instance_id=instance_id, history=history,
                                 deliver=broker.deliver,
                                 dedup_window=config.server.dedup_window,
@@ -521,3 +516,19 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
         async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
             broker.fanout = fanout
             yield broker
+
+
+@asynccontextmanager
+async def open_authenticator(config: Config) -> AsyncIterator[Authenticator | None]:
+    """The authenticator of the plugin `[auth] mode` names, open; None for a built-in mode.
+    Raises PluginError when no installed plugin by that name provides one."""
+    from mqbroker.config import plugin_settings
+
+    mode = config.auth.mode
+    if mode in BUILT_IN_AUTH_MODES:
+        yield None
+        return
+    plugin = load_auth_plugin(mode)
+    assert plugin.open_authenticator is not None
+    async with plugin.open_authenticator(plugin_settings(config, plugin)) as authenticator:
+        yield authenticator

@@ -15,8 +15,15 @@ from typing import get_args
 import attrs
 
 from mqbroker import __version__, logs
-from mqbroker.config import Config, ConfigError, LogLevel, load_config, plugin_settings
-from mqbroker.plugins import PluginError, load_plugin
+from mqbroker.config import (
+    BUILT_IN_AUTH_MODES,
+    Config,
+    ConfigError,
+    LogLevel,
+    load_config,
+    plugin_settings,
+)
+from mqbroker.plugins import PluginError, load_auth_plugin, load_plugin
 from mqbroker.tls import server_context
 
 #: The exit status for a configuration the broker cannot use: argparse's for a bad command line.
@@ -119,7 +126,7 @@ def check_plugins(config: Config, *, source: str) -> None:
     """
     for key, name, provides in _named_plugins(config):
         try:
-            plugin = load_plugin(name)
+            plugin = load_auth_plugin(name) if key == "auth.mode" else load_plugin(name)
         except (PluginError, ImportError) as error:
             raise ConfigError(f"{source}: {key}: {error}") from error
         if provides and getattr(plugin, provides) is None:
@@ -133,7 +140,9 @@ def _named_plugins(config: Config) -> list[tuple[str, str, str]]:
         ("history.plugin", config.history.plugin, "open_history"),
         ("fanout.plugin", config.fanout.plugin, "open_fanout"),
     ]
-    chosen = {config.history.plugin, config.fanout.plugin}
+    if config.auth.mode not in BUILT_IN_AUTH_MODES:
+        named.append(("auth.mode", config.auth.mode, "open_authenticator"))
+    chosen = {name for _, name, _ in named}
     tables = [(f"plugins.{name}", name, "") for name in config.plugins if name not in chosen]
     return [*named, *tables]
 

@@ -277,7 +277,8 @@ class MetricsConfig:
     token: str = field(default="", validator=_bearer_token, repr=False)
 
 
-AuthMode = Literal["anonymous", "token", "jwt"]
+#: The modes built in; any other `[auth] mode` names an installed plugin (mqbroker.plugins).
+BUILT_IN_AUTH_MODES = ("anonymous", "token", "jwt")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
 _PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
@@ -323,14 +324,51 @@ class TokenConfig:
     sessions: tuple[str, ...] = field(default=(), validator=_sessions)
 
 
+@frozen
+class _Unset:
+    """An attrs validator: None (the key is not set), or what `inner` accepts."""
+
+    inner: _Number
+
+    @property
+    def expected(self) -> str:
+        return self.inner.expected
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            self.inner(instance, attribute, value)
+
+
+@frozen(kw_only=True)
+class RoleLimitsConfig:
+    """`[auth.roles.NAME.limits]`: the per-session keys of `[limits]` this role overrides
+    (None: not set, the role leaves that key to `[limits]`). How several roles combine is
+    mqbroker.ratelimit.most_generous."""
+
+    publish_messages_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    publish_messages_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    publish_bytes_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    publish_bytes_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    requests_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    requests_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    max_violations: int | None = field(default=None, validator=_Unset(_POSITIVE))
+    violation_window: float | None = field(default=None,
+                                           validator=_Unset(_POSITIVE_SECONDS))
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys this role sets, with their values."""
+        return {key: value for key, value in attrs.asdict(self).items() if value is not None}
+
+
 @frozen(kw_only=True)
 class RoleConfig:
-    """`[auth.roles.NAME]`: the filters each right covers."""
+    """`[auth.roles.NAME]`: the filters each right covers, and the role's own rate limits."""
 
     publish: tuple[str, ...] = field(default=(), validator=_rule_filters)
     subscribe: tuple[str, ...] = field(default=(), validator=_rule_filters)
     replay: tuple[str, ...] = field(default=(), validator=_rule_filters)
     forget: tuple[str, ...] = field(default=(), validator=_rule_filters)
+    limits: RoleLimitsConfig = field(factory=RoleLimitsConfig)
 
 
 def _known_roles(instance: Any, attribute: attrs.Attribute[Any],
@@ -357,13 +395,17 @@ def _one_jwt_key(instance: Any, attribute: attrs.Attribute[Any], value: str) -> 
 
 
 _CLAIM = _NonEmpty("a claim name")
+_MODE = _NonEmpty(f"{', '.join(repr(m) for m in BUILT_IN_AUTH_MODES)} or an installed "
+                  "plugin's name")
 
 
 @frozen(kw_only=True)
 class AuthConfig:
     """Authentication in `hello` and authorization per request (docs/security.md)."""
 
-    mode: AuthMode = "anonymous"
+    #: A built-in mode, or the name of an installed plugin providing an authenticator
+    #: (checked at start by mqbroker.cli.check_plugins and mqbroker.broker.open_broker).
+    mode: str = field(default="anonymous", validator=_MODE)
     roles: Mapping[str, RoleConfig] = field(factory=dict)
     tokens: tuple[TokenConfig, ...] = field(default=(), validator=_known_roles)
     #: mode "jwt": exactly one of these key files (read at start by mqbroker.auth.access_of).
@@ -376,6 +418,20 @@ class AuthConfig:
     jwt_leeway: float = field(default=30.0, validator=_SECONDS)
     jwt_roles_claim: str = field(default="roles", validator=_CLAIM)
     jwt_sessions_claim: str = field(default="sessions", validator=_CLAIM)
+    #: Seconds an authenticator may take to answer a hello (a plugin's may do I/O); past
+    #: it the hello is answered `unavailable` and closed with 1013.
+    authenticate_timeout: float = field(default=5.0, validator=_POSITIVE_SECONDS)
+
+
+def _auth_within_hello(instance: Any, attribute: attrs.Attribute[Any],
+                       value: AuthConfig) -> None:
+    """A hello waits for its authenticator within hello_timeout: a longer authenticate_timeout
+    would never apply, and the client would be told `no hello in time` instead."""
+    limit = instance.server.hello_timeout
+    if value.authenticate_timeout >= limit:
+        raise _Mismatch(f"a finite number of seconds greater than 0, less than "
+                        f"server.hello_timeout ({limit})", value.authenticate_timeout,
+                        (attribute.name, "authenticate_timeout"))
 
 
 @frozen(kw_only=True)
@@ -386,7 +442,7 @@ class Config:
     history: HistoryConfig = field(factory=HistoryConfig)
     fanout: FanoutConfig = field(factory=FanoutConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
-    auth: AuthConfig = field(factory=AuthConfig)
+    auth: AuthConfig = field(factory=AuthConfig, validator=_auth_within_hello)
     #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
     plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)
 

@@ -1,8 +1,9 @@
 """Plugins: what a plugin provides, and how the broker finds one by name.
 
 Every plugin, built-in or third-party, is an object of type `Plugin` published in the
-`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"` and `[fanout] plugin = "NAME"`
-in config.toml pick one by its entry-point name, and `[plugins.NAME]` holds its settings.
+`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`
+and `[auth] mode = "NAME"` (any name but the built-in modes) in config.toml pick one by its
+entry-point name, and `[plugins.NAME]` holds its settings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from attrs import frozen
 
+from mqbroker.auth import Authenticator
+from mqbroker.config import BUILT_IN_AUTH_MODES
 from mqbroker.fanout import Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 
@@ -23,6 +26,9 @@ ENTRY_POINT_GROUP = "mqbroker.plugins"
 HistoryFactory = Callable[[Any, Any], AbstractAsyncContextManager[HistoryStore]]
 #: (plugin settings, context) -> an async context manager owning the fan-out.
 FanoutFactory = Callable[[Any, FanoutContext], AbstractAsyncContextManager[Fanout]]
+#: (plugin settings) -> an async context manager owning the authenticator (and whatever it
+#: needs open while the broker runs: an HTTP client, a key cache...).
+AuthenticatorFactory = Callable[[Any], AbstractAsyncContextManager[Authenticator]]
 
 
 @frozen(kw_only=True)
@@ -34,6 +40,7 @@ class Plugin:
     settings_type: type[Any] | None = None
     open_history: HistoryFactory | None = None
     open_fanout: FanoutFactory | None = None
+    open_authenticator: AuthenticatorFactory | None = None
 
 
 class PluginError(Exception):
@@ -57,6 +64,19 @@ def load_plugin(name: str) -> Plugin:
         raise PluginError(_missing_module(found[name], name, error)) from error
     if not isinstance(plugin, Plugin):
         raise PluginError(f"entry point {name!r} is not an mqbroker.plugins.Plugin")
+    return plugin
+
+
+def load_auth_plugin(mode: str) -> Plugin:
+    """The plugin an `[auth] mode` that is not built in names; PluginError (naming the
+    built-in modes and the installed plugins) when there is none, or it has no authenticator."""
+    try:
+        plugin = load_plugin(mode)
+    except PluginError as error:
+        raise PluginError(f"{error}; the built-in modes are "
+                          f"{', '.join(BUILT_IN_AUTH_MODES)}") from error
+    if plugin.open_authenticator is None:
+        raise PluginError(f"plugin {mode!r} provides no authenticator")
     return plugin
 
 

@@ -118,11 +118,11 @@ def test_covers_examples(wide: str, narrow: str, covered: bool) -> None:
 def test_a_token_is_known_by_its_hash_only() -> None:
     principal = Principal(name="mcp-a", roles=("server",))
     authenticator = TokenAuthenticator({token_hash("secret-token-a"): principal})
-    assert authenticator.authenticate("secret-token-a") == principal
+    assert authenticator.check("secret-token-a") == principal
     with pytest.raises(AuthFailed, match="unknown token"):
-        authenticator.authenticate("secret-token-b")
+        authenticator.check("secret-token-b")
     with pytest.raises(AuthFailed, match="no credential"):
-        authenticator.authenticate(None)
+        authenticator.check(None)
 
 
 def test_substitutions_give_one_filter_per_session_and_none_without() -> None:
@@ -510,7 +510,8 @@ def test_jwt_mode_needs_exactly_one_key_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: mode \"jwt\" needs exactly"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: cannot read"):
-        access_of(AuthConfig(mode="jwt", jwt_secret_file=str(tmp_path / "missing")))
+        access_of(Config(auth=AuthConfig(mode="jwt",
+                                      jwt_secret_file=str(tmp_path / "missing"))))
 
 
 async def test_forbidden_requests_are_logged_once_per_window_and_counted() -> None:

@@ -82,7 +82,8 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (unmasked, bad opcode, bad length...)
     INVALID_DATA = 1007  # a text frame (or close reason) that is not valid UTF-8
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes
-    INTERNAL_ERROR = 1011
+    INTERNAL_ERROR = 1011  # a broker bug, or the hello's authenticator failed unexpectedly
+    TRY_AGAIN_LATER = 1013  # the hello's authenticator did not answer in time
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version
     IDLE_TIMEOUT = 4001  # nothing received for idle_timeout seconds
     UNAUTHORIZED = 4003  # the hello had no valid `auth` credential ([auth] mode token)

@@ -24,7 +24,14 @@ import structlog
 import trio
 from attrs import define, field
 
-from mqbroker.auth import ANONYMOUS, AuthFailed, Operation, Permissions, Principal
+from mqbroker.auth import (
+    ANONYMOUS,
+    AuthFailed,
+    Operation,
+    Permissions,
+    Principal,
+    checked_principal,
+)
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import (
@@ -55,7 +62,7 @@ from mqbroker.protocol.websocket import (
 from mqbroker.protocol.websocket import (
     Ping as WsPing,
 )
-from mqbroker.ratelimit import SessionLimits
+from mqbroker.ratelimit import Rates, SessionLimits
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
@@ -109,7 +116,9 @@ class Session:
     _ended: trio.Event = field(factory=trio.Event)
     #: WebSocket items that arrived with the hello, handled first by the read loop.
     _backlog: list[Any] = field(factory=list)
-    #: The session's rate limits; None when [limits] sets none (the checks are skipped).
+    #: The session's rate limits (its principal's roles', or [limits]), set by the hello;
+    #: `_limits` is None when they limit nothing (the checks are skipped).
+    rates: Rates = field(factory=Rates)
     _limits: SessionLimits | None = None
     #: Who the hello authenticated as ([auth]), and what that principal may do.
     principal: Principal = ANONYMOUS
@@ -131,8 +140,6 @@ class Session:
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
         self.connection.on_broken = self.outbox.gone_away
-        if self.broker.config.limits.session_limited:
-            self._limits = SessionLimits.of(self.broker.config.limits)
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
@@ -313,31 +320,62 @@ class Session:
         auth, self.protocol.auth = self.protocol.auth, None
         if not await self._authenticate(auth):
             return None
-        welcome = self.broker.welcome(self)
+        welcome = self.broker.welcome(self.id, self.rates)
         if not self.permissions.everything:
             welcome = attrs.evolve(welcome, principal=self.principal.name)
         self.connection.write(self.ws.send(self.protocol.encode(welcome)))
         return events
 
     async def _authenticate(self, credential: str | None) -> bool:
-        """Check the hello's credential; refuse the session (4003) when it is not valid."""
+        """Check the hello's credential; when it names no principal, refuse the session: 4003
+        for a credential that is not valid, 1013 when the authenticator did not answer within
+        authenticate_timeout, 1011 when it failed otherwise (a plugin's fault)."""
         access = self.broker.access
         try:
-            self.principal = access.authenticator.authenticate(credential)
+            with trio.fail_after(access.timeout):
+                answer = await access.authenticator.authenticate(credential)
+            principal = checked_principal(answer)
         except AuthFailed as e:
             self.broker.counters["security_auth_failed"] += 1
             # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
             self.log.warning("security.auth_failed", reason=e.reason)
-            error = Error(code=ErrorCode.UNAUTHORIZED, ref="hello",
-                          message=f"authentication failed: {e.reason}")
-            await self._refuse(self.protocol.encode(error), CloseCode.UNAUTHORIZED,
-                               "unauthorized")
+            await self._refuse_hello(ErrorCode.UNAUTHORIZED,
+                                     f"authentication failed: {e.reason}",
+                                     CloseCode.UNAUTHORIZED, "unauthorized")
             return False
-        self.permissions = access.permissions(self.principal)
-        if self.principal.expires is not None:
-            self.expires_at = trio.current_time() + (self.principal.expires - time.time())
-        self.log = self.log.bind(principal=self.principal.name)
+        except trio.TooSlowError:
+            self.broker.counters["security_auth_unavailable"] += 1
+            self.log.warning("security.auth_unavailable", timeout=access.timeout)
+            await self._refuse_hello(ErrorCode.UNAVAILABLE,
+                                     "authentication unavailable: no answer in time",
+                                     CloseCode.TRY_AGAIN_LATER, "try again later")
+            return False
+        except Exception as e:
+            self.broker.counters["security_auth_errors"] += 1
+            self.log.error("security.auth_error", error=type(e).__name__,
+                           message=_masked(str(e), credential))
+            await self._refuse_hello(ErrorCode.INTERNAL, "authentication failed unexpectedly",
+                                     CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        self._admit(principal)
         return True
+
+    def _admit(self, principal: Principal) -> None:
+        """The session is `principal`'s: its permissions, rate limits and expiry."""
+        access = self.broker.access
+        self.principal = principal
+        self.permissions = access.permissions(principal)
+        self.rates = access.rates_of(principal)
+        if self.rates.session_limited:
+            self._limits = SessionLimits.of(self.rates)
+        if principal.expires is not None:
+            self.expires_at = trio.current_time() + (principal.expires - time.time())
+        self.log = self.log.bind(principal=principal.name)
+
+    async def _refuse_hello(self, code: ErrorCode, message: str, close: CloseCode,
+                            reason: str) -> None:
+        error = Error(code=code, ref="hello", message=message)
+        await self._refuse(self.protocol.encode(error), close, reason)
 
     async def refuse(self, code: CloseCode, reason: str) -> None:
         """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
@@ -556,7 +594,7 @@ class Session:
         self.broker.counters["security_forbidden"] += 1
         now = trio.current_time()
         last = self._forbidden_logged
-        if last is None or now - last >= self.broker.config.limits.violation_window:
+        if last is None or now - last >= self.rates.violation_window:
             self._forbidden_logged = now
             self.log.warning("security.forbidden", op=operation.value,
                              topic=_loggable(topic))
@@ -626,6 +664,14 @@ def _forbidden(event: Publish | Subscribe | Forget, topic: str,
     return Error(code=ErrorCode.FORBIDDEN,
                  message=f"not allowed: {operation.value} on {topic!r}: not done",
                  id=event.id, ref=event.OP)
+
+
+def _masked(text: str, credential: str | None) -> str:
+    """A plugin's error message as logged: the credential replaced wherever it appears (it
+    is a secret, even a wrong one), cut to LOGGED_TOPIC_CHARS."""
+    if credential:
+        text = text.replace(credential, "[credential]")
+    return _loggable(text)
 
 
 #: A topic longer than this is cut in logs: it is the client's text.
