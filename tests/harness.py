@@ -104,6 +104,23 @@ async def raw_session(url: str, *, fmt: Format = Format.MSGPACK, hello: bool = T
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def session_of(url: str, auth: str | None) -> AsyncIterator[tuple[RawSession, Any]]:
+    """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
+    async with trio.open_nursery() as nursery:
+        ws = await connect_websocket_url(nursery, url)
+        session = RawSession(ws, ClientConnection())
+        await session.send_frame(session.connection.hello("raw", auth))
+        try:
+            answer: Any = (await session.receive())[0]
+        except Exception as e:  # HandshakeFailed carries the error event
+            answer = getattr(e, "error", e)
+        yield session, answer
+        with trio.move_on_after(1, shield=True):
+            await ws.aclose()
+        nursery.cancel_scope.cancel()
+
+
 @attrs.define(eq=False)
 class TcpProxy:
     """A TCP proxy in front of a port, whose live connections a test can cut at will."""

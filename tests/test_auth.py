@@ -10,8 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import structlog.testing
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, connect_websocket_url
+from trio_websocket import ConnectionClosed
 
 from mqbroker.auth import (
     AuthFailed,
@@ -48,7 +47,6 @@ from mqbroker.config import (
     load_config,
 )
 from mqbroker.protocol import (
-    ClientConnection,
     CloseCode,
     Delivery,
     Error,
@@ -65,7 +63,7 @@ from mqbroker.protocol import (
     Welcome,
 )
 from mqbroker.topics import covers, matches
-from tests.harness import RawSession, running_broker
+from tests.harness import RawSession, running_broker, session_of
 from tests.redis_server import RedisServer
 
 # --- covers: "filter A is covered by filter B" ------------------------------------------------
@@ -188,23 +186,6 @@ BROADCAST = "mcp/broadcast/news"
 def token_config() -> Config:
     return Config(server=ServerConfig(port=0),
                   auth=AuthConfig(mode="token", roles=ROLES, tokens=tuple(PRINCIPALS.values())))
-
-
-@asynccontextmanager
-async def session_of(url: str, auth: str | None) -> AsyncIterator[tuple[RawSession, Any]]:
-    """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
-    async with trio.open_nursery() as nursery:
-        ws = await connect_websocket_url(nursery, url)
-        session = RawSession(ws, ClientConnection())
-        await session.send_frame(session.connection.hello("raw", auth))
-        try:
-            answer: Any = (await session.receive())[0]
-        except Exception as e:  # HandshakeFailed carries the error event
-            answer = getattr(e, "error", e)
-        yield session, answer
-        with trio.move_on_after(1, shield=True):
-            await ws.aclose()
-        nursery.cancel_scope.cancel()
 
 
 async def answer_to(session: RawSession) -> ServerEvent:
