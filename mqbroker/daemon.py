@@ -46,7 +46,8 @@ async def run(config: Config, *,
 
                 await nursery.start(serve_http, broker, config.metrics)
             log.info("broker.started", host=config.server.host, port=listener.port,
-                     history=config.history.plugin, fanout=config.fanout.plugin)
+                     history=config.history.plugin, fanout=config.fanout.plugin,
+                     auth=config.auth.mode)
             task_status.started(listener)
             async for signum in signals:
                 log.info("broker.stopping", signal=signal.Signals(signum).name,
