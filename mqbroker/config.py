@@ -425,10 +425,11 @@ class AuthConfig:
 
 def _auth_within_hello(instance: Any, attribute: attrs.Attribute[Any],
                        value: AuthConfig) -> None:
-    """A hello waits for its authenticator within hello_timeout: a longer authenticate_timeout
-    would never apply, and the client would be told `no hello in time` instead."""
+    """A hello waits for a plugin's authenticator within hello_timeout: a longer
+    authenticate_timeout would never apply, and the client would be told `no hello in time`
+    instead. (The built-in modes never wait: the key does not apply to them.)"""
     limit = instance.server.hello_timeout
-    if value.authenticate_timeout >= limit:
+    if value.mode not in BUILT_IN_AUTH_MODES and value.authenticate_timeout >= limit:
         raise _Mismatch(f"a finite number of seconds greater than 0, less than "
                         f"server.hello_timeout ({limit})", value.authenticate_timeout,
                         (attribute.name, "authenticate_timeout"))

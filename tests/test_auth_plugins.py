@@ -210,8 +210,10 @@ def test_authenticate_timeout_must_be_below_hello_timeout(tmp_path: Path) -> Non
     from mqbroker.config import load_config
 
     path = tmp_path / "config.toml"
-    path.write_text("[server]\nhello_timeout = 3\n[auth]\nauthenticate_timeout = 3\n",
-                    encoding="utf-8")
+    path.write_text("[server]\nhello_timeout = 3\n", encoding="utf-8")
+    load_config(path)  # the built-in modes never wait: the default 5 s does not apply
+    path.write_text("[server]\nhello_timeout = 3\n[auth]\nmode = 'faulty'\n"
+                    "authenticate_timeout = 3\n", encoding="utf-8")
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert str(raised.value) == (
