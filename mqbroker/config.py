@@ -252,6 +252,45 @@ class FanoutConfig:
     plugin: str = field(default="memory", validator=_PLUGIN)
 
 
+def _topic_prefix(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Topic levels without wildcards, not starting with `$`: session topics are
+    `{prefix}/{id}/...`, so the prefix followed by `/+/#` must be a valid filter."""
+    expected = "topic levels without + or #, not starting with $"
+    if not value or "+" in value or "#" in value or value.startswith("$"):
+        raise _Mismatch(expected, value, (attribute.name,))
+    try:
+        validate_filter(f"{value}/+/#")
+    except InvalidTopic as error:
+        raise _Mismatch(f"{expected} ({error})", value, (attribute.name,)) from None
+
+
+@frozen(kw_only=True)
+class SessionsConfig:
+    """The session registry (docs/sessions.md): application sessions and their presence."""
+
+    #: The plugin whose session and presence stores hold the registry.
+    plugin: str = field(default="memory", validator=_PLUGIN)
+    #: A session's topics are `{topic_prefix}/{id}/...`; its lifecycle events go to
+    #: `{topic_prefix}/{id}/lifecycle` and its presence events to `.../presence`.
+    topic_prefix: str = field(default="mcp/session", validator=_topic_prefix)
+    #: Seconds a session lives after its creation or last touch, unless the request says.
+    default_ttl: float = field(default=1800.0, validator=_POSITIVE_SECONDS)
+    #: The longest TTL a request may ask for.
+    max_ttl: float = field(default=7 * 86400.0, validator=_POSITIVE_SECONDS)
+    #: Seconds an expired or invalidated session is kept (so `get` says why it ended).
+    retain_ended: float = field(default=300.0, validator=_SECONDS)
+    #: Seconds between two rounds of the reaper, and the most it does in one round.
+    reap_interval: float = field(default=1.0, validator=_POSITIVE_SECONDS)
+    reap_batch: int = field(default=1000, validator=_POSITIVE)
+    #: Bytes of a session's metadata, packed (msgpack).
+    max_metadata_bytes: int = field(default=4096, validator=_POSITIVE)
+    #: The most records one `session_list` page holds.
+    max_page: int = field(default=1000, validator=_POSITIVE)
+    #: Seconds a presence entry lasts unless its instance announces it again (every third of
+    #: it): a dead instance's clients leave every presence view within this time.
+    presence_ttl: float = field(default=15.0, validator=_POSITIVE_SECONDS)
+
+
 #: Characters a bearer token may hold (RFC 6750 section 2.1's b64token), so that it fits an
 #: `Authorization` header as written.
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -444,6 +483,7 @@ class Config:
     fanout: FanoutConfig = field(factory=FanoutConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
     auth: AuthConfig = field(factory=AuthConfig, validator=_auth_within_hello)
+    sessions: SessionsConfig = field(factory=SessionsConfig)
     #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
     plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)
 

@@ -1,9 +1,9 @@
 """Plugins: what a plugin provides, and how the broker finds one by name.
 
 Every plugin, built-in or third-party, is an object of type `Plugin` published in the
-`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`
-and `[auth] mode = "NAME"` (any name but the built-in modes) in config.toml pick one by its
-entry-point name, and `[plugins.NAME]` holds its settings.
+`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`,
+`[sessions] plugin = "NAME"` and `[auth] mode = "NAME"` (any name but the built-in modes) in
+config.toml pick one by its entry-point name, and `[plugins.NAME]` holds its settings.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mqbroker.auth import Authenticator
 from mqbroker.config import BUILT_IN_AUTH_MODES
 from mqbroker.fanout import Fanout, FanoutContext
 from mqbroker.history import HistoryStore
+from mqbroker.sessions import PresenceStore, SessionStore
 
 ENTRY_POINT_GROUP = "mqbroker.plugins"
 
@@ -29,6 +30,9 @@ FanoutFactory = Callable[[Any, FanoutContext], AbstractAsyncContextManager[Fanou
 #: (plugin settings) -> an async context manager owning the authenticator (and whatever it
 #: needs open while the broker runs: an HTTP client, a key cache...).
 AuthenticatorFactory = Callable[[Any], AbstractAsyncContextManager[Authenticator]]
+#: (plugin settings, [sessions] settings) -> an async context manager owning the store.
+SessionsFactory = Callable[[Any, Any], AbstractAsyncContextManager[SessionStore]]
+PresenceFactory = Callable[[Any, Any], AbstractAsyncContextManager[PresenceStore]]
 
 
 @frozen(kw_only=True)
@@ -41,6 +45,9 @@ class Plugin:
     open_history: HistoryFactory | None = None
     open_fanout: FanoutFactory | None = None
     open_authenticator: AuthenticatorFactory | None = None
+    #: The session registry's stores ([sessions] plugin = "NAME").
+    open_sessions: SessionsFactory | None = None
+    open_presence: PresenceFactory | None = None
 
 
 class PluginError(Exception):

@@ -23,6 +23,7 @@ from mqbroker.config import (
     LogConfig,
     MetricsConfig,
     ServerConfig,
+    SessionsConfig,
     load_config,
     plugin_settings,
 )
@@ -39,6 +40,7 @@ SECTIONS = {
     "fanout": FanoutConfig,
     "metrics": MetricsConfig,
     "auth": AuthConfig,
+    "sessions": SessionsConfig,
 }
 
 
@@ -342,7 +344,7 @@ def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, "[sever]\nport = 1\n")
     assert error_of(path) == (
         f"{path}: sever: unknown key (did you mean 'server'? "
-        "known: server, limits, log, history, fanout, metrics, auth, plugins)"
+        "known: server, limits, log, history, fanout, metrics, auth, sessions, plugins)"
     )
 
 
@@ -542,3 +544,11 @@ def test_a_role_overrides_only_the_limits_it_sets(tmp_path: Path) -> None:
     assert roles["broadcaster"].limits.overrides() == {"publish_messages_per_second": 500.0,
                                                        "max_violations": 40}
     assert roles["user"].limits.overrides() == {}
+
+
+@pytest.mark.parametrize("prefix", ["", "a/+", "a/#", "$sys/x", "a//" + "b" * 70000])
+def test_sessions_topic_prefix_must_be_plain_levels(tmp_path: Path, prefix: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[sessions]\ntopic_prefix = "{prefix}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"sessions\.topic_prefix: expected topic levels"):
+        load_config(path)
