@@ -3,8 +3,12 @@
 `[auth] mode` picks an `Authenticator`: "anonymous" lets everyone in with every right (the
 embedded default, bound to 127.0.0.1); "token" takes static tokens from the config, stored as
 their SHA-256 so that the config file never holds a usable secret; "jwt" verifies JSON Web
-Tokens (PyJWT) with a key file. A scheme is any object with
+Tokens (PyJWT) with a key file; "mtls" takes the principal from the subject CN of the client
+certificate the TLS handshake verified. A scheme is any object with
 `authenticate` (the `Authenticator` protocol): a plugin could add one (see docs/security.md).
+
+A credential given in `hello` (token, jwt) can be replaced in the open session by `refresh`:
+`Access.refresh` checks it names the same principal (see docs/security.md).
 
 Authorization is per role, `[auth.roles.NAME]`: for each operation a list of MQTT filters, with
 `{principal}` and `{session}` substituted from the credential. A topic is allowed when one
@@ -180,6 +184,22 @@ class Permissions:
         self._cache[key] = decision
 
 
+@frozen
+class CertificateAuthenticator:
+    """Mode "mtls": the credential is the subject CN of the verified client certificate (the
+    session passes it in, not the hello), known when listed in `[[auth.identities]]`."""
+
+    principals: Mapping[str, Principal]
+
+    def authenticate(self, credential: str | None) -> Principal:
+        if credential is None:
+            raise AuthFailed("no client certificate with one subject common name")
+        principal = self.principals.get(credential)
+        if principal is None:
+            raise AuthFailed("unknown client certificate")
+        return principal
+
+
 def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]]]
                   ) -> dict[str, Principal]:
     """(sha256, principal, roles, sessions) rows as TokenAuthenticator takes them."""
@@ -189,6 +209,9 @@ def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]
 
 #: Principals whose permissions (and so decision caches) are kept, shared by their sessions.
 PRINCIPALS_CACHE = 1024
+#: A longer credential is refused before it is looked at: the longest real JWT is a few KiB,
+#: and one of a frame's size would cost its decoding for nothing.
+MAX_CREDENTIAL_CHARS = 16 * 1024
 
 
 @frozen
@@ -198,11 +221,34 @@ class Access:
     authenticator: Authenticator
     roles: Mapping[str, Rules]
     anonymous: bool = False
+    #: Mode "mtls": the credential is the client certificate's name, not the hello's `auth`.
+    by_certificate: bool = False
     _shared: dict[Principal, Permissions] = field(factory=dict, eq=False, repr=False)
 
     @classmethod
     def anyone(cls) -> Access:
         return cls(AnonymousAuthenticator(), {}, anonymous=True)
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether a session's credential can be replaced with `refresh`: only one the client
+        sent (token, jwt); anonymous sessions have none, a certificate is the connection's."""
+        return not self.anonymous and not self.by_certificate
+
+    def authenticate(self, credential: str | None) -> Principal:
+        """The principal `credential` names; raises AuthFailed (with a reason to log)."""
+        if (credential is not None and len(credential) > MAX_CREDENTIAL_CHARS
+                and not self.anonymous):
+            raise AuthFailed(f"credential longer than {MAX_CREDENTIAL_CHARS} characters")
+        return self.authenticator.authenticate(credential)
+
+    def refresh(self, current: Principal, credential: str) -> Principal:
+        """The principal a session's new credential names: valid, and naming the same
+        principal as `current` (its roles and sessions may differ). Raises AuthFailed."""
+        principal = self.authenticate(credential)
+        if principal.name != current.name:
+            raise AuthFailed("credential for another principal")
+        return principal
 
     def permissions(self, principal: Principal) -> Permissions:
         """The principal's permissions; sessions of one principal share them (and the cache)."""
@@ -329,6 +375,12 @@ def access_of(config: AuthConfig) -> Access:
                          forget=role.forget) for name, role in config.roles.items()}
     if config.mode == "jwt":
         return Access(jwt_authenticator(config), roles)
+    if config.mode == "mtls":
+        identities = {identity.principal: Principal(name=identity.principal,
+                                                    roles=tuple(identity.roles),
+                                                    sessions=tuple(identity.sessions))
+                      for identity in config.identities}
+        return Access(CertificateAuthenticator(identities), roles, by_certificate=True)
     tokens = principals_of((token.sha256, token.principal, token.roles, token.sessions)
                            for token in config.tokens)
     return Access(TokenAuthenticator(tokens), roles)

@@ -39,6 +39,8 @@ from mqbroker.protocol import (
     Ping,
     Pong,
     Publish,
+    Refresh,
+    Refreshed,
     Rejected,
     ServerConnection,
     ServerEvent,
@@ -315,29 +317,46 @@ class Session:
             return None
         welcome = self.broker.welcome(self)
         if not self.permissions.everything:
-            welcome = attrs.evolve(welcome, principal=self.principal.name)
+            welcome = attrs.evolve(welcome, principal=self.principal.name, ttl=self._ttl())
         self.connection.write(self.ws.send(self.protocol.encode(welcome)))
         return events
 
     async def _authenticate(self, credential: str | None) -> bool:
-        """Check the hello's credential; refuse the session (4003) when it is not valid."""
+        """Check the hello's credential (mode mtls: the client certificate's name); refuse the
+        session (4003) when it is not valid."""
         access = self.broker.access
+        if access.by_certificate:
+            credential = self.connection.client_common_name()
         try:
-            self.principal = access.authenticator.authenticate(credential)
+            principal = access.authenticate(credential)
         except AuthFailed as e:
-            self.broker.counters["security_auth_failed"] += 1
-            # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
-            self.log.warning("security.auth_failed", reason=e.reason)
+            self._auth_failed(e.reason, "hello")
             error = Error(code=ErrorCode.UNAUTHORIZED, ref="hello",
                           message=f"authentication failed: {e.reason}")
             await self._refuse(self.protocol.encode(error), CloseCode.UNAUTHORIZED,
                                "unauthorized")
             return False
-        self.permissions = access.permissions(self.principal)
-        if self.principal.expires is not None:
-            self.expires_at = trio.current_time() + (self.principal.expires - time.time())
-        self.log = self.log.bind(principal=self.principal.name)
+        self._adopt(principal)
+        self.log = self.log.bind(principal=principal.name)
         return True
+
+    def _adopt(self, principal: Principal) -> None:
+        """From now on the session is `principal`, with its rights and its expiry."""
+        self.principal = principal
+        self.permissions = self.broker.access.permissions(principal)
+        self.expires_at = (math.inf if principal.expires is None
+                           else trio.current_time() + (principal.expires - time.time()))
+
+    def _ttl(self) -> float | None:
+        """Seconds until the credential expires (what `welcome` and `refreshed` say)."""
+        if self.expires_at == math.inf:
+            return None
+        return round(max(self.expires_at - trio.current_time(), 0.0), 3)
+
+    def _auth_failed(self, reason: str, op: str) -> None:
+        self.broker.counters["security_auth_failed"] += 1
+        # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
+        self.log.warning("security.auth_failed", reason=reason, op=op)
 
     async def refuse(self, code: CloseCode, reason: str) -> None:
         """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
@@ -462,6 +481,8 @@ class Session:
             await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
+        if self.closing is not None:
+            return  # closing (an unauthorized refresh, say): the rest of the frame is not done
         if self._limits is not None:
             run = self._admitted(run)
             if not run:
@@ -486,6 +507,8 @@ class Session:
         self.flush()
 
     async def _handle_one(self, event: Any) -> None:
+        if self.closing is not None:
+            return  # as in _publish
         if self._publishes is not None:
             await self._publishes.drained()  # every request after the publishes before it
         if type(event) is Ping:
@@ -493,9 +516,55 @@ class Session:
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
-            if self.permissions.everything or self._may(event):
+            if type(event) is Refresh:
+                await self._refresh(event)
+            elif self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
+
+    # --- refreshing the credential ([auth] modes token and jwt) --------------------------------
+
+    async def _refresh(self, event: Refresh) -> None:
+        """Replace the session's credential: the same principal, maybe other rights and expiry.
+        A credential that is not valid, or names another principal, closes the session (4003),
+        as it would have refused the hello; subscriptions the new rights no longer allow end."""
+        access = self.broker.access
+        if not access.refreshable:
+            self.reply(Error(code=ErrorCode.REFRESH_UNSUPPORTED, id=event.id, ref=event.OP,
+                             message="this session's credential cannot be refreshed "
+                                     f"([auth] mode {self.broker.config.auth.mode})"))
+            return
+        if self.expires_at <= trio.current_time():
+            self.expired()  # too late: what the watchdog would have done at its next round
+            return
+        try:
+            principal = access.refresh(self.principal, event.auth)
+        except AuthFailed as e:
+            self._auth_failed(e.reason, event.OP)
+            self.reply(Error(code=ErrorCode.UNAUTHORIZED, id=event.id, ref=event.OP,
+                             message=f"refresh failed: {e.reason}"))
+            self.close_soon(CloseCode.UNAUTHORIZED, "unauthorized")
+            return
+        self._adopt(principal)
+        self.log.info("security.refreshed", ttl=self._ttl())
+        self.reply(Refreshed(id=event.id, ttl=self._ttl()))
+        await self._end_subscriptions_not_allowed()
+
+    async def _end_subscriptions_not_allowed(self) -> None:
+        """End each subscription whose filter the (new) rights no longer cover, telling the
+        client with `forbidden` naming the subscription, in order with its deliveries."""
+        permissions = self.permissions
+        if permissions.everything:
+            return
+        filters = self.broker.index.filters_of(self)
+        for sub, filter in list(filters.items()):
+            if permissions.allows_filter(Operation.SUBSCRIBE, filter):
+                continue
+            notice = Error(code=ErrorCode.FORBIDDEN, id=sub, ref=Subscribe.OP,
+                           message="subscription ended: the refreshed credential does not "
+                                   f"allow subscribe on {filter!r}")
+            await self.broker.end_subscription(self, sub, notice)
+            self.log.info("security.subscription_ended", sub=sub, filter=_loggable(filter))
 
     # --- authorization ([auth]) ----------------------------------------------------------------
 
@@ -587,7 +656,7 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -616,7 +685,8 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh
+                  ) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
