@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -191,10 +192,11 @@ def token_config() -> Config:
 
 
 @asynccontextmanager
-async def session_of(url: str, auth: str | None) -> AsyncIterator[tuple[RawSession, Any]]:
+async def session_of(url: str, auth: str | None, *, ssl_context: ssl.SSLContext | None = None
+                     ) -> AsyncIterator[tuple[RawSession, Any]]:
     """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
     async with trio.open_nursery() as nursery:
-        ws = await connect_websocket_url(nursery, url)
+        ws = await connect_websocket_url(nursery, url, ssl_context=ssl_context)
         session = RawSession(ws, ClientConnection())
         await session.send_frame(session.connection.hello("raw", auth))
         try:

@@ -501,7 +501,8 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
         # One error (the application's own, or ConnectError) comes out as itself, so that
         # `except InvalidTopic:` around the block works as it reads.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            error = group.exceptions[0]
+            raise error from error.__cause__  # (ConnectError's cause says why)
         raise
 
 
