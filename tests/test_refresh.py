@@ -378,6 +378,9 @@ async def test_a_failing_provider_fails_the_connection_attempt(tmp_path: Path) -
                 pass
         assert isinstance(raised.value.__cause__, CredentialError)
         assert broker.broker.counters["sessions_opened"] == 0
+        with pytest.raises(ConnectError, match="must be an async callable"):
+            async with connect(broker.url, auth=lambda: "a-sync-provider"):  # type: ignore[arg-type,return-value]
+                pass
 
 
 async def test_a_subscription_ended_by_a_refresh_raises_forbidden_in_the_client(

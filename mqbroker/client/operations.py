@@ -15,6 +15,7 @@ the credential ahead of its expiry without reconnecting.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -97,7 +98,13 @@ class Operations(Generic[SubscriptionT]):
         if self.credentials is None:
             return
         try:
-            credential = await self.credentials()
+            pending = self.credentials()
+            if not inspect.isawaitable(pending):
+                raise CredentialError("the credential provider must be an async callable; it "
+                                      f"returned {type(pending).__name__} without awaiting")
+            credential = await pending
+        except CredentialError:
+            raise
         except Exception as e:
             raise CredentialError(f"the credential provider failed: {e!r}") from e
         if not isinstance(credential, str):
