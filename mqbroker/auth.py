@@ -3,9 +3,13 @@
 `[auth] mode` picks an `Authenticator`: "anonymous" lets everyone in with every right (the
 embedded default, bound to 127.0.0.1); "token" takes static tokens from the config, stored as
 their SHA-256 so that the config file never holds a usable secret; "jwt" verifies JSON Web
-Tokens (PyJWT) with a key file; any other name is a plugin's scheme (mqbroker.plugins: the
-broker opens it and hands it to `access_of`). A scheme is any object with an async
+Tokens (PyJWT) with a key file; "mtls" takes the principal from the subject CN of the client
+certificate the TLS handshake verified; any other name is a plugin's scheme (mqbroker.plugins:
+the broker opens it and hands it to `access_of`). A scheme is any object with an async
 `authenticate` (the `Authenticator` protocol); the built-in ones never wait.
+
+A credential given in `hello` (token, jwt) can be replaced in the open session by `refresh`:
+`Access.refresh` checks it names the same principal (see docs/security.md).
 
 Authorization is per role, `[auth.roles.NAME]`: for each operation a list of MQTT filters, with
 `{principal}` and `{session}` substituted from the credential. A topic is allowed when one
@@ -198,6 +202,22 @@ class Permissions:
         self._cache[key] = decision
 
 
+@frozen
+class CertificateAuthenticator:
+    """Mode "mtls": the credential is the subject CN of the verified client certificate (the
+    session passes it in, not the hello), known when listed in `[[auth.identities]]`."""
+
+    principals: Mapping[str, Principal]
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        if credential is None:
+            raise AuthFailed("no client certificate with one subject common name")
+        principal = self.principals.get(credential)
+        if principal is None:
+            raise AuthFailed("unknown client certificate")
+        return principal
+
+
 def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]]]
                   ) -> dict[str, Principal]:
     """(sha256, principal, roles, sessions) rows as TokenAuthenticator takes them."""
@@ -207,6 +227,9 @@ def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]
 
 #: Principals whose permissions (and so decision caches) are kept, shared by their sessions.
 PRINCIPALS_CACHE = 1024
+#: A longer credential is refused before it is looked at: the longest real JWT is a few KiB,
+#: and one of a frame's size would cost its decoding for nothing.
+MAX_CREDENTIAL_CHARS = 16 * 1024
 
 
 @frozen
@@ -225,11 +248,35 @@ class Access:
     #: it. None for the built-in ones, which never wait: they are called without a cancel
     #: scope, and what they return is not checked again (about 10 us less per hello).
     timeout: float | None = None
+    #: Mode "mtls": the credential is the client certificate's name, not the hello's `auth`.
+    by_certificate: bool = False
     _shared: dict[Principal, Permissions] = field(factory=dict, eq=False, repr=False)
 
     @classmethod
     def anyone(cls, rates: Rates | None = None) -> Access:
         return cls(AnonymousAuthenticator(), {}, anonymous=True, rates=rates or Rates())
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether a session's credential can be replaced with `refresh`: only one the client
+        sent (token, jwt); anonymous sessions have none, a certificate is the connection's."""
+        return not self.anonymous and not self.by_certificate
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        """The principal `credential` names; raises AuthFailed (with a reason to log). A
+        plugin's answer is the caller's to bound (`timeout`) and check (`checked_principal`)."""
+        if (credential is not None and len(credential) > MAX_CREDENTIAL_CHARS
+                and not self.anonymous):
+            raise AuthFailed(f"credential longer than {MAX_CREDENTIAL_CHARS} characters")
+        return await self.authenticator.authenticate(credential)
+
+    @staticmethod
+    def refreshed(current: Principal, new: Principal) -> Principal:
+        """`new`, the principal a session's new credential names, if it is the session's
+        `current` one (its roles, sessions and expiry may differ). Raises AuthFailed."""
+        if new.name != current.name:
+            raise AuthFailed("credential for another principal")
+        return new
 
     def permissions(self, principal: Principal) -> Permissions:
         """The principal's permissions; sessions of one principal share them (and the cache)."""
@@ -371,12 +418,18 @@ def access_of(config: Config, plugin: Authenticator | None = None) -> Access:
     role_rates = {name: Rates.of(attrs.evolve(config.limits, **role.limits.overrides()))
                   for name, role in auth.roles.items() if role.limits.overrides()}
     return Access(_authenticator(auth, plugin), roles, rates=rates, role_rates=role_rates,
-                  timeout=None if plugin is None else auth.authenticate_timeout)
+                  timeout=None if plugin is None else auth.authenticate_timeout,
+                  by_certificate=auth.mode == "mtls")
 
 
 def _authenticator(config: AuthConfig, plugin: Authenticator | None) -> Authenticator:
     if config.mode == "jwt":
         return jwt_authenticator(config)
+    if config.mode == "mtls":
+        return CertificateAuthenticator({
+            identity.principal: Principal(name=identity.principal, roles=tuple(identity.roles),
+                                          sessions=tuple(identity.sessions))
+            for identity in config.identities})
     if config.mode == "token":
         return TokenAuthenticator(principals_of(
             (token.sha256, token.principal, token.roles, token.sessions)

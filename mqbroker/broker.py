@@ -438,14 +438,31 @@ class Broker:
             return Replay(messages=(), gap=Gap.UNAVAILABLE)
 
     async def unsubscribe(self, session: Session, event: Unsubscribe) -> None:
-        removed = self.index.remove(session, event.id)
+        removed = self._remove(session, event.id)
         if removed is None:
             session.reply(_error(ErrorCode.UNKNOWN_SUBSCRIPTION,
                                  f"no subscription with id {event.id}", event))
             return
-        self._stop_holding(session, event.id)
         session.reply(UnsubAck(id=event.id))
-        await self._unwatch(removed[0])
+        await self._unwatch(removed)
+
+    async def end_subscription(self, session: Session, sub: int, notice: Error) -> None:
+        """End subscription `sub` of `session` on the broker's initiative (its principal lost
+        the right, say), telling the client with `notice` after the deliveries queued for it."""
+        removed = self._remove(session, sub)
+        if removed is None:
+            return
+        session.signal(notice)
+        await self._unwatch(removed)
+
+    def _remove(self, session: Session, sub: int) -> str | None:
+        """Drop subscription `sub` from the index (and any replay of it); its filter, or None
+        when the session had none with that id."""
+        removed = self.index.remove(session, sub)
+        if removed is None:
+            return None
+        self._stop_holding(session, sub)
+        return removed[0]
 
     async def _unwatch(self, filter: str) -> None:
         try:

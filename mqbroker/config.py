@@ -317,7 +317,7 @@ class MetricsConfig:
 
 
 #: The modes built in; any other `[auth] mode` names an installed plugin (mqbroker.plugins).
-BUILT_IN_AUTH_MODES = ("anonymous", "token", "jwt")
+BUILT_IN_AUTH_MODES = ("anonymous", "token", "jwt", "mtls")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
 _PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
@@ -400,6 +400,16 @@ class RoleLimitsConfig:
 
 
 @frozen(kw_only=True)
+class IdentityConfig:
+    """One client certificate of `[[auth.identities]]` (mode "mtls"): the subject common name
+    (CN) it must carry, which is the principal, with its roles and session ids."""
+
+    principal: str = field(validator=_principal)
+    roles: tuple[str, ...] = ()
+    sessions: tuple[str, ...] = field(default=(), validator=_sessions)
+
+
+@frozen(kw_only=True)
 class RoleConfig:
     """`[auth.roles.NAME]`: the filters each right covers, and the role's own rate limits."""
 
@@ -411,8 +421,9 @@ class RoleConfig:
 
 
 def _known_roles(instance: Any, attribute: attrs.Attribute[Any],
-                 value: tuple[TokenConfig, ...]) -> None:
-    """A token naming a role that no [auth.roles.NAME] defines is a typo, not "no rights"."""
+                 value: tuple[TokenConfig | IdentityConfig, ...]) -> None:
+    """A token (or identity) naming a role that no [auth.roles.NAME] defines is a typo, not
+    "no rights"."""
     for index, token in enumerate(value):
         for position, role in enumerate(token.roles):
             if role not in instance.roles:
@@ -438,6 +449,27 @@ _MODE = _NonEmpty(f"{', '.join(repr(m) for m in BUILT_IN_AUTH_MODES)} or an inst
                   "plugin's name")
 
 
+def _unique_identities(instance: Any, attribute: attrs.Attribute[Any],
+                       value: tuple[IdentityConfig, ...]) -> None:
+    """One entry per certificate name: two would leave which rights apply to chance."""
+    seen: set[str] = set()
+    for index, identity in enumerate(value):
+        if identity.principal in seen:
+            raise _Invalid(f"principal {identity.principal!r} is listed twice",
+                           (attribute.name, index, "principal"))
+        seen.add(identity.principal)
+
+
+def _mtls_needs_client_certificates(instance: Any, attribute: attrs.Attribute[Any],
+                                    value: AuthConfig) -> None:
+    """Mode "mtls" names principals by verified client certificates: without a client CA the
+    listener asks for none, and every session would be refused."""
+    if value.mode == "mtls" and not instance.server.tls_client_ca:
+        raise _Invalid('mode "mtls" needs server.tls_client_ca (the CA that signs the client '
+                       "certificates), and with it server.tls_cert and server.tls_key",
+                       (attribute.name, "mode"))
+
+
 @frozen(kw_only=True)
 class AuthConfig:
     """Authentication in `hello` and authorization per request (docs/security.md)."""
@@ -447,6 +479,9 @@ class AuthConfig:
     mode: str = field(default="anonymous", validator=_MODE)
     roles: Mapping[str, RoleConfig] = field(factory=dict)
     tokens: tuple[TokenConfig, ...] = field(default=(), validator=_known_roles)
+    #: mode "mtls": the client certificates (by subject CN) that name principals.
+    identities: tuple[IdentityConfig, ...] = field(default=(), validator=[
+        _known_roles, _unique_identities])
     #: mode "jwt": exactly one of these key files (read at start by mqbroker.auth.access_of).
     jwt_secret_file: str = field(default="", validator=_one_jwt_key)
     jwt_public_key_file: str = ""
@@ -482,7 +517,8 @@ class Config:
     history: HistoryConfig = field(factory=HistoryConfig)
     fanout: FanoutConfig = field(factory=FanoutConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
-    auth: AuthConfig = field(factory=AuthConfig, validator=_auth_within_hello)
+    auth: AuthConfig = field(factory=AuthConfig,
+                             validator=[_auth_within_hello, _mtls_needs_client_certificates])
     sessions: SessionsConfig = field(factory=SessionsConfig)
     #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
     plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)

@@ -6,6 +6,7 @@ for tests that must see exact frames, errors and close codes; the others use mqb
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -105,10 +106,11 @@ async def raw_session(url: str, *, fmt: Format = Format.MSGPACK, hello: bool = T
 
 
 @asynccontextmanager
-async def session_of(url: str, auth: str | None) -> AsyncIterator[tuple[RawSession, Any]]:
+async def session_of(url: str, auth: str | None, *, ssl_context: ssl.SSLContext | None = None
+                     ) -> AsyncIterator[tuple[RawSession, Any]]:
     """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
     async with trio.open_nursery() as nursery:
-        ws = await connect_websocket_url(nursery, url)
+        ws = await connect_websocket_url(nursery, url, ssl_context=ssl_context)
         session = RawSession(ws, ClientConnection())
         await session.send_frame(session.connection.hello("raw", auth))
         try:

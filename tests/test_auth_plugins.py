@@ -187,7 +187,7 @@ def test_a_mode_naming_nothing_installed_fails_at_start(
                               "(installed: ")
         installed = err.split("(installed: ")[1].split(")")[0].split(", ")
         assert {"memory", "redis"} <= set(installed)
-        assert err.endswith("; the built-in modes are anonymous, token, jwt\n")
+        assert err.endswith("; the built-in modes are anonymous, token, jwt, mtls\n")
 
 
 def test_a_mode_naming_a_plugin_without_an_authenticator_fails_at_start(

@@ -312,7 +312,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "[auth]\nmode = ''",
-        "auth.mode: expected 'anonymous', 'token', 'jwt' or an installed plugin's name, "
+        "auth.mode: expected 'anonymous', 'token', 'jwt', 'mtls' or an installed plugin's name, "
         "got '' (str)",
         id="empty-auth-mode",
     ),

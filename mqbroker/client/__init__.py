@@ -16,22 +16,29 @@ from mqbroker.client.errors import (
     ClientError,
     ConnectError,
     ConnectionLost,
+    CredentialError,
     DuplicateSubscription,
+    Forbidden,
     InvalidFilter,
     InvalidTopic,
     MessageTooLarge,
     OutcomeUnknown,
     ProtocolViolation,
+    RateLimited,
+    RefreshUnsupported,
     SinceUnsupported,
     TooManySubscriptions,
+    Unauthorized,
     Unavailable,
     UnknownSubscription,
 )
+from mqbroker.client.operations import CredentialProvider
 
 __all__ = [
     "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
-    "ConnectionLost", "DuplicateSubscription", "Gap", "InvalidFilter", "InvalidTopic",
-    "Message", "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "Reconnect",
-    "SinceUnsupported", "Subscription", "TooManySubscriptions", "Unavailable",
+    "ConnectionLost", "CredentialError", "CredentialProvider", "DuplicateSubscription",
+    "Forbidden", "Gap", "InvalidFilter", "InvalidTopic", "Message", "MessageTooLarge",
+    "OutcomeUnknown", "ProtocolViolation", "RateLimited", "Reconnect", "RefreshUnsupported",
+    "SinceUnsupported", "Subscription", "TooManySubscriptions", "Unauthorized", "Unavailable",
     "UnknownSubscription", "connect",
 ]

@@ -34,6 +34,8 @@ from mqbroker.protocol import (
     GapNotice,
     PubAck,
     Publish,
+    Refresh,
+    Refreshed,
     Rejected,
     SubAck,
     Subscribe,
@@ -118,7 +120,17 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh)
+#: A credential is refreshed when this much of its time to live has passed...
+REFRESH_AT = 0.75
+#: ... but never sooner than this many seconds after the last refresh (or the welcome): a
+#: provider handing out tokens about to expire cannot make the client refresh in a tight loop.
+MIN_REFRESH_DELAY = 1.0
+
+
+def refresh_delay(ttl: float) -> float:
+    """Seconds to wait before refreshing a credential that expires in `ttl` seconds."""
+    return max(ttl * REFRESH_AT, MIN_REFRESH_DELAY)
 #: Frame limits assumed until a welcome says otherwise (the broker's defaults).
 _DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _ENVELOPE_BYTES = 1024
@@ -137,7 +149,8 @@ class _Subscription:
 class ClientCore:
     format: Format = Format.MSGPACK
     client_name: str = ""
-    #: The credential sent in every hello (the broker's [auth] mode); kept out of repr.
+    #: The credential sent in the next hello (the broker's [auth] mode); kept out of repr. A
+    #: credential provider's driver sets it before each connection.
     auth: str | None = field(default=None, repr=False)
     connection: ClientConnection = field(init=False)
     subscriptions: dict[int, _Subscription] = field(factory=dict)
@@ -183,8 +196,9 @@ class ClientCore:
         for key, event in sorted(self.pending.items(), key=lambda item: item[0][1]):
             if isinstance(event, Subscribe):
                 continue  # sent above, with its subscription
-            if isinstance(event, Unsubscribe):
-                # The new session never had that subscription: nothing left to undo.
+            if isinstance(event, Unsubscribe | Refresh):
+                # The new session never had that subscription: nothing left to undo. (A refresh:
+                # the new session's hello carried a current credential.)
                 del self.pending[key]
                 outcomes.append(Resolved(key, None))
             else:
@@ -200,6 +214,13 @@ class ClientCore:
         """How often to ping while connected, as the broker's welcome asks."""
         welcome = self.connection.welcome
         return float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds the session's credential had left when the broker welcomed it; None when
+        it does not expire (or no welcome yet)."""
+        welcome = self.connection.welcome
+        return welcome.ttl if welcome else None
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -374,6 +395,13 @@ class ClientCore:
         self.pending[("forget", event.id)] = event
         return event
 
+    def refresh(self, auth: str) -> Refresh:
+        """Replace the session's credential with `auth` (answered with the new ttl)."""
+        self.auth = auth
+        event = Refresh(id=next(self._ids), auth=auth)
+        self.pending[("refresh", event.id)] = event
+        return event
+
     # --- what the broker says ----------------------------------------------------------------
 
     def receive(self, frame: Frame) -> list[Outcome]:
@@ -394,6 +422,8 @@ class ClientCore:
             return self._settle(("unsubscribe", item.id), None)
         if isinstance(item, Forgot):
             return self._settle(("forget", item.id), item.topics)
+        if isinstance(item, Refreshed):
+            return self._settle(("refresh", item.id), item.ttl)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):

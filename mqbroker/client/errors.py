@@ -23,6 +23,11 @@ class ClientClosed(ClientError):
     """The client was closed; the operation cannot complete."""
 
 
+class CredentialError(ClientError):
+    """The credential provider (`connect(..., auth=provider)`) failed or returned no string:
+    a connection attempt without a credential to send fails (see `__cause__`)."""
+
+
 class BrokerError(ClientError):
     """The broker answered a request with an `error` event."""
 
@@ -86,6 +91,32 @@ class OutcomeUnknown(BrokerError):
     default_code = "outcome_unknown"
 
 
+class Unauthorized(BrokerError):
+    """The broker refused the session's credential (it closes the session: 4003)."""
+
+    default_code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(BrokerError):
+    """The principal has no right to this operation on this topic or filter; a subscription's
+    stream raises it when the broker ended the subscription after a refresh narrowed the
+    principal's rights."""
+
+    default_code = ErrorCode.FORBIDDEN
+
+
+class RateLimited(BrokerError):
+    """Over one of the session's rate limits: nothing was done; retry later."""
+
+    default_code = ErrorCode.RATE_LIMITED
+
+
+class RefreshUnsupported(BrokerError):
+    """The broker cannot refresh this session's credential (anonymous or mtls mode)."""
+
+    default_code = ErrorCode.REFRESH_UNSUPPORTED
+
+
 class ProtocolViolation(BrokerError):
     """The broker could not understand what the client sent (a client bug)."""
 
@@ -96,7 +127,7 @@ _BY_CODE: dict[str, type[BrokerError]] = {
     cls.default_code: cls
     for cls in (InvalidTopic, InvalidFilter, TooManySubscriptions, DuplicateSubscription,
                 UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable,
-                OutcomeUnknown)
+                OutcomeUnknown, Unauthorized, Forbidden, RateLimited, RefreshUnsupported)
 }
 
 

@@ -7,15 +7,42 @@ operations mean is decided here and in the sans-IO `ClientCore`.
 Cancellation (a timeout around a call, say) is defined here: a cancelled `subscribe` is undone on
 the broker, and a cancelled `publish` or `forget` is withdrawn if it was not written yet (see
 `publish`).
+
+So is the credential's life: with a credential provider, each connection's hello carries what it
+returns, and `keep_credential_fresh` (one task per connection, started by the driver) refreshes
+the credential ahead of its expiry without reconnecting.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from mqbroker.client.core import ClientCore
-from mqbroker.client.errors import ClientClosed, ConnectionLost
+from mqbroker.client.core import ClientCore, refresh_delay
+from mqbroker.client.errors import (
+    BrokerError,
+    ClientClosed,
+    ConnectionLost,
+    CredentialError,
+    RateLimited,
+)
 from mqbroker.protocol import ClientEvent, SubAck
+
+#: What `connect(..., auth=...)` takes besides a fixed string: an async callable returning the
+#: current credential (it may fetch one from an identity provider). Awaited in the client's own
+#: event loop (trio or asyncio) before each connection and each refresh.
+CredentialProvider = Callable[[], Awaitable[str]]
+
+
+def split_credential(auth: str | CredentialProvider | None
+                     ) -> tuple[str | None, CredentialProvider | None]:
+    """`connect`'s `auth` as (a fixed credential, a provider): one of them, or neither."""
+    if auth is None or isinstance(auth, str):
+        return auth, None
+    if not callable(auth):
+        raise TypeError(f"auth must be a string or an async callable, not {type(auth).__name__}")
+    return None, auth
 
 
 class _Stream(Protocol):
@@ -34,6 +61,8 @@ class Operations(Generic[SubscriptionT]):
     failure: ConnectionLost | None
     _closed: bool
     _streams: dict[int, Any]
+    #: Gives the credential of each hello and refresh; None: `core.auth` is fixed (or absent).
+    credentials: CredentialProvider | None
 
     # --- what each driver provides ---------------------------------------------------------
 
@@ -56,6 +85,57 @@ class Operations(Generic[SubscriptionT]):
     def _offer(self, event: ClientEvent) -> bool:
         """Queue `event` if there is room, without waiting; whether it was queued."""
         raise NotImplementedError
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait `seconds` (trio.sleep or asyncio.sleep)."""
+        raise NotImplementedError
+
+    # --- the credential ------------------------------------------------------------------------
+
+    async def current_credential(self) -> None:
+        """Before a connection's hello: take the provider's current credential (when there is a
+        provider). Raises CredentialError when it fails: that connection attempt fails."""
+        if self.credentials is None:
+            return
+        try:
+            pending = self.credentials()
+            if not inspect.isawaitable(pending):
+                raise CredentialError("the credential provider must be an async callable; it "
+                                      f"returned {type(pending).__name__} without awaiting")
+            credential = await pending
+        except CredentialError:
+            raise
+        except Exception as e:
+            raise CredentialError(f"the credential provider failed: {e!r}") from e
+        if not isinstance(credential, str):
+            raise CredentialError("the credential provider returned "
+                                  f"{type(credential).__name__}, not a string")
+        self.core.auth = credential
+
+    async def keep_credential_fresh(self) -> None:
+        """One connection's refresh loop (its driver runs it beside the reader, and cancels it
+        with the connection): while the broker says the credential expires (a `ttl`) and a
+        provider can give a new one, refresh at 3/4 of the time left (not sooner than 1 s).
+
+        A provider that fails, or a `rate_limited` answer, is tried again at 3/4 of the time
+        still left. Any other refusal ends the loop: `unauthorized` closes the session, and the
+        reconnect asks the provider again; `refresh_unsupported` means there is no expiry to
+        beat."""
+        if self.credentials is None:
+            return
+        ttl = self.core.ttl
+        while ttl is not None:
+            delay = refresh_delay(ttl)
+            await self._sleep(delay)
+            try:
+                await self.current_credential()
+                assert self.core.auth is not None
+                event = self.core.refresh(self.core.auth)
+                ttl = await self._request(("refresh", event.id), event)
+            except (CredentialError, RateLimited):
+                ttl = max(ttl - delay, 0.0)  # again, with the time still left
+            except BrokerError:
+                return
 
     # --- the operations ----------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ __all__ = [
     "Pong",
     "PubAck",
     "Publish",
+    "Refresh",
+    "Refreshed",
     "ServerEvent",
     "SubAck",
     "Subscribe",
@@ -72,6 +74,9 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     # The session's principal has no right to this operation on this topic or filter ([auth]).
     FORBIDDEN = "forbidden"
+    # A `refresh` where the session's credential cannot be refreshed: anonymous mode, or a
+    # principal named by the client certificate (mode mtls). The session stays open.
+    REFRESH_UNSUPPORTED = "refresh_unsupported"
 
 
 class CloseCode(enum.IntEnum):
@@ -86,7 +91,8 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013  # the hello's authenticator did not answer in time
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version
     IDLE_TIMEOUT = 4001  # nothing received for idle_timeout seconds
-    UNAUTHORIZED = 4003  # the hello had no valid `auth` credential ([auth] mode token)
+    #: The hello (or a refresh) had no valid credential, or the session's credential expired.
+    UNAUTHORIZED = 4003
     SLOW_CONSUMER = 4008  # the outbox overflowed under the `disconnect` policy
     RATE_LIMITED = 4029  # max_violations of the rate limits within violation_window
 
@@ -139,6 +145,16 @@ class Forget:
 
 
 @frozen(kw_only=True)
+class Refresh:
+    """A new credential for the open session, before the current one expires ([auth])."""
+
+    OP: ClassVar[str] = "refresh"
+    id: int
+    #: The new credential (a JWT, a static token). Never logged, never echoed.
+    auth: str = field(repr=False)
+
+
+@frozen(kw_only=True)
 class Ping:
     OP: ClassVar[str] = "ping"
     id: int | None = None
@@ -159,6 +175,9 @@ class Welcome:
     limits: dict[str, Any] = field(factory=dict)
     #: Who the session authenticated as; absent in anonymous mode.
     principal: str | None = None
+    #: Seconds until the broker closes the session (4003) unless it sends a `refresh`;
+    #: absent when the credential does not expire.
+    ttl: float | None = None
 
 
 @frozen(kw_only=True)
@@ -188,6 +207,16 @@ class Forgot:
     OP: ClassVar[str] = "forgot"
     id: int
     topics: int
+
+
+@frozen(kw_only=True)
+class Refreshed:
+    """The answer to `refresh`: the new credential is the session's from now on."""
+
+    OP: ClassVar[str] = "refreshed"
+    id: int
+    #: As in `welcome`: seconds until the session must refresh again; absent: never.
+    ttl: float | None = None
 
 
 @frozen(kw_only=True)
@@ -240,15 +269,17 @@ class Error:
     ref: str | None = None
 
 
-ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping
+ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping
 ServerEvent = (
-    Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | GapNotice | Error
+    Welcome | SubAck | UnsubAck | PubAck | Forgot | Refreshed | Pong | Delivery | Dropped
+    | GapNotice | Error
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
-    Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, GapNotice, Error,
+    Welcome, SubAck, UnsubAck, PubAck, Forgot, Refreshed, Pong, Delivery, Dropped, GapNotice,
+    Error,
 )

@@ -46,6 +46,8 @@ from mqbroker.protocol import (
     Ping,
     Pong,
     Publish,
+    Refresh,
+    Refreshed,
     Rejected,
     ServerConnection,
     ServerEvent,
@@ -80,6 +82,10 @@ PUBLISH_RUN = 100
 #: one read of 64 KiB can hold dozens of small frames of a thousand requests each (invalid
 #: ones, say), and handled in one go they held the loop for a quarter of a second.
 REQUEST_RUN = 100
+#: What a hello or refresh is told when a plugin's authenticator did not answer in time, or
+#: failed (the reason stays in the log).
+AUTH_UNAVAILABLE = "authentication unavailable: no answer in time"
+AUTH_ERROR = "authentication failed unexpectedly"
 
 
 @define(eq=False)
@@ -322,37 +328,34 @@ class Session:
             return None
         welcome = self.broker.welcome(self.id, self.rates)
         if not self.permissions.everything:
-            welcome = attrs.evolve(welcome, principal=self.principal.name)
+            welcome = attrs.evolve(welcome, principal=self.principal.name, ttl=self._ttl())
         self.connection.write(self.ws.send(self.protocol.encode(welcome)))
         return events
 
     async def _authenticate(self, credential: str | None) -> bool:
-        """Check the hello's credential; when it names no principal, refuse the session: 4003
-        for a credential that is not valid, 1013 when the authenticator did not answer within
-        authenticate_timeout, 1011 when it failed otherwise (a plugin's fault)."""
+        """Check the hello's credential (mode mtls: the client certificate's name); when it
+        names no principal, refuse the session: 4003 for a credential that is not valid, 1013
+        when the authenticator did not answer within authenticate_timeout, 1011 when it failed
+        otherwise (a plugin's fault)."""
         access = self.broker.access
+        if access.by_certificate:
+            credential = self.connection.client_common_name()
         try:
             principal = await self._principal(credential)
         except AuthFailed as e:
-            self.broker.counters["security_auth_failed"] += 1
-            # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
-            self.log.warning("security.auth_failed", reason=e.reason)
+            self._auth_failed(e.reason, "hello")
             await self._refuse_hello(ErrorCode.UNAUTHORIZED,
                                      f"authentication failed: {e.reason}",
                                      CloseCode.UNAUTHORIZED, "unauthorized")
             return False
         except trio.TooSlowError:
-            self.broker.counters["security_auth_unavailable"] += 1
-            self.log.warning("security.auth_unavailable", timeout=access.timeout)
-            await self._refuse_hello(ErrorCode.UNAVAILABLE,
-                                     "authentication unavailable: no answer in time",
+            self._auth_unavailable("hello")
+            await self._refuse_hello(ErrorCode.UNAVAILABLE, AUTH_UNAVAILABLE,
                                      CloseCode.TRY_AGAIN_LATER, "try again later")
             return False
         except Exception as e:
-            self.broker.counters["security_auth_errors"] += 1
-            self.log.error("security.auth_error", error=type(e).__name__,
-                           message=_masked(str(e), credential))
-            await self._refuse_hello(ErrorCode.INTERNAL, "authentication failed unexpectedly",
+            self._auth_error(e, credential, "hello")
+            await self._refuse_hello(ErrorCode.INTERNAL, AUTH_ERROR,
                                      CloseCode.INTERNAL_ERROR, "internal error")
             return False
         self._admit(principal)
@@ -362,27 +365,49 @@ class Session:
         """Who the credential names: a plugin's answer is bounded by its timeout and checked."""
         access = self.broker.access
         if access.timeout is None:  # a built-in scheme: it never waits
-            return await access.authenticator.authenticate(credential)
+            return await access.authenticate(credential)
         with trio.fail_after(access.timeout):
-            answer = await access.authenticator.authenticate(credential)
+            answer = await access.authenticate(credential)
         return checked_principal(answer)
 
     def _admit(self, principal: Principal) -> None:
-        """The session is `principal`'s: its permissions, rate limits and expiry."""
+        """From now on the session is `principal`'s: its rights, rate limits and expiry (at
+        the hello, and again at each refresh)."""
         access = self.broker.access
         self.principal = principal
         self.permissions = access.permissions(principal)
-        self.rates = access.rates_of(principal)
-        if self.rates.session_limited:
-            self._limits = SessionLimits.of(self.rates)
-        if principal.expires is not None:
-            self.expires_at = trio.current_time() + (principal.expires - time.time())
+        rates = access.rates_of(principal)
+        if rates != self.rates or self._limits is None:  # a refresh keeps unchanged buckets
+            self.rates = rates
+            self._limits = SessionLimits.of(rates) if rates.session_limited else None
+        self.expires_at = (math.inf if principal.expires is None
+                           else trio.current_time() + (principal.expires - time.time()))
         self.log = self.log.bind(principal=principal.name)
 
     async def _refuse_hello(self, code: ErrorCode, message: str, close: CloseCode,
                             reason: str) -> None:
         error = Error(code=code, ref="hello", message=message)
         await self._refuse(self.protocol.encode(error), close, reason)
+
+    def _ttl(self) -> float | None:
+        """Seconds until the credential expires (what `welcome` and `refreshed` say)."""
+        if self.expires_at == math.inf:
+            return None
+        return round(max(self.expires_at - trio.current_time(), 0.0), 3)
+
+    def _auth_failed(self, reason: str, op: str) -> None:
+        self.broker.counters["security_auth_failed"] += 1
+        # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
+        self.log.warning("security.auth_failed", reason=reason, op=op)
+
+    def _auth_unavailable(self, op: str) -> None:
+        self.broker.counters["security_auth_unavailable"] += 1
+        self.log.warning("security.auth_unavailable", timeout=self.broker.access.timeout, op=op)
+
+    def _auth_error(self, error: Exception, credential: str | None, op: str) -> None:
+        self.broker.counters["security_auth_errors"] += 1
+        self.log.error("security.auth_error", error=type(error).__name__,
+                       message=_masked(str(error), credential), op=op)
 
     async def refuse(self, code: CloseCode, reason: str) -> None:
         """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
@@ -507,6 +532,8 @@ class Session:
             await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
+        if self.closing is not None:
+            return  # closing (an unauthorized refresh, say): the rest of the frame is not done
         if self._limits is not None:
             run = self._admitted(run)
             if not run:
@@ -531,6 +558,8 @@ class Session:
         self.flush()
 
     async def _handle_one(self, event: Any) -> None:
+        if self.closing is not None:
+            return  # as in _publish
         if self._publishes is not None:
             await self._publishes.drained()  # every request after the publishes before it
         if type(event) is Ping:
@@ -538,9 +567,65 @@ class Session:
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
-            if self.permissions.everything or self._may(event):
+            if type(event) is Refresh:
+                await self._refresh(event)
+            elif self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
+
+    # --- refreshing the credential ([auth] modes token and jwt) --------------------------------
+
+    async def _refresh(self, event: Refresh) -> None:
+        """Replace the session's credential: the same principal, maybe other rights and expiry.
+        A credential that is not valid, or names another principal, closes the session (4003),
+        as it would have refused the hello; subscriptions the new rights no longer allow end."""
+        access = self.broker.access
+        if not access.refreshable:
+            self.reply(Error(code=ErrorCode.REFRESH_UNSUPPORTED, id=event.id, ref=event.OP,
+                             message="this session's credential cannot be refreshed "
+                                     f"([auth] mode {self.broker.config.auth.mode})"))
+            return
+        if self.expires_at <= trio.current_time():
+            self.expired()  # too late: what the watchdog would have done at its next round
+            return
+        try:
+            principal = access.refreshed(self.principal, await self._principal(event.auth))
+        except AuthFailed as e:
+            self._auth_failed(e.reason, event.OP)
+            self.reply(Error(code=ErrorCode.UNAUTHORIZED, id=event.id, ref=event.OP,
+                             message=f"refresh failed: {e.reason}"))
+            self.close_soon(CloseCode.UNAUTHORIZED, "unauthorized")
+            return
+        except trio.TooSlowError:  # a plugin's: the session keeps its current credential
+            self._auth_unavailable(event.OP)
+            self.reply(Error(code=ErrorCode.UNAVAILABLE, id=event.id, ref=event.OP,
+                             message=AUTH_UNAVAILABLE))
+            return
+        except Exception as e:
+            self._auth_error(e, event.auth, event.OP)
+            self.reply(Error(code=ErrorCode.INTERNAL, id=event.id, ref=event.OP,
+                             message=AUTH_ERROR))
+            return
+        self._admit(principal)
+        self.log.info("security.refreshed", ttl=self._ttl())
+        self.reply(Refreshed(id=event.id, ttl=self._ttl()))
+        await self._end_subscriptions_not_allowed()
+
+    async def _end_subscriptions_not_allowed(self) -> None:
+        """End each subscription whose filter the (new) rights no longer cover, telling the
+        client with `forbidden` naming the subscription, in order with its deliveries."""
+        permissions = self.permissions
+        if permissions.everything:
+            return
+        filters = self.broker.index.filters_of(self)
+        for sub, filter in list(filters.items()):
+            if permissions.allows_filter(Operation.SUBSCRIBE, filter):
+                continue
+            notice = Error(code=ErrorCode.FORBIDDEN, id=sub, ref=Subscribe.OP,
+                           message="subscription ended: the refreshed credential does not "
+                                   f"allow subscribe on {filter!r}")
+            await self.broker.end_subscription(self, sub, notice)
+            self.log.info("security.subscription_ended", sub=sub, filter=_loggable(filter))
 
     # --- authorization ([auth]) ----------------------------------------------------------------
 
@@ -632,7 +717,7 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -661,7 +746,8 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh
+                  ) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
