@@ -132,13 +132,30 @@ class PostgresServer:
             process.wait()
 
     def pause(self) -> None:
-        """SIGSTOP the postmaster: it accepts no new connection until `resume`."""
-        assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
+        """SIGSTOP the server's every process: it keeps its connections but answers nothing
+        (not even new connections) until `resume`."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        """SIGCONT a paused server: it then runs what it was sent meanwhile."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (each backend is a session of its own: Linux's
+        /proc tells them by their parent)."""
         assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
+        postmaster = self._process.pid
+        children = []
+        for entry in os.listdir("/proc"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except (OSError, ValueError):
+                continue  # not a process, or gone
+            if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(entry))
+        return [postmaster, *children]
 
     def close(self) -> None:
         """Stop the server and remove its directory."""
