@@ -36,6 +36,10 @@ from .database import Database, Transaction
 CHUNK = 500
 _COLUMNS = "id, user_name, state, created, updated, expires, ttl, metadata, version"
 _LIVE = "state IN ('pending', 'active', 'suspended')"
+#: The same test, which no index can serve: for statements that find their rows by id. With
+#: `_LIVE` there, PostgreSQL without statistics yet (a new table) scanned every live row
+#: through the state index (1,700 touches/s at 10,000 sessions, batches of 100).
+_LIVE_ROW = "(state || '') IN ('pending', 'active', 'suspended')"
 _ENDED = "state IN ('expired', 'invalidated')"
 assert {s.value for s in ENDED} == {"expired", "invalidated"}
 _PRESENCE_COLUMNS = "session, instance, connection, client, principal, expires"
@@ -114,7 +118,7 @@ class SqlSessions:
             for chunk in _chunks(list(dict.fromkeys(ids))):
                 rows = tx.rows(
                     f"UPDATE mqb_sessions SET {setting}, updated = ?, version = version + 1 "
-                    f"WHERE id IN ({_marks(len(chunk))}) AND {_LIVE}{where} "
+                    f"WHERE id IN ({_marks(len(chunk))}) AND {_LIVE_ROW}{where} "
                     f"RETURNING {_COLUMNS}",
                     (*values, now, *chunk, *scope),
                 )
