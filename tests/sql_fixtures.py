@@ -53,7 +53,9 @@ async def fresh_sqlite(**settings: Any) -> AsyncIterator[SqlSettings]:
 @asynccontextmanager
 async def fresh_postgresql(**settings: Any) -> AsyncIterator[SqlSettings]:
     """Settings for a new database on the contract server, dropped afterwards."""
-    server = await trio.to_thread.run_sync(contract_postgres)
+    # Started on this (the main) thread, not a worker: the server's parent-death signal
+    # fires when the thread that started it ends, and trio retires idle worker threads.
+    server = contract_postgres()
     url = await trio.to_thread.run_sync(server.create_database)
     try:
         yield SqlSettings(url=url, **settings)
