@@ -92,6 +92,13 @@ def contract_broker_plugins() -> dict[str, Any]:
 
 
 @asynccontextmanager
+async def fresh_registry_settings() -> AsyncIterator[RedisSettings]:
+    """Settings for a fresh, empty session registry: a key prefix of its own on the contract
+    server (which is stopped, with everything on it, at exit)."""
+    yield settings_for(contract_server())
+
+
+@asynccontextmanager
 async def open_contract_history(config: HistoryConfig) -> AsyncIterator[RedisHistory]:
     async with open_redis_history(settings_for(contract_server()), config) as history:
         yield history

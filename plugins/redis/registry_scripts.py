@@ -202,7 +202,8 @@ return reply(id, r)
 """
 
 # ARGV: prefix, scoped, user, state ('' for any), after ('' from the first), limit.
-# Walks the smallest index that holds every match, in id order; answers {next or nil, records}.
+# Walks the smallest index that holds every match, in id order, up to one match past the
+# page (proof that a next page exists); answers {next or nil, records}.
 _LIST = r"""
 local scoped, user, state, after = ARGV[2] == '1', ARGV[3], ARGV[4], ARGV[5]
 local limit = tonumber(ARGV[6])
@@ -216,22 +217,21 @@ elseif state ~= '' then
   source = of_state(state)
 end
 local start = after == '' and '-' or '(' .. after
-local records, last = {}, false
-while not last do
-  local chunk = math.min(1000, math.max(64, limit - #records))
+local records, more = {}, false
+while not more do
+  local chunk = math.min(1000, math.max(64, limit + 1 - #records))
   local ids = redis.call('ZRANGEBYLEX', source, start, '+', 'LIMIT', 0, chunk)
   for _, id in ipairs(ids) do
     local r = find(id, scoped, user)
     if r and (state == '' or r[STATE] == state) then
+      if #records == limit then more = true; break end
       records[#records + 1] = reply(id, r)
-      if #records == limit then last = id; break end
     end
   end
   if #ids < chunk then break end
   start = '(' .. ids[#ids]
 end
-local more = last and #redis.call('ZRANGEBYLEX', source, '(' .. last, '+', 'LIMIT', 0, 1) > 0
-return {more and last or false, records}
+return {more and records[#records][1] or false, records}
 """
 
 # ARGV: prefix, now, limit, retain. Takes due sessions one at a time in (expires, id) order:
@@ -283,7 +283,7 @@ for i = 2, #ARGV, 4 do
   redis.call('HSET', key_of(session), field, ARGV[i + 2])
   redis.call('ZADD', DUE, ARGV[i + 3], member(session, field))
 end
-return #ARGV
+return {}
 """
 
 # ARGV: prefix, then (session, field) per entry.
@@ -293,7 +293,7 @@ for i = 2, #ARGV, 2 do
   redis.call('HDEL', key_of(session), field)
   redis.call('ZREM', DUE, member(session, field))
 end
-return #ARGV
+return {}
 """
 
 # ARGV: prefix, now, limit. Answers {session, field, value} per entry removed.
