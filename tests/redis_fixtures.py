@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
+import redis
 import trio
 from attrs import define, field
 
@@ -66,6 +67,23 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_settings(redis_server: RedisServer) -> RedisSettings:
     """Plugin settings for `redis_server`."""
     return settings_for(redis_server)
+
+
+def reset_stats(server: RedisServer) -> None:
+    """Zero the server's command statistics (see `command_calls`)."""
+    with redis.Redis.from_url(server.url) as client:
+        client.config_resetstat()
+
+
+def command_calls(server: RedisServer) -> dict[str, int]:
+    """Commands the server ran since `reset_stats`, by name, those inside scripts included
+    (INFO and CONFIG RESETSTAT themselves aside)."""
+    with redis.Redis.from_url(server.url) as client:
+        stats = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    calls.pop("info", None)
+    calls.pop("config|resetstat", None)
+    return calls
 
 
 # --- The contract backends' server ----------------------------------------------------------

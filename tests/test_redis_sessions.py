@@ -4,8 +4,9 @@ and honest when Redis goes away.
 The memory store is the reference: hypothesis drives both through the same operations (user
 scoping, every transition, touches, metadata, paging, reaping on a fake clock) and every
 answer must be equal, record for record. The rest pins what only a shared store can get
-wrong: two instances racing on one session, two reapers, batches in one round trip, and a
-Redis killed mid-operation, then restarted empty. Every server is a private redis-server.
+wrong: batches in one round trip, hostile ids and users as data, and a Redis stopped,
+paused, or killed mid-operation, then restarted empty. Racing instances are the contract
+suite's (tests/contract). Every server is a private redis-server.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from mqbroker.sessions import (
 )
 from mqbroker_plugins.memory import MemorySessions
 from mqbroker_plugins.redis import RedisSessions, RedisSettings, open_redis_sessions
-from tests.redis_fixtures import WAIT, contract_server, redis_server, redis_settings, settings_for
+from tests.redis_fixtures import (
+    WAIT,
+    command_calls,
+    contract_server,
+    redis_server,
+    redis_settings,
+    reset_stats,
+    settings_for,
+)
 from tests.redis_server import RedisServer
 
 __all__ = ["redis_server", "redis_settings"]  # fixtures used by name below
@@ -156,66 +165,6 @@ async def test_the_redis_store_answers_as_the_memory_store_does(
 # --- Focused behaviours ----------------------------------------------------------------------
 
 
-async def test_two_instances_racing_one_transition_exactly_one_wins() -> None:
-    """Two instances (two stores, each with its own connections) activate the same pending
-    sessions at once: for each session exactly one succeeds, the other is refused with
-    IllegalTransition, and the record's version went up by one."""
-    settings = settings_for(contract_server())
-    async with open_store(settings) as first, open_store(settings) as second:
-        names = [f"s{n}" for n in range(40)]
-        for name in names:
-            await first.create(record(name))
-        outcomes: dict[str, list[str]] = {name: [] for name in names}
-
-        async def activate(store: RedisSessions, name: str) -> None:
-            try:
-                await store.change(name, "alice", NOW + 1, state=SessionState.ACTIVE)
-                outcomes[name].append("won")
-            except IllegalTransition:
-                outcomes[name].append("refused")
-
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                for name in names:
-                    nursery.start_soon(activate, first, name)
-                    nursery.start_soon(activate, second, name)
-        assert all(sorted(outcome) == ["refused", "won"] for outcome in outcomes.values())
-        records = await second.get(names, None)
-        assert {(r.state, r.version) for r in records if r} == {(SessionState.ACTIVE, 2)}
-
-
-async def test_two_reapers_reap_each_session_exactly_once() -> None:
-    """Two instances reap 600 due sessions at once in small rounds: each session is expired
-    by exactly one of them, then purged by exactly one of them, and nothing is left."""
-    settings = settings_for(contract_server())
-    async with open_store(settings) as first, open_store(settings) as second:
-        names = [f"s{n:03}" for n in range(600)]
-        for name in names:
-            await first.create(record(name, expires=NOW + n_of(name) / 100))
-        expired: list[str] = []
-        purged: list[str] = []
-
-        async def reaper(store: RedisSessions) -> None:
-            while True:
-                reaped = await store.reap(NOW + 10, limit=25, retain=0.0)
-                if not reaped.expired and not reaped.purged:
-                    return
-                expired.extend(r.id for r in reaped.expired)
-                purged.extend(r.id for r in reaped.purged)
-
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(reaper, first)
-                nursery.start_soon(reaper, second)
-        assert sorted(expired) == names
-        assert sorted(purged) == names
-        assert sum((await first.counts()).values()) == 0
-
-
-def n_of(name: str) -> int:
-    return int(name[1:])
-
-
 async def test_reap_takes_the_most_overdue_first_and_at_most_limit() -> None:
     """reap moves at most `limit` live sessions, the earliest expiries first; an ended
     session is purged once its retention (from its end) is over, not before."""
@@ -250,21 +199,6 @@ async def test_a_large_batch_is_one_answer_in_order(redis_server: RedisServer) -
         assert {(r.expires, r.ttl, r.version) for r in touched if r} == {(NOW + 105, 100.0, 2)}
         got = await store.get(names, "alice")
         assert [r == t for r, t in zip(got, touched[::-1], strict=True) if r] == [True] * 1250
-
-
-def reset_stats(server: RedisServer) -> None:
-    with redis.Redis.from_url(server.url) as client:
-        client.config_resetstat()
-
-
-def command_calls(server: RedisServer) -> dict[str, int]:
-    """Commands Redis ran since the last reset, by name (INFO commandstats itself aside)."""
-    with redis.Redis.from_url(server.url) as client:
-        stats = client.info("commandstats")
-    calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
-    calls.pop("info", None)
-    calls.pop("config|resetstat", None)
-    return calls
 
 
 async def test_create_refuses_a_taken_id_of_any_user() -> None:
