@@ -44,6 +44,7 @@ from .registry_scripts import (
     decode_record,
     scope,
     seconds,
+    unpack_answer,
     withdraw_args,
 )
 from .scripts import Arg, ScriptName
@@ -69,9 +70,13 @@ class _Calls:
         step = BATCH * per_item
         calls = [[*head, *items[start : start + step]] for start in range(0, len(items), step)]
         if len(calls) <= 1:
-            return [] if not calls else list(await self.bridge.script(name, calls[0]))
+            return [] if not calls else list(await self.call(name, calls[0]))
         replies = await self.bridge.run(lambda: self.bridge.scripts_sync(name, calls))
-        return [answer for reply in replies for answer in reply]
+        return [answer for reply in replies for answer in unpack_answer(reply)]
+
+    async def call(self, name: ScriptName, args: Sequence[Arg]) -> Any:
+        """One call of `name`, its answer unpacked."""
+        return unpack_answer(await self.bridge.script(name, args))
 
 
 @define(eq=False)
@@ -88,7 +93,7 @@ class RedisSessions:
         return _Calls(self.bridge)
 
     async def create(self, record: SessionRecord) -> None:
-        created = await self.bridge.script("session_create", create_args(self.prefix, record))
+        created = await self._calls.call("session_create", create_args(self.prefix, record))
         if not created:
             raise SessionExists(f"session {record.id!r} exists")
 
@@ -118,7 +123,7 @@ class RedisSessions:
             self.prefix, session_id, user, now,
             state=state, metadata=metadata, expect_version=expect_version, retain=retain,
         )  # fmt: skip
-        status, *details = await self.bridge.script("session_change", args)
+        status, *details = await self._calls.call("session_change", args)
         if status == b"ok":
             return decode_record(details[0])
         if status == b"conflict":
@@ -130,7 +135,7 @@ class RedisSessions:
         raise SessionNotFound(f"no session {session_id!r}")
 
     async def delete(self, session_id: str, user: str | None) -> SessionRecord | None:
-        reply = await self.bridge.script("session_delete", [self.prefix, session_id, *scope(user)])
+        reply = await self._calls.call("session_delete", [self.prefix, session_id, *scope(user)])
         return decode_optional(reply)
 
     async def list(
@@ -146,15 +151,15 @@ class RedisSessions:
         args: list[Arg] = [
             self.prefix, *scope(user), "" if state is None else state.value, after or "", limit
         ]  # fmt: skip
-        last, records = await self.bridge.script("session_list", args)
+        last, records = await self._calls.call("session_list", args)
         return SessionPage(
             records=[decode_record(reply) for reply in records],
-            next=None if last is None else last.decode(),
+            next=None if last is False else last.decode(),
         )
 
     async def reap(self, now: float, limit: int, retain: float) -> Reaped:
         args: list[Arg] = [self.prefix, seconds(now), max(0, limit), seconds(retain)]
-        expired, purged = await self.bridge.script("session_reap", args)
+        expired, purged = await self._calls.call("session_reap", args)
         return Reaped(
             expired=[decode_record(reply) for reply in expired],
             purged=[decode_record(reply) for reply in purged],
@@ -162,7 +167,7 @@ class RedisSessions:
 
     async def counts(self) -> Mapping[SessionState, int]:
         states = list(SessionState)
-        reply = await self.bridge.script("session_counts", [self.prefix, *states])
+        reply = await self._calls.call("session_counts", [self.prefix, *states])
         return dict(zip(states, map(int, reply), strict=True))
 
 
@@ -196,7 +201,7 @@ class RedisPresence:
     async def reap(self, now: float, limit: int) -> Sequence[PresenceEntry]:
         if limit < 1:
             return []  # LIMIT 0 -1 would mean "all"
-        reply = await self.bridge.script("presence_reap", [self.prefix, seconds(now), limit])
+        reply = await self._calls.call("presence_reap", [self.prefix, seconds(now), limit])
         return [
             decode_presence(session.decode(), field, value) for session, field, value in reply
         ]
