@@ -16,6 +16,8 @@ threads, pool_size 8). Reports operations per second for:
 - counts;
 - reap, batches of 1000: every session expired, then purged;
 - presence: one announce of N entries (an instance's re-announce), queries, one reap.
+Per operation: wall time, and CPU time in this process (all threads) and in Redis (INFO
+commandstats), which vary less than the wall time on a loaded machine.
 Memory: Redis' used_memory before and after the N sessions, per session.
 """
 
@@ -57,11 +59,30 @@ def record(n: int) -> SessionRecord:
     )  # fmt: skip
 
 
+#: The private server's URL, for Redis' own time per operation (INFO commandstats).
+_server_url = ""
+
+
+def redis_usec() -> int:
+    """Microseconds Redis spent running commands so far (scripts included once)."""
+    with redis.Redis.from_url(_server_url) as client:
+        stats = client.info("commandstats")
+    return sum(int(value["usec"]) for name, value in stats.items()
+               if name in ("cmdstat_evalsha", "cmdstat_hgetall"))
+
+
 async def timed(label: str, count: int, run: Callable[[], Awaitable[Any]]) -> float:
+    """Runs `run` and prints, per operation: wall time, this process' CPU time (every thread),
+    and Redis' time; the two CPU figures vary less with the machine's load than the wall."""
+    used = redis_usec()
+    cpu = time.process_time()
     start = time.perf_counter()
     await run()
     elapsed = time.perf_counter() - start
-    print(f"  {label:<36} {count / elapsed:>10,.0f} /s  {elapsed * 1e6 / count:>8.1f} us each")
+    cpu_us = (time.process_time() - cpu) * 1e6 / count
+    redis_us = (redis_usec() - used) / count
+    print(f"  {label:<40} {count / elapsed:>9,.0f} /s {elapsed * 1e6 / count:>8.1f} us "
+          f"(CPU: Python {cpu_us:6.1f}, Redis {redis_us:6.1f} us)")
     return count / elapsed
 
 
@@ -154,7 +175,9 @@ async def reap_presence(presence: Any) -> None:
 async def main(count: int, tasks: int) -> None:
     print(f"Python {platform.python_version()}, redis-py {version('redis')}, "
           f"{platform.processor() or platform.machine()}")
+    global _server_url
     with RedisServer() as server:
+        _server_url = server.url
         with redis.Redis.from_url(server.url) as client:
             print(f"Redis {client.info('server')['redis_version']} (private, no persistence)")
         settings = RedisSettings(url=server.url, key_prefix="bench:")
