@@ -314,7 +314,8 @@ async def test_a_stopped_redis_is_unavailable_at_once_then_works_when_restarted_
 async def test_redis_killed_mid_operation_then_restarted(redis_server: RedisServer) -> None:
     """Redis paused with a batch touch on its way, then killed: the touch raises
     StoreUnavailable (it never hangs), as does every call while Redis is gone; restarted
-    empty, the store works again."""
+    empty, the store works again, single script calls and pipelines alike (both load the
+    scripts again)."""
     settings = settings_for(redis_server, socket_timeout=5.0, connect_timeout=0.5)
     async with open_store(settings) as store:
         names = [f"s{n}" for n in range(3000)]
@@ -338,7 +339,7 @@ async def test_redis_killed_mid_operation_then_restarted(redis_server: RedisServ
         await every_call_is_unavailable(store, within=2.0)
         redis_server.start()
         with trio.fail_after(WAIT):
-            assert await store.touch(names[:1], None, NOW) == [None]
+            assert await store.touch(names, None, NOW) == [None] * len(names)  # a pipeline
             await store.create(record("s0"))
             assert (await store.counts())[SessionState.PENDING] == 1
 
