@@ -29,6 +29,7 @@ from mqbroker.config import (
 )
 from mqbroker.plugins import Plugin
 from mqbroker_plugins.redis.settings import RedisSettings
+from mqbroker_plugins.sql.settings import SqlSettings
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 SERVER_KEYS = ", ".join(a.name for a in attrs.fields(ServerConfig))
@@ -114,6 +115,17 @@ def test_repo_config_toml_sketches_the_redis_plugin() -> None:
     sketch = "\n".join(line.removeprefix("# ") for line in lines[start:])
     table = tomllib.loads(sketch)["plugins"]["redis"]
     assert table == attrs.asdict(RedisSettings())
+
+
+def test_repo_config_toml_sketches_the_sql_plugin() -> None:
+    """The commented [plugins.sql] table, once uncommented, holds every SQL setting at its
+    default."""
+    lines = REPO_CONFIG.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# [plugins.sql]")
+    end = next(n for n in range(start, len(lines)) if lines[n].startswith("# The Redis plugin"))
+    sketch = "\n".join(line.removeprefix("# ") for line in lines[start:end])
+    table = tomllib.loads(sketch)["plugins"]["sql"]
+    assert table == attrs.asdict(SqlSettings())
 
 
 # --- Reading values --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.redis_fixtures import (
     open_contract_fanout,
     open_contract_history,
 )
+from tests.sql_fixtures import fresh_postgresql, fresh_sqlite
 
 
 @frozen(kw_only=True)
@@ -195,6 +196,9 @@ REGISTRY_BACKENDS: dict[str, RegistryBackend] = {
     "memory": plugin_registry_backend("memory", in_process=True),
     # A fresh key prefix per registry on one private redis-server (tests/redis_fixtures.py).
     "redis": plugin_registry_backend("redis", fresh_registry_settings),
+    # A new file, a new database on one private PostgreSQL server (tests/sql_fixtures.py).
+    "sqlite": plugin_registry_backend("sql", fresh_sqlite),
+    "postgresql": plugin_registry_backend("sql", fresh_postgresql),
 }
 
 

@@ -149,3 +149,11 @@ async def test_racing_reapers_report_each_entry_once(registry_backend: RegistryB
                 nursery.start_soon(reaper, one)
         assert reported == Counter(e.key for e in entries)
         assert [e.instance for e in await b.query("s0", T0 + 5)] == ["live"]
+
+
+async def test_any_client_name_round_trips(registry_backend: RegistryBackend) -> None:
+    """A client's name is whatever its hello said: quotes, NUL and escapes come back as given."""
+    async with store(registry_backend) as presence:
+        odd = entry("s1", "i1", "c1", client="x'\"\x00\\%s?😀", principal="p\x00'")
+        await presence.announce([odd])
+        assert list(await presence.query("s1", T0)) == [odd]

@@ -639,3 +639,19 @@ async def test_racing_reapers_reap_each_record_once(registry_backend: RegistryBa
         assert expired == Counter(f"s{n:02d}" for n in range(count))
         assert purged == expired
         assert [r.id for r in (await b.list()).records] == ["not-yet"]
+
+
+async def test_any_text_round_trips(registry_backend: RegistryBackend) -> None:
+    """Users and metadata are data, never SQL or keys: quotes, NUL, escapes and non-BMP
+    characters come back as given and scope lookups exactly."""
+    odd_user = "o'brien\"; DROP TABLE x; --\x00 ☃ 😀 \\ %s ?"
+    metadata = {"\x00key": "nul \x00 in value", "'": ["%s", "?", "\\u0000"], "": ""}
+    async with store(registry_backend) as sessions:
+        given = record("s1", user=odd_user, metadata=metadata)
+        await sessions.create(given)
+        await sessions.create(record("s2", user="o'brien"))
+        assert await get_one(sessions, "s1", odd_user) == given
+        assert await get_one(sessions, "s1", "o'brien") is None
+        assert [r.id for r in (await sessions.list(user=odd_user)).records] == ["s1"]
+        changed = await sessions.change("s1", odd_user, T0 + 1, metadata={"\x00": "\x00"})
+        assert await get_one(sessions, "s1") == changed
