@@ -1,5 +1,7 @@
 """Benchmark of the Redis session registry: sessions created, touched, read, listed, reaped, and
-presence re-announced, with Redis' memory per session.
+presence re-announced, with Redis' memory per session and each operation's CPU time in Python
+and in Redis. bench/bench_sessions.py compares every store (Redis included) on one workload;
+this one looks inside the Redis store.
 
 Run: python bench/bench_sessions_redis.py [--sessions N] [--tasks N]
 
