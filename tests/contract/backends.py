@@ -25,6 +25,7 @@ from mqbroker.plugins import Plugin, load_plugin
 from mqbroker.sessions import PresenceStore, SessionStore
 from tests.redis_fixtures import (
     contract_broker_plugins,
+    fresh_registry_settings,
     open_contract_fanout,
     open_contract_history,
 )
@@ -193,6 +194,8 @@ def plugin_registry_backend(
 
 REGISTRY_BACKENDS: dict[str, RegistryBackend] = {
     "memory": plugin_registry_backend("memory", in_process=True),
+    # A fresh key prefix per registry on one private redis-server (tests/redis_fixtures.py).
+    "redis": plugin_registry_backend("redis", fresh_registry_settings),
     # A new file, a new database on one private PostgreSQL server (tests/sql_fixtures.py).
     "sqlite": plugin_registry_backend("sql", fresh_sqlite),
     "postgresql": plugin_registry_backend("sql", fresh_postgresql),
