@@ -132,8 +132,9 @@ def _named_plugins(config: Config) -> list[tuple[str, str, str]]:
     named = [
         ("history.plugin", config.history.plugin, "open_history"),
         ("fanout.plugin", config.fanout.plugin, "open_fanout"),
+        ("sessions.plugin", config.sessions.plugin, "open_sessions"),
     ]
-    chosen = {config.history.plugin, config.fanout.plugin}
+    chosen = {config.history.plugin, config.fanout.plugin, config.sessions.plugin}
     tables = [(f"plugins.{name}", name, "") for name in config.plugins if name not in chosen]
     return [*named, *tables]
 

@@ -28,6 +28,7 @@ from mqbroker.auth import ANONYMOUS, AuthFailed, Operation, Permissions, Princip
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import (
+    SESSION_REQUESTS,
     CloseCode,
     Dropped,
     EncodedMessage,
@@ -42,6 +43,7 @@ from mqbroker.protocol import (
     Rejected,
     ServerConnection,
     ServerEvent,
+    SessionRequest,
     Subscribe,
     Unsubscribe,
     join,
@@ -56,9 +58,11 @@ from mqbroker.protocol.websocket import (
     Ping as WsPing,
 )
 from mqbroker.ratelimit import SessionLimits
+from mqbroker.registry import Caller, SessionsRight
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
+from mqbroker.server.registry import RequestQueue
 from mqbroker.topics import InvalidTopic, validate_filter
 
 if TYPE_CHECKING:
@@ -105,6 +109,8 @@ class Session:
     _handled: int = 0
     _reading: trio.CancelScope | None = None
     _publishes: PublishQueue | None = None
+    #: Session registry requests in flight (started with the first one).
+    _registry_requests: RequestQueue | None = None
     _nursery: trio.Nursery | None = None
     _ended: trio.Event = field(factory=trio.Event)
     #: WebSocket items that arrived with the hello, handled first by the read loop.
@@ -371,11 +377,13 @@ class Session:
                     await self._handle_frame(first_events)
                     self.flush()
                     await self._read_loop()
-                if self._publishes is not None:
+                with trio.move_on_after(self.config.shutdown_grace):
                     # What the peer sent before leaving is still published (acknowledged or
-                    # not), within the grace period.
-                    with trio.move_on_after(self.config.shutdown_grace):
+                    # not) and carried out, within the grace period.
+                    if self._publishes is not None:
                         await self._publishes.drained()
+                    if self._registry_requests is not None:
+                        await self._registry_requests.drained()
                 await self._finish()
                 nursery.cancel_scope.cancel()
         finally:
@@ -493,9 +501,40 @@ class Session:
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
-            if self.permissions.everything or self._may(event):
+            if type(event) in SESSION_REQUESTS:
+                await self._registry_request(event)
+            elif self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
+
+    # --- the session registry ----------------------------------------------------------------
+
+    async def _registry_request(self, event: SessionRequest) -> None:
+        """Queue a registry request: answered in order with the session's other registry
+        requests, by a task of its own, so that a slow store never stops the reading."""
+        if self._registry_requests is None:
+            assert self._nursery is not None
+            self._registry_requests = RequestQueue()
+            self._nursery.start_soon(self._registry_requests.run, self._answer_registry)
+        await self._registry_requests.put(event)
+
+    async def _answer_registry(self, event: SessionRequest) -> None:
+        registry = self.broker.registry
+        if registry is None:
+            reply: ServerEvent = Error(code=ErrorCode.UNAVAILABLE, id=event.id, ref=event.OP,
+                                       message="this broker has no session registry open")
+        else:
+            reply = await registry.answer(self.caller, event)
+        if type(reply) is Error and reply.code == ErrorCode.FORBIDDEN:
+            self._forbade("sessions", f"user {event.user}")
+        self.reply(reply)
+        self.flush()
+
+    @property
+    def caller(self) -> Caller:
+        """Who the registry serves on this connection (None as principal: anonymous mode)."""
+        return Caller(principal=None if self.permissions.everything else self.principal.name,
+                      right=SessionsRight.parse(self.permissions.sessions))
 
     # --- authorization ([auth]) ----------------------------------------------------------------
 
@@ -551,14 +590,14 @@ class Session:
             return (Operation.SUBSCRIBE, Operation.REPLAY)
         return (Operation.SUBSCRIBE,)
 
-    def _forbade(self, operation: Operation, topic: str) -> None:
+    def _forbade(self, operation: str, topic: str) -> None:
         """Count a refusal; log it at most once per violation_window."""
         self.broker.counters["security_forbidden"] += 1
         now = trio.current_time()
         last = self._forbidden_logged
         if last is None or now - last >= self.broker.config.limits.violation_window:
             self._forbidden_logged = now
-            self.log.warning("security.forbidden", op=operation.value,
+            self.log.warning("security.forbidden", op=str(operation),
                              topic=_loggable(topic))
 
     # --- rate limits ([limits]) ----------------------------------------------------------------
