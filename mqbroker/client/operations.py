@@ -120,12 +120,7 @@ class Operations(Generic[SubscriptionT]):
         if event.id is None:
             await self._enqueue(event)
             return None
-        key = ("publish", event.id)
-        try:
-            result: str = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)
-            raise
+        result: str = await self._withdrawable(("publish", event.id), event)
         return result
 
     def publish_nowait(self, topic: str, payload: Any = None, *,
@@ -140,13 +135,17 @@ class Operations(Generic[SubscriptionT]):
         """Drop the recorded history of the topics `filter` matches; returns how many."""
         self._check_usable()
         event = self.core.forget(filter)
-        key = ("forget", event.id)
-        try:
-            result: int = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)  # as for publish: withdrawn unless already written
-            raise
+        result: int = await self._withdrawable(("forget", event.id), event)
         return result
+
+    async def _withdrawable(self, key: tuple[str, int], event: ClientEvent) -> Any:
+        """Send a request and wait for its answer; if cancelled, it is withdrawn unless it was
+        already written (see `publish`)."""
+        try:
+            return await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)
+            raise
 
     # --- the session registry (docs/sessions.md) ---------------------------------------------
 
@@ -222,12 +221,7 @@ class Operations(Generic[SubscriptionT]):
     async def _registry(self, make: Callable[[int], SessionRequest]) -> SessionReply:
         self._check_usable()
         event = self.core.registry(make)
-        key = (event.OP, event.id)
-        try:
-            reply: SessionReply = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)  # as for publish: withdrawn unless already written
-            raise
+        reply: SessionReply = await self._withdrawable((event.OP, event.id), event)
         return reply
 
     def _check_usable(self) -> None:
