@@ -126,11 +126,11 @@ class MemorySessions:
             record = self._records[session_id]
             if state is None or record.state == state:
                 records.append(record)
-                if len(records) == limit:
+                if len(records) > limit:  # one more than a page: proof a next page exists
                     break
-        last = records[-1].id if len(records) == limit else None
-        more = last is not None and bisect_right(ids, last) < len(ids)
-        return SessionPage(records=records, next=last if more else None)
+        more = len(records) > limit
+        del records[limit:]
+        return SessionPage(records=records, next=records[-1].id if more else None)
 
     async def reap(self, now: float, limit: int, retain: float) -> Reaped:
         await trio.lowlevel.checkpoint()
