@@ -47,9 +47,10 @@ def broker_config(**server: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_broker(config: Config | None = None) -> AsyncIterator[RunningBroker]:
+async def running_broker(config: Config | None = None, instance_id: str = "test"
+                         ) -> AsyncIterator[RunningBroker]:
     config = config or broker_config()
-    async with open_broker(config, "test") as broker, open_registry(broker, config), \
+    async with open_broker(config, instance_id) as broker, open_registry(broker, config), \
             trio.open_nursery() as nursery:
         listener: Listener = await nursery.start(serve, broker, config.server)
         yield RunningBroker(broker, listener)
