@@ -237,8 +237,11 @@ class Registry:
                 payload=lifecycle_payload(event, record, now=now, instance=broker.instance_id),
                 record=not ending and broker.recorded.matches_any(topic)))
         try:
-            with self._bounded():
+            if broker.fanout.local:  # waits on no I/O: no deadline to keep
                 await broker.announce(drafts)
+            else:
+                with self._bounded():
+                    await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             broker.counters["registry_lifecycle_failures"] += len(drafts)
             logger.warning("registry.lifecycle_failed", events=len(drafts),
@@ -341,10 +344,15 @@ class RequestQueue(OrderedQueue[SessionRequest]):
     def __init__(self) -> None:
         super().__init__(MAX_QUEUED_REQUESTS)
 
-    async def run(self, answer: Callable[[SessionRequest], Awaitable[None]]) -> None:
+    async def run(self, answer: Callable[[SessionRequest], Awaitable[None]],
+                  idle: Callable[[], None]) -> None:
+        """Answer queued requests in order; `idle` (the connection's flush) runs whenever none
+        is left waiting, so that pipelined answers go out together, not one write each."""
         async for request in self._receive:
             await answer(request)
             self._finished(1)
+            if not self._receive.statistics().current_buffer_used:
+                idle()
 
 
 @asynccontextmanager

@@ -502,8 +502,10 @@ class Session:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
             if type(event) in SESSION_REQUESTS:
+                # Answered by the registry task, which flushes once nothing is left queued.
                 await self._registry_request(event)
-            elif self.permissions.everything or self._may(event):
+                return
+            if self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
 
@@ -515,7 +517,8 @@ class Session:
         if self._registry_requests is None:
             assert self._nursery is not None
             self._registry_requests = RequestQueue()
-            self._nursery.start_soon(self._registry_requests.run, self._answer_registry)
+            self._nursery.start_soon(self._registry_requests.run, self._answer_registry,
+                                     self.flush)
         await self._registry_requests.put(event)
 
     async def _answer_registry(self, event: SessionRequest) -> None:
@@ -528,7 +531,6 @@ class Session:
         if type(reply) is Error and reply.code == ErrorCode.FORBIDDEN:
             self._forbade("sessions", f"user {event.user}")
         self.reply(reply)
-        self.flush()
 
     @property
     def caller(self) -> Caller:
