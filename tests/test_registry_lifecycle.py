@@ -264,3 +264,20 @@ async def test_the_metrics_count_sessions_by_state() -> None:
         assert '\nmqbroker_registry_sessions{state="expired"} 0\n' in text
         assert text.count("# TYPE mqbroker_registry_sessions gauge") == 1
         assert not math.isnan(broker.broker.counters["registry_requests"])
+
+
+async def test_a_broker_without_a_registry_answers_unavailable() -> None:
+    """A broker served without open_registry (embedded use) answers registry requests with
+    `unavailable`, and the session goes on."""
+    from mqbroker.broker import open_broker
+    from mqbroker.server.listener import serve
+
+    config = sessions_config()
+    async with open_broker(config, "bare") as broker, trio.open_nursery() as nursery:
+        listener = await nursery.start(serve, broker, config.server)
+        async with raw_session(f"ws://127.0.0.1:{listener.port}/") as session:
+            refused = await answer(session, SessionGet(id=1, sessions=("a",), user="u"))
+            assert isinstance(refused, Error)
+            assert (refused.code, refused.id, refused.ref) == ("unavailable", 1, "session_get")
+            assert await answer(session, Ping(id=2)) == Pong(id=2)
+        nursery.cancel_scope.cancel()
