@@ -136,6 +136,8 @@ class Rules:
     subscribe: tuple[str, ...] = ()
     replay: tuple[str, ...] = ()
     forget: tuple[str, ...] = ()
+    #: The session registry: "none", "own" or "any" (mqbroker.registry.SessionsRight).
+    sessions: str = "own"
 
     def of(self, operation: Operation) -> tuple[str, ...]:
         result: tuple[str, ...] = getattr(self, operation.value)
@@ -151,6 +153,10 @@ def substitute(pattern: str, principal: Principal) -> list[str]:
     return [text.replace("{session}", session) for session in principal.sessions]
 
 
+#: The `sessions` rights, narrowest first.
+SESSIONS_ORDER = ("none", "own", "any")
+
+
 @frozen
 class Permissions:
     """What one principal may do: the substituted filters per operation, and a decision cache."""
@@ -158,6 +164,9 @@ class Permissions:
     filters: Mapping[Operation, tuple[str, ...]]
     #: Anonymous mode: every check is skipped.
     everything: bool = False
+    #: Whose registry sessions the principal may see and change: the widest of its roles'
+    #: `sessions` (none < own < any); none without a role.
+    sessions: str = "none"
     _cache: dict[tuple[Operation, str], bool] = field(factory=dict, eq=False, repr=False)
 
     @classmethod
@@ -171,11 +180,12 @@ class Permissions:
                     for pattern in rules.of(operation):
                         found.extend(substitute(pattern, principal))
             filters[operation] = tuple(dict.fromkeys(found))
-        return cls(filters)
+        granted = [roles[role].sessions for role in principal.roles if role in roles]
+        return cls(filters, sessions=max(granted, key=SESSIONS_ORDER.index, default="none"))
 
     @classmethod
     def all(cls) -> Permissions:
-        return cls({}, everything=True)
+        return cls({}, everything=True, sessions="any")
 
     def allows_topic(self, operation: Operation, topic: str) -> bool:
         """Whether `operation` (publish) is allowed on the topic."""
@@ -414,7 +424,8 @@ def access_of(config: Config, plugin: Authenticator | None = None) -> Access:
     if auth.mode == "anonymous":
         return Access.anyone(rates)
     roles = {name: Rules(publish=role.publish, subscribe=role.subscribe, replay=role.replay,
-                         forget=role.forget) for name, role in auth.roles.items()}
+                         forget=role.forget, sessions=role.sessions)
+             for name, role in auth.roles.items()}
     role_rates = {name: Rates.of(attrs.evolve(config.limits, **role.limits.overrides()))
                   for name, role in auth.roles.items() if role.limits.overrides()}
     return Access(_authenticator(auth, plugin), roles, rates=rates, role_rates=role_rates,

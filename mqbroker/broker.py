@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from mqbroker.plugins import PluginError, load_auth_plugin, load_plugin
 from mqbroker.protocol import (
     CloseCode,
     EncodedMessage,
+    Ended,
     Error,
     ErrorCode,
     Forget,
@@ -35,6 +36,7 @@ from mqbroker.protocol import (
     PubAck,
     Publish,
     ServerEvent,
+    SessionRequest,
     SubAck,
     Subscribe,
     UnsubAck,
@@ -44,6 +46,7 @@ from mqbroker.protocol import (
 from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
 from mqbroker.ratelimit import Rates
+from mqbroker.registry import MAX_SESSION_BATCH, Caller, ScopedSubscriptions, SessionTopics
 from mqbroker.resume import ReplaySwitch
 from mqbroker.topics import (
     FilterSet,
@@ -70,7 +73,10 @@ COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "ga
             "security_auth_failed", "security_forbidden",
             # Hellos whose authenticator (a plugin's) did not answer in time (1013), or failed
             # unexpectedly (1011).
-            "security_auth_unavailable", "security_auth_errors")
+            "security_auth_unavailable", "security_auth_errors",
+            # Publishes refused on a topic reserved for the broker (lifecycle, presence), and
+            # subscriptions ended because their application session ended.
+            "reserved_topic_refused", "subscriptions_ended")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 #: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds
@@ -118,6 +124,19 @@ class Session(Protocol):
         session was let go meanwhile."""
 
 
+class Registry(Protocol):
+    """The session registry, as the broker and its sessions see it
+    (mqbroker.server.registry.Registry is the real one)."""
+
+    #: Records per state, as last counted (for /metrics).
+    @property
+    def counts(self) -> Mapping[Any, int]: ...
+
+    async def answer(self, caller: Caller, request: SessionRequest) -> ServerEvent:
+        """Carry out one registry request; its reply or error event (never raises)."""
+        ...
+
+
 @define(eq=False)
 class Broker:
     instance_id: str
@@ -140,9 +159,19 @@ class Broker:
     access: Access = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
+    #: The session registry (mqbroker.server.registry), once opened; sessions reach it here.
+    registry: Registry | None = None
+    #: The application sessions' topics, and the subscriptions inside each session's topics.
+    session_topics: SessionTopics = field(init=False)
+    scoped: ScopedSubscriptions[Session] = field(init=False)
+    #: Called with every batch `deliver` gets, once the sessions got theirs (the registry
+    #: ends subscriptions on lifecycle messages here). Must not block.
+    observers: list[Callable[[Sequence[Message]], None]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
+        self.session_topics = SessionTopics(self.config.sessions.topic_prefix)
+        self.scoped = ScopedSubscriptions(self.session_topics)
         self.recorded = FilterSet(self.config.history.record)
         self.access = access_of(self.config, self.authenticator)
         self.topic_limits = TopicLimits(max_length=server.max_topic_length,
@@ -177,6 +206,8 @@ class Broker:
             "ping_interval": s.ping_interval,
             "idle_timeout": s.idle_timeout,
             "dedup_window": s.dedup_window,
+            "max_session_batch": MAX_SESSION_BATCH,
+            "max_session_page": self.config.sessions.max_page,
             **rates.as_dict(),
         }
 
@@ -190,8 +221,10 @@ class Broker:
         """Forget a session: drop its subscriptions and the fan-out's watches for them."""
         self.sessions.discard(session)
         self._recovering.pop(session, None)
-        filters = list(self.index.filters_of(session).values())
+        subs = self.index.filters_of(session)
+        filters = list(subs.values())
         self.index.remove_session(session)
+        self.scoped.remove_all(session, subs)
         for filter in filters:
             await self._unwatch(filter)
         code = session.close_code
@@ -249,6 +282,12 @@ class Broker:
                 validate_topic(event.topic, self.topic_limits)
             except InvalidTopic as e:
                 return _error(ErrorCode.INVALID_TOPIC, str(e), event)
+            if self.session_topics.reserved(event.topic):  # never cached: checked each time
+                self.counters["reserved_topic_refused"] += 1
+                return _error(ErrorCode.RESERVED_TOPIC,
+                              f"topic {event.topic!r} is reserved for the broker's session "
+                              "events (lifecycle, presence): clients may not publish on it",
+                              event)
             if len(self._valid_topics) >= VALID_TOPICS_CACHE:
                 self._valid_topics.clear()
             topic_bytes = self._valid_topics[event.topic] = len(event.topic.encode())
@@ -293,6 +332,8 @@ class Broker:
         for session in to_flush:
             session.flush()
         self.counters["deliveries"] += deliveries
+        for observe in self.observers:
+            observe(messages)
 
     def _hold_back(self, session: Session, message: EncodedMessage, subs: tuple[int, ...]
                    ) -> tuple[int, ...]:
@@ -340,11 +381,13 @@ class Broker:
                                   max_held_bytes=self.config.server.outbox_bytes)
             self._recovering.setdefault(session, {})[event.id] = switch
         self.index.add(session, event.id, event.filter)
+        self.scoped.add(session, event.id, event.filter)
         try:
             # The watch is live (confirmed) before the suback and before history is read.
             await self.fanout.watch(event.filter)
         except FanoutUnavailable as e:
             self.index.remove(session, event.id)
+            self.scoped.remove(session, event.id)
             self._stop_holding(session, event.id)
             session.reply(_error(ErrorCode.UNAVAILABLE, f"subscribe failed: {e}", event))
             return
@@ -461,8 +504,37 @@ class Broker:
         removed = self.index.remove(session, sub)
         if removed is None:
             return None
+        self.scoped.remove(session, sub)
         self._stop_holding(session, sub)
         return removed[0]
+
+    def end_subscriptions(self, session_id: str, reason: str) -> list[str]:
+        """End every subscription inside the topics of application session `session_id`:
+        removed, and its session told with `ended`, in order after its deliveries. Returns
+        the filters to unwatch (the caller's to do: this never blocks)."""
+        unwatch: list[str] = []
+        for session, subs in self.scoped.pop(session_id).items():
+            for sub in subs:
+                removed = self.index.remove(session, sub)
+                self._stop_holding(session, sub)
+                if removed is not None:
+                    unwatch.append(removed[0])
+            session.signal(Ended(subs=subs, reason=reason, session=session_id))
+            session.flush()
+            self.counters["subscriptions_ended"] += len(subs)
+        return unwatch
+
+    async def unwatch(self, filters: Sequence[str]) -> None:
+        """Undo one fan-out watch of each filter (failures logged)."""
+        for filter in filters:
+            await self._unwatch(filter)
+
+    async def announce(self, drafts: Sequence[Draft]) -> Sequence[Message]:
+        """Publish the broker's own messages (lifecycle events) through the one publish path;
+        raises FanoutUnavailable as the fan-out does."""
+        messages = await self.fanout.publish(drafts)
+        self.counters["published"] += len(messages)
+        return messages
 
     async def _unwatch(self, filter: str) -> None:
         try:
@@ -490,6 +562,14 @@ class Broker:
         fanout: frozenset[str] = getattr(self.fanout, "STAT_GAUGES", frozenset())
         return frozenset({"sessions", "subscriptions", *(f"history_{k}" for k in history),
                           *(f"fanout_{k}" for k in fanout)})
+
+    def labeled_gauges(self) -> dict[str, tuple[str, dict[str, int]]]:
+        """Gauges with a label: the registry's sessions per state, as its reaper last
+        counted them (a scrape costs no store call)."""
+        if self.registry is None:
+            return {}
+        counts = {str(state): n for state, n in self.registry.counts.items()}
+        return {"registry_sessions": ("state", counts)}
 
     def stats(self) -> dict[str, int]:
         return {

@@ -1,4 +1,4 @@
-"""The `mqbroker` command: serve, check-config and --version.
+"""The `mqbroker` command: serve, check-config, sessions (mqbroker.sessions_cli) and --version.
 
 `main` returns the exit status (the console script passes it to `sys.exit`): 0 on success,
 2 for a configuration the broker cannot use, printed on standard error without a traceback.
@@ -14,7 +14,7 @@ from typing import get_args
 
 import attrs
 
-from mqbroker import __version__, logs
+from mqbroker import __version__, logs, sessions_cli
 from mqbroker.config import (
     BUILT_IN_AUTH_MODES,
     Config,
@@ -40,6 +40,8 @@ _OVERRIDES = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: `sys.argv[1:]`) and return the exit status."""
     args = parse_args(argv)
+    if args.command == "sessions":
+        return sessions_cli.run(args)
     try:
         if args.command == "check-config":
             return check_config(args.path)
@@ -139,6 +141,7 @@ def _named_plugins(config: Config) -> list[tuple[str, str, str]]:
     named = [
         ("history.plugin", config.history.plugin, "open_history"),
         ("fanout.plugin", config.fanout.plugin, "open_fanout"),
+        ("sessions.plugin", config.sessions.plugin, "open_sessions"),
     ]
     if config.auth.mode not in BUILT_IN_AUTH_MODES:
         named.append(("auth.mode", config.auth.mode, "open_authenticator"))
@@ -161,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         "prints 'ok: PATH' and exits 0, or prints what is wrong and exits 2.",
     )
     check.add_argument("path", type=Path, metavar="PATH")
+    sessions_cli.add_parser(commands)
     return parser
 
 

@@ -286,6 +286,9 @@ class SessionsConfig:
     max_metadata_bytes: int = field(default=4096, validator=_POSITIVE)
     #: The most records one `session_list` page holds.
     max_page: int = field(default=1000, validator=_POSITIVE)
+    #: Seconds a registry request may wait on the store before it is answered `unavailable`
+    #: (or `outcome_unknown` for a change).
+    request_timeout: float = field(default=5.0, validator=_POSITIVE_SECONDS)
     #: Seconds a presence entry lasts unless its instance announces it again (every third of
     #: it): a dead instance's clients leave every presence view within this time.
     presence_ttl: float = field(default=15.0, validator=_POSITIVE_SECONDS)
@@ -318,6 +321,8 @@ class MetricsConfig:
 
 #: The modes built in; any other `[auth] mode` names an installed plugin (mqbroker.plugins).
 BUILT_IN_AUTH_MODES = ("anonymous", "token", "jwt", "mtls")
+#: A role's `sessions` key: whose registry sessions its principals may see and change.
+SessionsAccess = Literal["none", "own", "any"]
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
 _PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
@@ -418,6 +423,8 @@ class RoleConfig:
     replay: tuple[str, ...] = field(default=(), validator=_rule_filters)
     forget: tuple[str, ...] = field(default=(), validator=_rule_filters)
     limits: RoleLimitsConfig = field(factory=RoleLimitsConfig)
+    #: The session registry: "own" (the principal's sessions), "any" (every user's) or "none".
+    sessions: SessionsAccess = "own"
 
 
 def _known_roles(instance: Any, attribute: attrs.Attribute[Any],

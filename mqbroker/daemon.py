@@ -12,6 +12,7 @@ import trio
 from mqbroker.broker import open_broker
 from mqbroker.config import Config
 from mqbroker.server.listener import Listener, serve
+from mqbroker.server.registry import open_registry
 
 logger = structlog.get_logger("mqbroker")
 
@@ -38,7 +39,8 @@ async def run(config: Config, *,
     instance_id = config.server.instance_id or secrets.token_hex(4)
     log = logger.bind(instance=instance_id)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_broker(config, instance_id) as broker, trio.open_nursery() as nursery:
+        async with open_broker(config, instance_id) as broker, \
+                open_registry(broker, config), trio.open_nursery() as nursery:
             listener: Listener = await nursery.start(serve, broker, config.server)
             _tune_gc()
             if config.metrics.port:
@@ -47,7 +49,7 @@ async def run(config: Config, *,
                 await nursery.start(serve_http, broker, config.metrics)
             log.info("broker.started", host=config.server.host, port=listener.port,
                      history=config.history.plugin, fanout=config.fanout.plugin,
-                     auth=config.auth.mode)
+                     auth=config.auth.mode, sessions=config.sessions.plugin)
             task_status.started(listener)
             async for signum in signals:
                 log.info("broker.stopping", signal=signal.Signals(signum).name,

@@ -19,6 +19,7 @@ from mqbroker.broker import Broker, open_broker
 from mqbroker.config import Config, ServerConfig
 from mqbroker.protocol import ClientConnection, ClientEvent, Format, ServerEvent
 from mqbroker.server.listener import Listener, serve
+from mqbroker.server.registry import open_registry
 
 
 @attrs.define
@@ -47,9 +48,11 @@ def broker_config(**server: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_broker(config: Config | None = None) -> AsyncIterator[RunningBroker]:
+async def running_broker(config: Config | None = None, instance_id: str = "test"
+                         ) -> AsyncIterator[RunningBroker]:
     config = config or broker_config()
-    async with open_broker(config, "test") as broker, trio.open_nursery() as nursery:
+    async with open_broker(config, instance_id) as broker, open_registry(broker, config), \
+            trio.open_nursery() as nursery:
         listener: Listener = await nursery.start(serve, broker, config.server)
         yield RunningBroker(broker, listener)
         nursery.cancel_scope.cancel()

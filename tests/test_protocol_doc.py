@@ -31,6 +31,8 @@ DOC_TYPES: dict[Any, str] = {
     bool: "boolean",
     dict[str, Any]: "map",
     tuple[int, ...]: "array of integers",
+    tuple[str, ...]: "array of strings",
+    tuple[dict[str, Any] | None, ...]: "array of maps",
     Any: "any",
 }
 

@@ -19,6 +19,7 @@ from mqbroker.client.errors import (
     CredentialError,
     DuplicateSubscription,
     Forbidden,
+    IllegalTransition,
     InvalidFilter,
     InvalidTopic,
     MessageTooLarge,
@@ -26,19 +27,27 @@ from mqbroker.client.errors import (
     ProtocolViolation,
     RateLimited,
     RefreshUnsupported,
+    ReservedTopic,
+    SessionExists,
+    SessionNotFound,
     SinceUnsupported,
+    SubscriptionEnded,
     TooManySubscriptions,
     Unauthorized,
     Unavailable,
     UnknownSubscription,
+    VersionConflict,
 )
 from mqbroker.client.operations import CredentialProvider
+from mqbroker.sessions import SessionPage, SessionRecord
 
 __all__ = [
     "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
     "ConnectionLost", "CredentialError", "CredentialProvider", "DuplicateSubscription",
-    "Forbidden", "Gap", "InvalidFilter", "InvalidTopic", "Message", "MessageTooLarge",
-    "OutcomeUnknown", "ProtocolViolation", "RateLimited", "Reconnect", "RefreshUnsupported",
-    "SinceUnsupported", "Subscription", "TooManySubscriptions", "Unauthorized", "Unavailable",
-    "UnknownSubscription", "connect",
+    "Forbidden", "Gap", "IllegalTransition", "InvalidFilter", "InvalidTopic", "Message",
+    "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited", "Reconnect",
+    "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound", "SessionPage",
+    "SessionRecord", "SinceUnsupported", "Subscription", "SubscriptionEnded",
+    "TooManySubscriptions", "Unauthorized", "Unavailable", "UnknownSubscription",
+    "VersionConflict", "connect",
 ]

@@ -211,6 +211,10 @@ class Client(Operations[Subscription]):
                             stream.send_nowait(outcome.item)  # no task switch per message
                         except trio.WouldBlock:
                             await stream.send(outcome.item)  # unsubscribed meanwhile: dropped
+                    if isinstance(outcome.item, BrokerError):
+                        # The stream's last item: the subscription is gone (refused, ended).
+                        del self._streams[outcome.sub]
+                        stream.close()
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):

@@ -56,12 +56,20 @@ from mqbroker.client.errors import (
     ConnectError,
     ConnectionLost,
     CredentialError,
+    Forbidden,
+    IllegalTransition,
     MessageTooLarge,
     OutcomeUnknown,
+    ReservedTopic,
+    SessionExists,
+    SessionNotFound,
+    SubscriptionEnded,
     Unavailable,
+    VersionConflict,
 )
 from mqbroker.client.operations import CredentialProvider, Operations, split_credential
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
+from mqbroker.sessions import SessionRecord
 
 #: What makes one connection attempt fail (TimeoutError, past open_timeout, is an OSError); each
 #: is retried with backoff after a drop, even a refused hello (a broker restarting behind a
@@ -207,6 +215,10 @@ class Client(Operations[Subscription]):
                     # Awaiting a full stream pushes back on the broker, which applies its
                     # slow-consumer policy to this session rather than growing memory here.
                     await stream.put(outcome.item)
+                    if isinstance(outcome.item, BrokerError):
+                        # The stream's last item: the subscription is gone (refused, ended).
+                        self._streams.pop(outcome.sub, None)
+                        stream.close()
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):
@@ -423,5 +435,7 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
             raise error
 
 
-__all__ = ["Client", "Gap", "Message", "MessageTooLarge", "OutcomeUnknown", "Reconnect",
-           "Subscription", "Unavailable", "connect"]
+__all__ = ["Client", "Forbidden", "Gap", "IllegalTransition", "Message", "MessageTooLarge",
+           "OutcomeUnknown", "Reconnect", "ReservedTopic", "SessionExists", "SessionNotFound",
+           "SessionRecord", "Subscription", "SubscriptionEnded", "Unavailable",
+           "VersionConflict", "connect"]

@@ -18,7 +18,9 @@ from attrs import define, field, frozen
 from mqbroker.client.errors import (
     BrokerError,
     MessageTooLarge,
+    OutcomeUnknown,
     ProtocolViolation,
+    SubscriptionEnded,
     error_from_event,
 )
 from mqbroker.protocol import (
@@ -26,6 +28,7 @@ from mqbroker.protocol import (
     ClientEvent,
     Delivery,
     Dropped,
+    Ended,
     Error,
     Forget,
     Forgot,
@@ -37,6 +40,11 @@ from mqbroker.protocol import (
     Refresh,
     Refreshed,
     Rejected,
+    SessionCreate,
+    SessionDelete,
+    SessionReply,
+    SessionRequest,
+    SessionUpdate,
     SubAck,
     Subscribe,
     UnsubAck,
@@ -44,6 +52,7 @@ from mqbroker.protocol import (
     join,
 )
 from mqbroker.protocol.codec import payload_size
+from mqbroker.protocol.events import SESSION_REQUESTS
 from mqbroker.topics import is_wildcard
 
 
@@ -120,7 +129,10 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh, *SESSION_REQUESTS)
+#: Registry changes that are not resent after a reconnect: carried out twice, they would
+#: create a second session (or fail as not found, or on a version): they fail OutcomeUnknown.
+_NOT_RESENT = (SessionCreate, SessionUpdate, SessionDelete)
 #: A credential is refreshed when this much of its time to live has passed...
 REFRESH_AT = 0.75
 #: ... but never sooner than this many seconds after the last refresh (or the welcome): a
@@ -201,6 +213,11 @@ class ClientCore:
                 # the new session's hello carried a current credential.)
                 del self.pending[key]
                 outcomes.append(Resolved(key, None))
+            elif isinstance(event, _NOT_RESENT):
+                del self.pending[key]
+                outcomes.append(Failed(key, OutcomeUnknown(
+                    f"{event.OP}: the connection dropped before the broker answered: it may or "
+                    "may not have been carried out (read the session back)", ref=event.OP)))
             else:
                 events.append(event)
         if carried is not None and isinstance(carried, Publish) and carried.id is None:
@@ -390,6 +407,12 @@ class ClientCore:
         self.pending.pop(("unsubscribe", sub_id), None)
         self._abandoned.add(sub_id)
 
+    def registry(self, make: Callable[[int], SessionRequest]) -> SessionRequest:
+        """A registry request, `make` given its id; pending until answered."""
+        event = make(next(self._ids))
+        self.pending[(event.OP, event.id)] = event
+        return event
+
     def forget(self, filter: str) -> Forget:
         event = Forget(id=next(self._ids), filter=filter)
         self.pending[("forget", event.id)] = event
@@ -424,6 +447,10 @@ class ClientCore:
             return self._settle(("forget", item.id), item.topics)
         if isinstance(item, Refreshed):
             return self._settle(("refresh", item.id), item.ttl)
+        if isinstance(item, SessionReply):
+            return self._settle((item.ref, item.id), item)
+        if isinstance(item, Ended):
+            return self._ended(item)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):
@@ -447,6 +474,21 @@ class ClientCore:
             if sub is not None:
                 sub.since = item.event
                 outcomes.append(Deliver(sub_id, message))
+        return outcomes
+
+    def _ended(self, item: Ended) -> list[Outcome]:
+        """The broker removed these subscriptions: each stream ends with SubscriptionEnded, and
+        none is re-established after a reconnect."""
+        outcomes: list[Outcome] = []
+        for sub_id in item.subs:
+            if self.subscriptions.pop(sub_id, None) is None:
+                continue
+            self.pending.pop(("subscribe", sub_id), None)
+            error = SubscriptionEnded(
+                f"subscription {sub_id} ended: {item.reason}"
+                + (f" (session {item.session})" if item.session else ""),
+                reason=item.reason, session=item.session)
+            outcomes.append(Deliver(sub_id, error))
         return outcomes
 
     def _subscribed(self, item: SubAck) -> list[Outcome]:

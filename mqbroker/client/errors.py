@@ -115,6 +115,49 @@ class RefreshUnsupported(BrokerError):
     """The broker cannot refresh this session's credential (anonymous or mtls mode)."""
 
     default_code = ErrorCode.REFRESH_UNSUPPORTED
+class ReservedTopic(BrokerError):
+    """A publish on a topic only the broker publishes to (a session's lifecycle or presence)."""
+
+    default_code = ErrorCode.RESERVED_TOPIC
+
+
+class SessionNotFound(BrokerError):
+    """No such registry session for this user (another user's is not found either)."""
+
+    default_code = ErrorCode.SESSION_NOT_FOUND
+
+
+class SessionExists(BrokerError):
+    """`create_session` with a session id already taken."""
+
+    default_code = ErrorCode.SESSION_EXISTS
+
+
+class IllegalTransition(BrokerError):
+    """A state change the session's current state does not allow."""
+
+    default_code = ErrorCode.ILLEGAL_TRANSITION
+
+
+class VersionConflict(BrokerError):
+    """`update_session(..., version=)` found the session at another version."""
+
+    default_code = ErrorCode.VERSION_CONFLICT
+
+
+class SubscriptionEnded(BrokerError):
+    """Raised by a subscription's iterator when the broker ended it (its `ended` event): the
+    application session its filter lies inside was deleted, expired or invalidated. The
+    subscription is gone (not resumed after a reconnect)."""
+
+    default_code = "ended"
+
+    def __init__(self, message: str, *, reason: str, session: str | None = None) -> None:
+        super().__init__(message, ref="subscribe")
+        #: The broker's reason: "session_ended".
+        self.reason = reason
+        #: The application session whose end ended it.
+        self.session = session
 
 
 class ProtocolViolation(BrokerError):
@@ -127,7 +170,8 @@ _BY_CODE: dict[str, type[BrokerError]] = {
     cls.default_code: cls
     for cls in (InvalidTopic, InvalidFilter, TooManySubscriptions, DuplicateSubscription,
                 UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable,
-                OutcomeUnknown, Unauthorized, Forbidden, RateLimited, RefreshUnsupported)
+                OutcomeUnknown, Unauthorized, Forbidden, RateLimited, RefreshUnsupported,
+                ReservedTopic, SessionNotFound, SessionExists, IllegalTransition, VersionConflict)
 }
 
 

@@ -16,7 +16,7 @@ the credential ahead of its expiry without reconnecting.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from mqbroker.client.core import ClientCore, refresh_delay
@@ -25,9 +25,24 @@ from mqbroker.client.errors import (
     ClientClosed,
     ConnectionLost,
     CredentialError,
+    ProtocolViolation,
     RateLimited,
+    SessionNotFound,
 )
-from mqbroker.protocol import ClientEvent, SubAck
+from mqbroker.protocol import (
+    ClientEvent,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionList,
+    SessionReply,
+    SessionRequest,
+    SessionTouch,
+    SessionUpdate,
+    SubAck,
+)
+from mqbroker.registry import record_of
+from mqbroker.sessions import SessionPage, SessionRecord
 
 #: What `connect(..., auth=...)` takes besides a fixed string: an async callable returning the
 #: current credential (it may fetch one from an identity provider). Awaited in the client's own
@@ -186,12 +201,7 @@ class Operations(Generic[SubscriptionT]):
         if event.id is None:
             await self._enqueue(event)
             return None
-        key = ("publish", event.id)
-        try:
-            result: str = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)
-            raise
+        result: str = await self._withdrawable(("publish", event.id), event)
         return result
 
     def publish_nowait(self, topic: str, payload: Any = None, *,
@@ -206,16 +216,122 @@ class Operations(Generic[SubscriptionT]):
         """Drop the recorded history of the topics `filter` matches; returns how many."""
         self._check_usable()
         event = self.core.forget(filter)
-        key = ("forget", event.id)
-        try:
-            result: int = await self._request(key, event)
-        except BaseException:
-            self.core.withdraw(key)  # as for publish: withdrawn unless already written
-            raise
+        result: int = await self._withdrawable(("forget", event.id), event)
         return result
+
+    async def _withdrawable(self, key: tuple[str, int], event: ClientEvent) -> Any:
+        """Send a request and wait for its answer; if cancelled, it is withdrawn unless it was
+        already written (see `publish`)."""
+        try:
+            return await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)
+            raise
+
+    # --- the session registry (docs/sessions.md) ---------------------------------------------
+
+    async def create_session(self, *, session: str | None = None, user: str | None = None,
+                             ttl: float | None = None, state: str | None = None,
+                             metadata: Mapping[str, Any] | None = None) -> SessionRecord:
+        """Create a registry session (the broker makes its id unless `session` gives one).
+        Raises SessionExists, Forbidden, ProtocolViolation (a field out of bounds), ..."""
+        reply = await self._registry(lambda id: SessionCreate(
+            id=id, session=session, user=user, ttl=ttl, state=state,
+            metadata=None if metadata is None else dict(metadata)))
+        return _one(reply)
+
+    async def get_sessions(self, ids: Iterable[str], *, user: str | None = None
+                           ) -> list[SessionRecord | None]:
+        """The records of `ids`, in order; None for each one not found (for this user)."""
+        wanted = tuple(ids)
+        reply = await self._registry(lambda id: SessionGet(id=id, sessions=wanted, user=user))
+        return _records(reply)
+
+    async def get_session(self, session: str, *, user: str | None = None) -> SessionRecord:
+        """One record; raises SessionNotFound."""
+        (record,) = await self.get_sessions([session], user=user)
+        if record is None:
+            raise SessionNotFound(f"no session {session!r}", ref="session_get")
+        return record
+
+    async def touch_sessions(self, ids: Iterable[str], *, user: str | None = None,
+                             ttl: float | None = None) -> list[SessionRecord | None]:
+        """Extend live sessions (by their ttl, or `ttl`, kept from then on); None for each one
+        absent or ended."""
+        wanted = tuple(ids)
+        reply = await self._registry(lambda id: SessionTouch(id=id, sessions=wanted, user=user,
+                                                             ttl=ttl))
+        return _records(reply)
+
+    async def update_session(self, session: str, *, user: str | None = None,
+                             state: str | None = None, metadata: Mapping[str, Any] | None = None,
+                             version: int | None = None) -> SessionRecord:
+        """Change the state and/or replace the metadata (only at `version`, when given).
+        Raises SessionNotFound, IllegalTransition, VersionConflict."""
+        reply = await self._registry(lambda id: SessionUpdate(
+            id=id, session=session, user=user, state=state, version=version,
+            metadata=None if metadata is None else dict(metadata)))
+        return _one(reply)
+
+    async def delete_session(self, session: str, *, user: str | None = None) -> SessionRecord:
+        """Delete a session; returns the record removed. Raises SessionNotFound."""
+        reply = await self._registry(lambda id: SessionDelete(id=id, session=session, user=user))
+        return _one(reply)
+
+    async def list_sessions_page(self, *, user: str | None = None, state: str | None = None,
+                                 after: str | None = None, limit: int | None = None
+                                 ) -> SessionPage:
+        """One page of sessions in id order; its `next` is the `after` of the next page."""
+        reply = await self._registry(lambda id: SessionList(id=id, user=user, state=state,
+                                                            after=after, limit=limit))
+        return SessionPage(records=_records(reply, nulls=False), next=reply.next)
+
+    async def list_sessions(self, *, user: str | None = None, state: str | None = None,
+                            limit: int | None = None) -> AsyncIterator[SessionRecord]:
+        """Every session (of `user`, in `state`), page after page (`limit` per page)."""
+        after: str | None = None
+        while True:
+            page = await self.list_sessions_page(user=user, state=state, after=after,
+                                                 limit=limit)
+            for record in page.records:
+                yield record
+            if page.next is None:
+                return
+            after = page.next
+
+    async def _registry(self, make: Callable[[int], SessionRequest]) -> SessionReply:
+        self._check_usable()
+        event = self.core.registry(make)
+        reply: SessionReply = await self._withdrawable((event.OP, event.id), event)
+        return reply
 
     def _check_usable(self) -> None:
         if self._closed:
             raise ClientClosed("the client is closed")
         if self.failure is not None:
             raise self.failure
+
+
+def _records(reply: SessionReply, *, nulls: bool = True) -> list[Any]:
+    """The reply's records (None for its nulls, where `nulls` allows them)."""
+    records: list[SessionRecord | None] = []
+    for values in reply.sessions:
+        if values is None and nulls:
+            records.append(None)
+            continue
+        try:
+            if values is None:
+                raise ValueError("null where a record must be")
+            records.append(record_of(values))
+        except ValueError as e:
+            raise ProtocolViolation(f"the broker sent {e}", ref=reply.ref) from None
+    return records
+
+
+def _one(reply: SessionReply) -> SessionRecord:
+    records = _records(reply, nulls=False)
+    if len(records) != 1:
+        raise ProtocolViolation(f"the broker answered {len(records)} records, not 1",
+                                ref=reply.ref)
+    record: SessionRecord = records[0]
+    return record

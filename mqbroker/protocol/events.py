@@ -17,10 +17,12 @@ __all__ = [
     "CLIENT_EVENTS",
     "PROTOCOL_VERSION",
     "SERVER_EVENTS",
+    "SESSION_REQUESTS",
     "ClientEvent",
     "CloseCode",
     "Delivery",
     "Dropped",
+    "Ended",
     "Error",
     "ErrorCode",
     "Event",
@@ -36,6 +38,14 @@ __all__ = [
     "Refresh",
     "Refreshed",
     "ServerEvent",
+    "SessionCreate",
+    "SessionDelete",
+    "SessionGet",
+    "SessionList",
+    "SessionReply",
+    "SessionRequest",
+    "SessionTouch",
+    "SessionUpdate",
     "SubAck",
     "Subscribe",
     "UnsubAck",
@@ -77,6 +87,13 @@ class ErrorCode(enum.StrEnum):
     # A `refresh` where the session's credential cannot be refreshed: anonymous mode, or a
     # principal named by the client certificate (mode mtls). The session stays open.
     REFRESH_UNSUPPORTED = "refresh_unsupported"
+    # The session registry (docs/sessions.md): the codes of mqbroker.sessions' errors.
+    SESSION_NOT_FOUND = "session_not_found"  # no such session for this user
+    SESSION_EXISTS = "session_exists"  # `session_create` with an id already taken
+    ILLEGAL_TRANSITION = "illegal_transition"  # a state change the states do not allow
+    VERSION_CONFLICT = "version_conflict"  # `version` is not the session's current one
+    # A publish on a topic only the broker publishes to ({prefix}/{id}/lifecycle, .../presence).
+    RESERVED_TOPIC = "reserved_topic"
 
 
 class CloseCode(enum.IntEnum):
@@ -158,6 +175,84 @@ class Refresh:
 class Ping:
     OP: ClassVar[str] = "ping"
     id: int | None = None
+
+
+# --- the session registry (docs/sessions.md), client to server ---------------------------------
+#
+# Each is a request with an `id`, answered by `sessions` (or `error`) carrying that id and the
+# request's op as `ref`. `user` scopes the request (docs/protocol.md, "Sessions").
+
+
+@frozen(kw_only=True)
+class SessionCreate:
+    OP: ClassVar[str] = "session_create"
+    id: int
+    #: The session id; the broker makes one when absent.
+    session: str | None = None
+    user: str | None = None
+    #: Seconds; `[sessions] default_ttl` when absent.
+    ttl: float | None = None
+    #: "pending" (the default) or "active".
+    state: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@frozen(kw_only=True)
+class SessionGet:
+    OP: ClassVar[str] = "session_get"
+    id: int
+    sessions: tuple[str, ...]
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class SessionTouch:
+    OP: ClassVar[str] = "session_touch"
+    id: int
+    sessions: tuple[str, ...]
+    user: str | None = None
+    #: Seconds; each session's own ttl when absent.
+    ttl: float | None = None
+
+
+@frozen(kw_only=True)
+class SessionUpdate:
+    OP: ClassVar[str] = "session_update"
+    id: int
+    session: str
+    user: str | None = None
+    state: str | None = None
+    #: Replaces the metadata whole.
+    metadata: dict[str, Any] | None = None
+    #: Carried out only if the session is at this version.
+    version: int | None = None
+
+
+@frozen(kw_only=True)
+class SessionDelete:
+    OP: ClassVar[str] = "session_delete"
+    id: int
+    session: str
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class SessionList:
+    OP: ClassVar[str] = "session_list"
+    id: int
+    user: str | None = None
+    state: str | None = None
+    #: The `next` of the previous page.
+    after: str | None = None
+    limit: int | None = None
+
+
+SessionRequest = (
+    SessionCreate | SessionGet | SessionTouch | SessionUpdate | SessionDelete | SessionList
+)
+SESSION_REQUESTS: tuple[type[SessionRequest], ...] = (
+    SessionCreate, SessionGet, SessionTouch, SessionUpdate, SessionDelete, SessionList,
+)
 
 
 # --- server to client -------------------------------------------------------------------------
@@ -269,17 +364,48 @@ class Error:
     ref: str | None = None
 
 
-ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping
+@frozen(kw_only=True)
+class SessionReply:
+    """The answer to a session registry request: the records it concerns."""
+
+    OP: ClassVar[str] = "sessions"
+    id: int
+    #: The op of the request this answers.
+    ref: str
+    #: Record maps (docs/protocol.md, "Session records"); null for each id of a `session_get`
+    #: or `session_touch` that is not found (or not live, for a touch).
+    sessions: tuple[dict[str, Any] | None, ...]
+    #: `session_list`: pass as `after` for the next page; absent on the last page.
+    next: str | None = None
+
+
+@frozen(kw_only=True)
+class Ended:
+    """The subscriptions `subs` ended: the broker removed them (their application session
+    ended, say). Sent in order with the deliveries, after the last one of those subscriptions."""
+
+    OP: ClassVar[str] = "ended"
+    subs: tuple[int, ...]
+    #: Why: "session_ended" (the session was deleted, expired or invalidated).
+    reason: str
+    #: The application session whose end ended them.
+    session: str | None = None
+
+
+ClientEvent = (
+    Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping
+    | SessionCreate | SessionGet | SessionTouch | SessionUpdate | SessionDelete | SessionList
+)
 ServerEvent = (
     Welcome | SubAck | UnsubAck | PubAck | Forgot | Refreshed | Pong | Delivery | Dropped
-    | GapNotice | Error
+    | GapNotice | Error | SessionReply | Ended
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping, *SESSION_REQUESTS,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
     Welcome, SubAck, UnsubAck, PubAck, Forgot, Refreshed, Pong, Delivery, Dropped, GapNotice,
-    Error,
+    Error, SessionReply, Ended,
 )

@@ -35,6 +35,7 @@ from mqbroker.auth import (
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
 from mqbroker.protocol import (
+    SESSION_REQUESTS,
     CloseCode,
     Dropped,
     EncodedMessage,
@@ -51,6 +52,7 @@ from mqbroker.protocol import (
     Rejected,
     ServerConnection,
     ServerEvent,
+    SessionRequest,
     Subscribe,
     Unsubscribe,
     join,
@@ -65,9 +67,11 @@ from mqbroker.protocol.websocket import (
     Ping as WsPing,
 )
 from mqbroker.ratelimit import Rates, SessionLimits
+from mqbroker.registry import Caller, SessionsRight
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
+from mqbroker.server.registry import RequestQueue
 from mqbroker.topics import InvalidTopic, validate_filter
 
 if TYPE_CHECKING:
@@ -118,6 +122,8 @@ class Session:
     _handled: int = 0
     _reading: trio.CancelScope | None = None
     _publishes: PublishQueue | None = None
+    #: Session registry requests in flight (started with the first one).
+    _registry_requests: RequestQueue | None = None
     _nursery: trio.Nursery | None = None
     _ended: trio.Event = field(factory=trio.Event)
     #: WebSocket items that arrived with the hello, handled first by the read loop.
@@ -441,11 +447,13 @@ class Session:
                     await self._handle_frame(first_events)
                     self.flush()
                     await self._read_loop()
-                if self._publishes is not None:
+                with trio.move_on_after(self.config.shutdown_grace):
                     # What the peer sent before leaving is still published (acknowledged or
-                    # not), within the grace period.
-                    with trio.move_on_after(self.config.shutdown_grace):
+                    # not) and carried out, within the grace period.
+                    if self._publishes is not None:
                         await self._publishes.drained()
+                    if self._registry_requests is not None:
+                        await self._registry_requests.drained()
                 await self._finish()
                 nursery.cancel_scope.cancel()
         finally:
@@ -569,6 +577,10 @@ class Session:
         elif self._limits is None or self._admit_request(event):
             if type(event) is Refresh:
                 await self._refresh(event)
+            elif type(event) in SESSION_REQUESTS:
+                # Answered by the registry task, which flushes once nothing is left queued.
+                await self._registry_request(event)
+                return
             elif self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
@@ -627,6 +639,35 @@ class Session:
             await self.broker.end_subscription(self, sub, notice)
             self.log.info("security.subscription_ended", sub=sub, filter=_loggable(filter))
 
+    # --- the session registry ----------------------------------------------------------------
+
+    async def _registry_request(self, event: SessionRequest) -> None:
+        """Queue a registry request: answered in order with the session's other registry
+        requests, by a task of its own, so that a slow store never stops the reading."""
+        if self._registry_requests is None:
+            assert self._nursery is not None
+            self._registry_requests = RequestQueue()
+            self._nursery.start_soon(self._registry_requests.run, self._answer_registry,
+                                     self.flush)
+        await self._registry_requests.put(event)
+
+    async def _answer_registry(self, event: SessionRequest) -> None:
+        registry = self.broker.registry
+        if registry is None:
+            reply: ServerEvent = Error(code=ErrorCode.UNAVAILABLE, id=event.id, ref=event.OP,
+                                       message="this broker has no session registry open")
+        else:
+            reply = await registry.answer(self.caller, event)
+        if type(reply) is Error and reply.code == ErrorCode.FORBIDDEN:
+            self._forbade("sessions", f"user {event.user}")
+        self.reply(reply)
+
+    @property
+    def caller(self) -> Caller:
+        """Who the registry serves on this connection (None as principal: anonymous mode)."""
+        return Caller(principal=None if self.permissions.everything else self.principal.name,
+                      right=SessionsRight.parse(self.permissions.sessions))
+
     # --- authorization ([auth]) ----------------------------------------------------------------
 
     def _authorized(self, run: list[Publish]) -> bool:
@@ -681,14 +722,14 @@ class Session:
             return (Operation.SUBSCRIBE, Operation.REPLAY)
         return (Operation.SUBSCRIBE,)
 
-    def _forbade(self, operation: Operation, topic: str) -> None:
+    def _forbade(self, operation: str, topic: str) -> None:
         """Count a refusal; log it at most once per violation_window."""
         self.broker.counters["security_forbidden"] += 1
         now = trio.current_time()
         last = self._forbidden_logged
         if last is None or now - last >= self.rates.violation_window:
             self._forbidden_logged = now
-            self.log.warning("security.forbidden", op=operation.value,
+            self.log.warning("security.forbidden", op=str(operation),
                              topic=_loggable(topic))
 
     # --- rate limits ([limits]) ----------------------------------------------------------------
