@@ -3,13 +3,20 @@
 `[auth] mode` picks an `Authenticator`: "anonymous" lets everyone in with every right (the
 embedded default, bound to 127.0.0.1); "token" takes static tokens from the config, stored as
 their SHA-256 so that the config file never holds a usable secret; "jwt" verifies JSON Web
-Tokens (PyJWT) with a key file. A scheme is any object with
-`authenticate` (the `Authenticator` protocol): a plugin could add one (see docs/security.md).
+Tokens (PyJWT) with a key file; "mtls" takes the principal from the subject CN of the client
+certificate the TLS handshake verified; any other name is a plugin's scheme (mqbroker.plugins:
+the broker opens it and hands it to `access_of`). A scheme is any object with an async
+`authenticate` (the `Authenticator` protocol); the built-in ones never wait.
+
+A credential given in `hello` (token, jwt) can be replaced in the open session by `refresh`:
+`Access.refresh` checks it names the same principal (see docs/security.md).
 
 Authorization is per role, `[auth.roles.NAME]`: for each operation a list of MQTT filters, with
 `{principal}` and `{session}` substituted from the credential. A topic is allowed when one
 filter matches it; a filter (subscribe, forget) when one filter covers every topic it can
 match. Decisions are cached per session, bounded, so that the per-publish cost is one lookup.
+A role may also override the per-session rate limits (`[auth.roles.NAME.limits]`); a session's
+limits are its principal's roles' combined (`Access.rates`).
 
 Nothing here does I/O or logs: the session logs `security.*` events (never the credential).
 """
@@ -19,15 +26,18 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 import jwt
 from attrs import field, frozen
 
-from mqbroker.config import AuthConfig, ConfigError
+from mqbroker.config import AuthConfig, Config, ConfigError
+from mqbroker.ratelimit import Rates, most_generous
 from mqbroker.topics import covers, matches
 
 #: Decisions remembered per session; past this the cache starts again (a session publishing
@@ -65,9 +75,17 @@ class Principal:
 
 
 class Authenticator(Protocol):
-    """A scheme checking the `auth` field of `hello` (None when the hello had none)."""
+    """A scheme checking the `auth` field of `hello` (None when the hello had none).
 
-    def authenticate(self, credential: str | None) -> Principal:
+    `authenticate` is awaited in the task of the session whose hello it checks, so it may do
+    I/O (an introspection endpoint, say) without holding up other sessions, as long as it
+    waits the async way: a blocking call (a synchronous HTTP client, a slow hash) stalls the
+    whole broker; run such work with `trio.to_thread.run_sync`. The broker bounds it with
+    `[auth] authenticate_timeout` (cancelling it past that) and answers the hello
+    `unavailable`; any exception but AuthFailed is answered `internal`. Both are logged
+    without the credential; the broker carries on."""
+
+    async def authenticate(self, credential: str | None) -> Principal:
         """The principal the credential names; raises AuthFailed when it names none."""
         ...
 
@@ -80,7 +98,7 @@ ANONYMOUS = Principal(name="anonymous")
 class AnonymousAuthenticator:
     """Everyone is let in, whatever the credential (today's behaviour)."""
 
-    def authenticate(self, credential: str | None) -> Principal:
+    async def authenticate(self, credential: str | None) -> Principal:
         return ANONYMOUS
 
 
@@ -95,7 +113,11 @@ class TokenAuthenticator:
 
     principals: Mapping[str, Principal]
 
-    def authenticate(self, credential: str | None) -> Principal:
+    async def authenticate(self, credential: str | None) -> Principal:
+        return self.check(credential)
+
+    def check(self, credential: str | None) -> Principal:
+        """`authenticate`, which never waits, called without an event loop."""
         if not credential:
             raise AuthFailed("no credential")
         digest = token_hash(credential)
@@ -114,6 +136,8 @@ class Rules:
     subscribe: tuple[str, ...] = ()
     replay: tuple[str, ...] = ()
     forget: tuple[str, ...] = ()
+    #: The session registry: "none", "own" or "any" (mqbroker.registry.SessionsRight).
+    sessions: str = "own"
 
     def of(self, operation: Operation) -> tuple[str, ...]:
         result: tuple[str, ...] = getattr(self, operation.value)
@@ -129,6 +153,10 @@ def substitute(pattern: str, principal: Principal) -> list[str]:
     return [text.replace("{session}", session) for session in principal.sessions]
 
 
+#: The `sessions` rights, narrowest first.
+SESSIONS_ORDER = ("none", "own", "any")
+
+
 @frozen
 class Permissions:
     """What one principal may do: the substituted filters per operation, and a decision cache."""
@@ -136,6 +164,9 @@ class Permissions:
     filters: Mapping[Operation, tuple[str, ...]]
     #: Anonymous mode: every check is skipped.
     everything: bool = False
+    #: Whose registry sessions the principal may see and change: the widest of its roles'
+    #: `sessions` (none < own < any); none without a role.
+    sessions: str = "none"
     _cache: dict[tuple[Operation, str], bool] = field(factory=dict, eq=False, repr=False)
 
     @classmethod
@@ -149,11 +180,12 @@ class Permissions:
                     for pattern in rules.of(operation):
                         found.extend(substitute(pattern, principal))
             filters[operation] = tuple(dict.fromkeys(found))
-        return cls(filters)
+        granted = [roles[role].sessions for role in principal.roles if role in roles]
+        return cls(filters, sessions=max(granted, key=SESSIONS_ORDER.index, default="none"))
 
     @classmethod
     def all(cls) -> Permissions:
-        return cls({}, everything=True)
+        return cls({}, everything=True, sessions="any")
 
     def allows_topic(self, operation: Operation, topic: str) -> bool:
         """Whether `operation` (publish) is allowed on the topic."""
@@ -180,6 +212,22 @@ class Permissions:
         self._cache[key] = decision
 
 
+@frozen
+class CertificateAuthenticator:
+    """Mode "mtls": the credential is the subject CN of the verified client certificate (the
+    session passes it in, not the hello), known when listed in `[[auth.identities]]`."""
+
+    principals: Mapping[str, Principal]
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        if credential is None:
+            raise AuthFailed("no client certificate with one subject common name")
+        principal = self.principals.get(credential)
+        if principal is None:
+            raise AuthFailed("unknown client certificate")
+        return principal
+
+
 def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]]]
                   ) -> dict[str, Principal]:
     """(sha256, principal, roles, sessions) rows as TokenAuthenticator takes them."""
@@ -189,20 +237,56 @@ def principals_of(entries: Iterable[tuple[str, str, Sequence[str], Sequence[str]
 
 #: Principals whose permissions (and so decision caches) are kept, shared by their sessions.
 PRINCIPALS_CACHE = 1024
+#: A longer credential is refused before it is looked at: the longest real JWT is a few KiB,
+#: and one of a frame's size would cost its decoding for nothing.
+MAX_CREDENTIAL_CHARS = 16 * 1024
 
 
 @frozen
 class Access:
-    """The instance's authenticator and rules: what each session is checked against."""
+    """The instance's authenticator, rules and rate limits: what each session is checked
+    against."""
 
     authenticator: Authenticator
     roles: Mapping[str, Rules]
     anonymous: bool = False
+    #: `[limits]`: the rate limits of a session none of whose roles sets its own.
+    rates: Rates = field(factory=Rates)
+    #: The limits of each role with a `[auth.roles.NAME.limits]` table ([limits] overridden).
+    role_rates: Mapping[str, Rates] = field(factory=dict)
+    #: `[auth] authenticate_timeout`, for a plugin's authenticator: how long a hello waits for
+    #: it. None for the built-in ones, which never wait: they are called without a cancel
+    #: scope, and what they return is not checked again (about 10 us less per hello).
+    timeout: float | None = None
+    #: Mode "mtls": the credential is the client certificate's name, not the hello's `auth`.
+    by_certificate: bool = False
     _shared: dict[Principal, Permissions] = field(factory=dict, eq=False, repr=False)
 
     @classmethod
-    def anyone(cls) -> Access:
-        return cls(AnonymousAuthenticator(), {}, anonymous=True)
+    def anyone(cls, rates: Rates | None = None) -> Access:
+        return cls(AnonymousAuthenticator(), {}, anonymous=True, rates=rates or Rates())
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether a session's credential can be replaced with `refresh`: only one the client
+        sent (token, jwt); anonymous sessions have none, a certificate is the connection's."""
+        return not self.anonymous and not self.by_certificate
+
+    async def authenticate(self, credential: str | None) -> Principal:
+        """The principal `credential` names; raises AuthFailed (with a reason to log). A
+        plugin's answer is the caller's to bound (`timeout`) and check (`checked_principal`)."""
+        if (credential is not None and len(credential) > MAX_CREDENTIAL_CHARS
+                and not self.anonymous):
+            raise AuthFailed(f"credential longer than {MAX_CREDENTIAL_CHARS} characters")
+        return await self.authenticator.authenticate(credential)
+
+    @staticmethod
+    def refreshed(current: Principal, new: Principal) -> Principal:
+        """`new`, the principal a session's new credential names, if it is the session's
+        `current` one (its roles, sessions and expiry may differ). Raises AuthFailed."""
+        if new.name != current.name:
+            raise AuthFailed("credential for another principal")
+        return new
 
     def permissions(self, principal: Principal) -> Permissions:
         """The principal's permissions; sessions of one principal share them (and the cache)."""
@@ -214,6 +298,12 @@ class Access:
                 self._shared.clear()
             permissions = self._shared[principal] = Permissions.of(principal, self.roles)
         return permissions
+
+    def rates_of(self, principal: Principal) -> Rates:
+        """The principal's rate limits: the most generous of its roles' for each key (see
+        `most_generous`); `[limits]` when none of its roles sets limits of its own."""
+        own = [self.role_rates[role] for role in principal.roles if role in self.role_rates]
+        return most_generous(own) if own else self.rates
 
 
 #: What a principal or session id from a token may look like (it becomes part of topics).
@@ -236,7 +326,11 @@ class JwtAuthenticator:
     roles_claim: str = "roles"
     sessions_claim: str = "sessions"
 
-    def authenticate(self, credential: str | None) -> Principal:
+    async def authenticate(self, credential: str | None) -> Principal:
+        return self.check(credential)
+
+    def check(self, credential: str | None) -> Principal:
+        """`authenticate`, which never waits, called without an event loop."""
         if not credential:
             raise AuthFailed("no credential")
         try:
@@ -321,14 +415,56 @@ def jwt_authenticator(config: AuthConfig) -> JwtAuthenticator:
     return JwtAuthenticator(key=None, algorithms=algorithms, jwks=jwks, **settings)
 
 
-def access_of(config: AuthConfig) -> Access:
-    """The Access an `[auth]` table describes (JWT key files are read now)."""
-    if config.mode == "anonymous":
-        return Access.anyone()
+def access_of(config: Config, plugin: Authenticator | None = None) -> Access:
+    """The Access `config` describes: `[auth]` (JWT key files are read now), its roles'
+    limits over `[limits]`. `plugin` is the authenticator of a mode that is not built in,
+    opened by the caller (mqbroker.broker.open_broker)."""
+    auth = config.auth
+    rates = Rates.of(config.limits)
+    if auth.mode == "anonymous":
+        return Access.anyone(rates)
     roles = {name: Rules(publish=role.publish, subscribe=role.subscribe, replay=role.replay,
-                         forget=role.forget) for name, role in config.roles.items()}
+                         forget=role.forget, sessions=role.sessions)
+             for name, role in auth.roles.items()}
+    role_rates = {name: Rates.of(attrs.evolve(config.limits, **role.limits.overrides()))
+                  for name, role in auth.roles.items() if role.limits.overrides()}
+    return Access(_authenticator(auth, plugin), roles, rates=rates, role_rates=role_rates,
+                  timeout=None if plugin is None else auth.authenticate_timeout,
+                  by_certificate=auth.mode == "mtls")
+
+
+def _authenticator(config: AuthConfig, plugin: Authenticator | None) -> Authenticator:
     if config.mode == "jwt":
-        return Access(jwt_authenticator(config), roles)
-    tokens = principals_of((token.sha256, token.principal, token.roles, token.sessions)
-                           for token in config.tokens)
-    return Access(TokenAuthenticator(tokens), roles)
+        return jwt_authenticator(config)
+    if config.mode == "mtls":
+        return CertificateAuthenticator({
+            identity.principal: Principal(name=identity.principal, roles=tuple(identity.roles),
+                                          sessions=tuple(identity.sessions))
+            for identity in config.identities})
+    if config.mode == "token":
+        return TokenAuthenticator(principals_of(
+            (token.sha256, token.principal, token.roles, token.sessions)
+            for token in config.tokens))
+    if plugin is None:
+        raise ConfigError(f"auth.mode: {config.mode!r} is a plugin's scheme: open it with "
+                          "mqbroker.broker.open_broker")
+    return plugin
+
+
+def checked_principal(value: object) -> Principal:
+    """What a plugin's authenticate returned, checked as the built-in schemes check theirs:
+    a Principal whose name, roles and session ids can become parts of topics. Raises
+    TypeError or ValueError (a fault of the plugin, not of the credential)."""
+    if not isinstance(value, Principal):
+        raise TypeError(f"authenticate returned {type(value).__name__}, not a Principal")
+    for what, names in (("name", (value.name,)), ("roles", value.roles),
+                        ("sessions", value.sessions)):
+        if not isinstance(names, tuple) or not all(
+                isinstance(name, str) and _NAME.fullmatch(name) for name in names):
+            raise ValueError(f"the principal's {what}: not names without / + # {{ }} $ or "
+                             "spaces")
+    expires = value.expires
+    if expires is not None and (not isinstance(expires, int | float)
+                                or isinstance(expires, bool) or not math.isfinite(expires)):
+        raise ValueError("the principal's expires: not None nor a finite Unix time")
+    return value

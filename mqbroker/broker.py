@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import structlog
 from attrs import define, field
 
-from mqbroker.auth import Access, access_of
-from mqbroker.config import Config
+from mqbroker.auth import Access, Authenticator, access_of
+from mqbroker.config import BUILT_IN_AUTH_MODES, Config
 from mqbroker.fanout import Fanout, FanoutContext, FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import Gap, HistoryStore, HistoryUnavailable, Replay
 from mqbroker.index import SubscriptionIndex
 from mqbroker.message import Draft, InvalidEventId, Message, Position
-from mqbroker.plugins import PluginError, load_plugin
-from mqbroker.presence import entry_map
+from mqbroker.plugins import PluginError, load_auth_plugin, load_plugin
+from mqbroker.presence import LeaveReason, entry_map
 from mqbroker.protocol import (
     CloseCode,
     EncodedMessage,
+    Ended,
     Error,
     ErrorCode,
     Forget,
@@ -38,6 +39,7 @@ from mqbroker.protocol import (
     PubAck,
     Publish,
     ServerEvent,
+    SessionRequest,
     SubAck,
     Subscribe,
     UnsubAck,
@@ -46,7 +48,8 @@ from mqbroker.protocol import (
 )
 from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
-from mqbroker.ratelimit import effective_burst
+from mqbroker.ratelimit import Rates
+from mqbroker.registry import MAX_SESSION_BATCH, Caller, ScopedSubscriptions, SessionTopics
 from mqbroker.resume import ReplaySwitch
 from mqbroker.sessions import PresenceEntry, StoreUnavailable, check_session_id
 from mqbroker.topics import (
@@ -71,7 +74,13 @@ COUNTERS = ("sessions_opened", "sessions_closed", "published", "deliveries", "ga
             "sessions_closed_other", "security_origin_refused", "security_metrics_refused",
             "tls_handshakes_failed",
             # Hellos refused for their credential (4003), requests refused as forbidden.
-            "security_auth_failed", "security_forbidden")
+            "security_auth_failed", "security_forbidden",
+            # Hellos whose authenticator (a plugin's) did not answer in time (1013), or failed
+            # unexpectedly (1011).
+            "security_auth_unavailable", "security_auth_errors",
+            # Publishes refused on a topic reserved for the broker (lifecycle, presence), and
+            # subscriptions ended because their application session ended.
+            "reserved_topic_refused", "subscriptions_ended")
 #: How many recently validated topic names are remembered (publishers repeat their topics).
 VALID_TOPICS_CACHE = 10_000
 #: How many events one frame may carry (the welcome says so as `max_frame_items`): it bounds
@@ -126,7 +135,7 @@ class PresenceTracking(Protocol):
 
     def subscribed(self, session: Session, filter: str) -> None: ...
 
-    def unsubscribed(self, session: Session, filter: str) -> None: ...
+    def unsubscribed(self, session: Session, filter: str, reason: LeaveReason) -> None: ...
 
     def detached(self, session: Session, filters: Sequence[str]) -> None: ...
 
@@ -134,6 +143,19 @@ class PresenceTracking(Protocol):
         """The entries of an application session; raises StoreUnavailable."""
 
     def stats(self) -> dict[str, int]: ...
+
+
+class Registry(Protocol):
+    """The session registry, as the broker and its sessions see it
+    (mqbroker.server.registry.Registry is the real one)."""
+
+    #: Records per state, as last counted (for /metrics).
+    @property
+    def counts(self) -> Mapping[Any, int]: ...
+
+    async def answer(self, caller: Caller, request: SessionRequest) -> ServerEvent:
+        """Carry out one registry request; its reply or error event (never raises)."""
+        ...
 
 
 @define(eq=False)
@@ -151,17 +173,30 @@ class Broker:
         dict.fromkeys(COUNTERS, 0)))
     recorded: FilterSet = field(init=False)
     topic_limits: TopicLimits = field(init=False)
-    #: Who may open a session and what each may do ([auth]).
+    #: The scheme of an `[auth] mode` that is a plugin (open_broker opens it); None for the
+    #: built-in modes.
+    authenticator: Authenticator | None = None
+    #: Who may open a session, what each may do and at what rate ([auth], [limits]).
     access: Access = field(init=False)
     #: Recently validated topic names -> their UTF-8 length (publishers repeat their topics).
     _valid_topics: dict[str, int] = field(factory=dict)
     #: Presence tracking and the `presence` query; None when not served (an embedded broker).
     presence: PresenceTracking | None = None
+    #: The session registry (mqbroker.server.registry), once opened; sessions reach it here.
+    registry: Registry | None = None
+    #: The application sessions' topics, and the subscriptions inside each session's topics.
+    session_topics: SessionTopics = field(init=False)
+    scoped: ScopedSubscriptions[Session] = field(init=False)
+    #: Called with every batch `deliver` gets, once the sessions got theirs (the registry
+    #: ends subscriptions on lifecycle messages here). Must not block.
+    observers: list[Callable[[Sequence[Message]], None]] = field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         server = self.config.server
+        self.session_topics = SessionTopics(self.config.sessions.topic_prefix)
+        self.scoped = ScopedSubscriptions(self.session_topics)
         self.recorded = FilterSet(self.config.history.record)
-        self.access = access_of(self.config.auth)
+        self.access = access_of(self.config, self.authenticator)
         self.topic_limits = TopicLimits(max_length=server.max_topic_length,
                                         max_levels=server.max_topic_levels)
 
@@ -169,12 +204,15 @@ class Broker:
     def max_message_bytes(self) -> int:
         return self.config.server.max_frame_bytes - ENVELOPE_BYTES
 
-    def welcome(self, session: Session) -> Welcome:
-        return Welcome(version=PROTOCOL_VERSION, instance=self.instance_id, session=session.id,
-                       limits=self.limits())
+    def welcome(self, session_id: str, rates: Rates) -> Welcome:
+        """The welcome of a session whose rate limits (its principal's) are `rates`."""
+        return Welcome(version=PROTOCOL_VERSION, instance=self.instance_id, session=session_id,
+                       limits=self.limits(rates))
 
-    def limits(self) -> dict[str, Any]:
-        """The limits in force, as the welcome tells them."""
+    def limits(self, rates: Rates) -> dict[str, Any]:
+        """The limits in force for a session, as the welcome tells them: the instance's, and
+        the session's rate limits with bursts as applied (0 in the config: one second's
+        worth), so that a client can pace itself; a rate of 0 is no limit."""
         s = self.config.server
         return {
             "max_frame_bytes": s.max_frame_bytes,
@@ -191,24 +229,9 @@ class Broker:
             "ping_interval": s.ping_interval,
             "idle_timeout": s.idle_timeout,
             "dedup_window": s.dedup_window,
-            **self._rate_limits(),
-        }
-
-    def _rate_limits(self) -> dict[str, Any]:
-        """The [limits] in force, bursts as applied (0 in the config: one second's worth), so
-        that a client can pace itself; a rate of 0 is no limit."""
-        r = self.config.limits
-        return {
-            "publish_messages_per_second": r.publish_messages_per_second,
-            "publish_messages_burst": effective_burst(r.publish_messages_per_second,
-                                                      r.publish_messages_burst),
-            "publish_bytes_per_second": r.publish_bytes_per_second,
-            "publish_bytes_burst": effective_burst(r.publish_bytes_per_second,
-                                                   r.publish_bytes_burst),
-            "requests_per_second": r.requests_per_second,
-            "requests_burst": effective_burst(r.requests_per_second, r.requests_burst),
-            "max_violations": r.max_violations,
-            "violation_window": r.violation_window,
+            "max_session_batch": MAX_SESSION_BATCH,
+            "max_session_page": self.config.sessions.max_page,
+            **rates.as_dict(),
         }
 
     # --- sessions ------------------------------------------------------------------------------
@@ -221,8 +244,10 @@ class Broker:
         """Forget a session: drop its subscriptions and the fan-out's watches for them."""
         self.sessions.discard(session)
         self._recovering.pop(session, None)
-        filters = list(self.index.filters_of(session).values())
+        subs = self.index.filters_of(session)
+        filters = list(subs.values())
         self.index.remove_session(session)
+        self.scoped.remove_all(session, subs)
         if self.presence is not None:
             self.presence.detached(session, filters)
         for filter in filters:
@@ -284,6 +309,12 @@ class Broker:
                 validate_topic(event.topic, self.topic_limits)
             except InvalidTopic as e:
                 return _error(ErrorCode.INVALID_TOPIC, str(e), event)
+            if self.session_topics.reserved(event.topic):  # never cached: checked each time
+                self.counters["reserved_topic_refused"] += 1
+                return _error(ErrorCode.RESERVED_TOPIC,
+                              f"topic {event.topic!r} is reserved for the broker's session "
+                              "events (lifecycle, presence): clients may not publish on it",
+                              event)
             if len(self._valid_topics) >= VALID_TOPICS_CACHE:
                 self._valid_topics.clear()
             topic_bytes = self._valid_topics[event.topic] = len(event.topic.encode())
@@ -328,6 +359,8 @@ class Broker:
         for session in to_flush:
             session.flush()
         self.counters["deliveries"] += deliveries
+        for observe in self.observers:
+            observe(messages)
 
     def _hold_back(self, session: Session, message: EncodedMessage, subs: tuple[int, ...]
                    ) -> tuple[int, ...]:
@@ -394,17 +427,11 @@ class Broker:
                 self._stop_holding(session, event.id)
 
     def _add(self, session: Session, sub: int, filter: str) -> None:
+        """Add a subscription to the index, the session-scoped index and presence."""
         self.index.add(session, sub, filter)
+        self.scoped.add(session, sub, filter)
         if self.presence is not None:
             self.presence.subscribed(session, filter)
-
-    def _remove(self, session: Session, sub: int) -> tuple[str, bool] | None:
-        """Remove a subscription from the index, and from presence: every removal but a
-        whole session's (`detach`) goes through here."""
-        removed = self.index.remove(session, sub)
-        if removed is not None and self.presence is not None:
-            self.presence.unsubscribed(session, removed[0])
-        return removed
 
     def _stop_holding(self, session: Session, sub: int) -> None:
         switches = self._recovering.get(session)
@@ -491,9 +518,60 @@ class Broker:
             session.reply(_error(ErrorCode.UNKNOWN_SUBSCRIPTION,
                                  f"no subscription with id {event.id}", event))
             return
-        self._stop_holding(session, event.id)
         session.reply(UnsubAck(id=event.id))
-        await self._unwatch(removed[0])
+        await self._unwatch(removed)
+
+    async def end_subscription(self, session: Session, sub: int, notice: Error) -> None:
+        """End subscription `sub` of `session` on the broker's initiative (its principal lost
+        the right, say), telling the client with `notice` after the deliveries queued for it."""
+        removed = self._remove(session, sub)
+        if removed is None:
+            return
+        session.signal(notice)
+        await self._unwatch(removed)
+
+    def _remove(self, session: Session, sub: int) -> str | None:
+        """Drop subscription `sub` from the index (and any replay of it) and from presence; its
+        filter, or None when the session had none with that id."""
+        removed = self.index.remove(session, sub)
+        if removed is None:
+            return None
+        self.scoped.remove(session, sub)
+        self._stop_holding(session, sub)
+        if self.presence is not None:
+            self.presence.unsubscribed(session, removed[0], LeaveReason.UNSUBSCRIBED)
+        return removed[0]
+
+    def end_subscriptions(self, session_id: str, reason: str) -> list[str]:
+        """End every subscription inside the topics of application session `session_id`:
+        removed, and its session told with `ended`, in order after its deliveries. Returns
+        the filters to unwatch (the caller's to do: this never blocks)."""
+        unwatch: list[str] = []
+        for session, subs in self.scoped.pop(session_id).items():
+            for sub in subs:
+                removed = self.index.remove(session, sub)
+                self._stop_holding(session, sub)
+                if removed is not None:
+                    unwatch.append(removed[0])
+                    if self.presence is not None:
+                        self.presence.unsubscribed(session, removed[0], LeaveReason.ENDED)
+            session.signal(Ended(subs=subs, reason=reason, session=session_id))
+            session.flush()
+            self.counters["subscriptions_ended"] += len(subs)
+        return unwatch
+
+    async def unwatch(self, filters: Sequence[str]) -> None:
+        """Undo one fan-out watch of each filter (failures logged)."""
+        for filter in filters:
+            await self._unwatch(filter)
+
+    async def announce(self, drafts: Sequence[Draft]) -> Sequence[Message]:
+        """Publish the broker's own messages (lifecycle and presence events) through the one
+        publish path;
+        raises FanoutUnavailable as the fan-out does."""
+        messages = await self.fanout.publish(drafts)
+        self.counters["published"] += len(messages)
+        return messages
 
     async def _unwatch(self, filter: str) -> None:
         try:
@@ -532,16 +610,6 @@ class Broker:
             return
         session.reply(Present(id=event.id, entries=tuple(entry_map(e) for e in entries)))
 
-    async def publish_own(self, messages: Sequence[tuple[str, Any]]) -> None:
-        """Publish the broker's own messages ((topic, payload): presence events) through the
-        one publish path that clients' publishes take, recorded where [history] says. Raises
-        FanoutUnavailable."""
-        now = time.time()
-        drafts = [Draft(topic=topic, payload=payload, published_at=now,
-                        record=self.recorded.matches_any(topic)) for topic, payload in messages]
-        published = await self.fanout.publish(drafts)
-        self.counters["published"] += len(published)
-
     def gauges(self) -> frozenset[str]:
         """The `stats()` names that are levels, not totals: the broker's own, and those its
         plugins declare in STAT_GAUGES (issue 9: a plugin's gauge was exported as a counter)."""
@@ -550,6 +618,14 @@ class Broker:
         presence: frozenset[str] = getattr(self.presence, "STAT_GAUGES", frozenset())
         return frozenset({"sessions", "subscriptions", *(f"history_{k}" for k in history),
                           *(f"fanout_{k}" for k in fanout), *(f"presence_{k}" for k in presence)})
+
+    def labeled_gauges(self) -> dict[str, tuple[str, dict[str, int]]]:
+        """Gauges with a label: the registry's sessions per state, as its reaper last
+        counted them (a scrape costs no store call)."""
+        if self.registry is None:
+            return {}
+        counts = {str(state): n for state, n in self.registry.counts.items()}
+        return {"registry_sessions": ("state", counts)}
 
     def stats(self) -> dict[str, int]:
         return {
@@ -570,7 +646,8 @@ def _error(code: ErrorCode, message: str,
 
 @asynccontextmanager
 async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]:
-    """Open the configured history store and fan-out, and the broker that routes through them."""
+    """Open the configured authenticator (when it is a plugin's), history store and fan-out,
+    and the broker that routes through them."""
     from mqbroker.config import plugin_settings
 
     history_plugin = load_plugin(config.history.plugin)
@@ -581,8 +658,10 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
         raise PluginError(f"plugin {fanout_plugin.name!r} provides no fan-out")
     history_settings = plugin_settings(config, history_plugin)
     fanout_settings = plugin_settings(config, fanout_plugin)
-    async with history_plugin.open_history(history_settings, config.history) as history:
-        broker = Broker(instance_id=instance_id, config=config, history=history)
+    async with open_authenticator(config) as authenticator, \
+            history_plugin.open_history(history_settings, config.history) as history:
+        broker = Broker(instance_id=instance_id, config=config, history=history,
+                        authenticator=authenticator)
         context = FanoutContext(instance_id=instance_id, history=history,
                                 deliver=broker.deliver,
                                 dedup_window=config.server.dedup_window,
@@ -592,3 +671,19 @@ async def open_broker(config: Config, instance_id: str) -> AsyncIterator[Broker]
         async with fanout_plugin.open_fanout(fanout_settings, context) as fanout:
             broker.fanout = fanout
             yield broker
+
+
+@asynccontextmanager
+async def open_authenticator(config: Config) -> AsyncIterator[Authenticator | None]:
+    """The authenticator of the plugin `[auth] mode` names, open; None for a built-in mode.
+    Raises PluginError when no installed plugin by that name provides one."""
+    from mqbroker.config import plugin_settings
+
+    mode = config.auth.mode
+    if mode in BUILT_IN_AUTH_MODES:
+        yield None
+        return
+    plugin = load_auth_plugin(mode)
+    assert plugin.open_authenticator is not None
+    async with plugin.open_authenticator(plugin_settings(config, plugin)) as authenticator:
+        yield authenticator

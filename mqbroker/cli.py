@@ -1,4 +1,4 @@
-"""The `mqbroker` command: serve, check-config and --version.
+"""The `mqbroker` command: serve, check-config, sessions (mqbroker.sessions_cli) and --version.
 
 `main` returns the exit status (the console script passes it to `sys.exit`): 0 on success,
 2 for a configuration the broker cannot use, printed on standard error without a traceback.
@@ -14,9 +14,16 @@ from typing import get_args
 
 import attrs
 
-from mqbroker import __version__, logs
-from mqbroker.config import Config, ConfigError, LogLevel, load_config, plugin_settings
-from mqbroker.plugins import PluginError, load_plugin
+from mqbroker import __version__, logs, sessions_cli
+from mqbroker.config import (
+    BUILT_IN_AUTH_MODES,
+    Config,
+    ConfigError,
+    LogLevel,
+    load_config,
+    plugin_settings,
+)
+from mqbroker.plugins import PluginError, load_auth_plugin, load_plugin
 from mqbroker.tls import server_context
 
 #: The exit status for a configuration the broker cannot use: argparse's for a bad command line.
@@ -33,6 +40,8 @@ _OVERRIDES = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: `sys.argv[1:]`) and return the exit status."""
     args = parse_args(argv)
+    if args.command == "sessions":
+        return sessions_cli.run(args)
     try:
         if args.command == "check-config":
             return check_config(args.path)
@@ -119,7 +128,7 @@ def check_plugins(config: Config, *, source: str) -> None:
     """
     for key, name, provides in _named_plugins(config):
         try:
-            plugin = load_plugin(name)
+            plugin = load_auth_plugin(name) if key == "auth.mode" else load_plugin(name)
         except (PluginError, ImportError) as error:
             raise ConfigError(f"{source}: {key}: {error}") from error
         if provides and getattr(plugin, provides) is None:
@@ -132,8 +141,11 @@ def _named_plugins(config: Config) -> list[tuple[str, str, str]]:
     named = [
         ("history.plugin", config.history.plugin, "open_history"),
         ("fanout.plugin", config.fanout.plugin, "open_fanout"),
+        ("sessions.plugin", config.sessions.plugin, "open_sessions"),
     ]
-    chosen = {config.history.plugin, config.fanout.plugin}
+    if config.auth.mode not in BUILT_IN_AUTH_MODES:
+        named.append(("auth.mode", config.auth.mode, "open_authenticator"))
+    chosen = {name for _, name, _ in named}
     tables = [(f"plugins.{name}", name, "") for name in config.plugins if name not in chosen]
     return [*named, *tables]
 
@@ -152,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         "prints 'ok: PATH' and exits 0, or prints what is wrong and exits 2.",
     )
     check.add_argument("path", type=Path, metavar="PATH")
+    sessions_cli.add_parser(commands)
     return parser
 
 

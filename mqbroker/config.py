@@ -286,6 +286,9 @@ class SessionsConfig:
     max_metadata_bytes: int = field(default=4096, validator=_POSITIVE)
     #: The most records one `session_list` page holds.
     max_page: int = field(default=1000, validator=_POSITIVE)
+    #: Seconds a registry request may wait on the store before it is answered `unavailable`
+    #: (or `outcome_unknown` for a change).
+    request_timeout: float = field(default=5.0, validator=_POSITIVE_SECONDS)
     #: Seconds a presence entry lasts unless its instance announces it again (every third of
     #: it): a dead instance's clients leave every presence view within this time.
     presence_ttl: float = field(default=15.0, validator=_POSITIVE_SECONDS)
@@ -316,7 +319,10 @@ class MetricsConfig:
     token: str = field(default="", validator=_bearer_token, repr=False)
 
 
-AuthMode = Literal["anonymous", "token", "jwt"]
+#: The modes built in; any other `[auth] mode` names an installed plugin (mqbroker.plugins).
+BUILT_IN_AUTH_MODES = ("anonymous", "token", "jwt", "mtls")
+#: A role's `sessions` key: whose registry sessions its principals may see and change.
+SessionsAccess = Literal["none", "own", "any"]
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: A principal becomes part of topics ({principal}): no separator, wildcard or placeholder.
 _PRINCIPAL = re.compile(r"[^/+#{}$\s]+")
@@ -362,19 +368,69 @@ class TokenConfig:
     sessions: tuple[str, ...] = field(default=(), validator=_sessions)
 
 
+@frozen
+class _Unset:
+    """An attrs validator: None (the key is not set), or what `inner` accepts."""
+
+    inner: _Number
+
+    @property
+    def expected(self) -> str:
+        return self.inner.expected
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            self.inner(instance, attribute, value)
+
+
+@frozen(kw_only=True)
+class RoleLimitsConfig:
+    """`[auth.roles.NAME.limits]`: the per-session keys of `[limits]` this role overrides
+    (None: not set, the role leaves that key to `[limits]`). How several roles combine is
+    mqbroker.ratelimit.most_generous."""
+
+    publish_messages_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    publish_messages_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    publish_bytes_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    publish_bytes_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    requests_per_second: float | None = field(default=None, validator=_Unset(_RATE))
+    requests_burst: float | None = field(default=None, validator=_Unset(_BURST))
+    max_violations: int | None = field(default=None, validator=_Unset(_POSITIVE))
+    violation_window: float | None = field(default=None,
+                                           validator=_Unset(_POSITIVE_SECONDS))
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys this role sets, with their values."""
+        return {key: value for key, value in attrs.asdict(self).items() if value is not None}
+
+
+@frozen(kw_only=True)
+class IdentityConfig:
+    """One client certificate of `[[auth.identities]]` (mode "mtls"): the subject common name
+    (CN) it must carry, which is the principal, with its roles and session ids."""
+
+    principal: str = field(validator=_principal)
+    roles: tuple[str, ...] = ()
+    sessions: tuple[str, ...] = field(default=(), validator=_sessions)
+
+
 @frozen(kw_only=True)
 class RoleConfig:
-    """`[auth.roles.NAME]`: the filters each right covers."""
+    """`[auth.roles.NAME]`: the filters each right covers, and the role's own rate limits."""
 
     publish: tuple[str, ...] = field(default=(), validator=_rule_filters)
     subscribe: tuple[str, ...] = field(default=(), validator=_rule_filters)
     replay: tuple[str, ...] = field(default=(), validator=_rule_filters)
     forget: tuple[str, ...] = field(default=(), validator=_rule_filters)
+    limits: RoleLimitsConfig = field(factory=RoleLimitsConfig)
+    #: The session registry: "own" (the principal's sessions), "any" (every user's) or "none".
+    sessions: SessionsAccess = "own"
 
 
 def _known_roles(instance: Any, attribute: attrs.Attribute[Any],
-                 value: tuple[TokenConfig, ...]) -> None:
-    """A token naming a role that no [auth.roles.NAME] defines is a typo, not "no rights"."""
+                 value: tuple[TokenConfig | IdentityConfig, ...]) -> None:
+    """A token (or identity) naming a role that no [auth.roles.NAME] defines is a typo, not
+    "no rights"."""
     for index, token in enumerate(value):
         for position, role in enumerate(token.roles):
             if role not in instance.roles:
@@ -396,15 +452,43 @@ def _one_jwt_key(instance: Any, attribute: attrs.Attribute[Any], value: str) -> 
 
 
 _CLAIM = _NonEmpty("a claim name")
+_MODE = _NonEmpty(f"{', '.join(repr(m) for m in BUILT_IN_AUTH_MODES)} or an installed "
+                  "plugin's name")
+
+
+def _unique_identities(instance: Any, attribute: attrs.Attribute[Any],
+                       value: tuple[IdentityConfig, ...]) -> None:
+    """One entry per certificate name: two would leave which rights apply to chance."""
+    seen: set[str] = set()
+    for index, identity in enumerate(value):
+        if identity.principal in seen:
+            raise _Invalid(f"principal {identity.principal!r} is listed twice",
+                           (attribute.name, index, "principal"))
+        seen.add(identity.principal)
+
+
+def _mtls_needs_client_certificates(instance: Any, attribute: attrs.Attribute[Any],
+                                    value: AuthConfig) -> None:
+    """Mode "mtls" names principals by verified client certificates: without a client CA the
+    listener asks for none, and every session would be refused."""
+    if value.mode == "mtls" and not instance.server.tls_client_ca:
+        raise _Invalid('mode "mtls" needs server.tls_client_ca (the CA that signs the client '
+                       "certificates), and with it server.tls_cert and server.tls_key",
+                       (attribute.name, "mode"))
 
 
 @frozen(kw_only=True)
 class AuthConfig:
     """Authentication in `hello` and authorization per request (docs/security.md)."""
 
-    mode: AuthMode = "anonymous"
+    #: A built-in mode, or the name of an installed plugin providing an authenticator
+    #: (checked at start by mqbroker.cli.check_plugins and mqbroker.broker.open_broker).
+    mode: str = field(default="anonymous", validator=_MODE)
     roles: Mapping[str, RoleConfig] = field(factory=dict)
     tokens: tuple[TokenConfig, ...] = field(default=(), validator=_known_roles)
+    #: mode "mtls": the client certificates (by subject CN) that name principals.
+    identities: tuple[IdentityConfig, ...] = field(default=(), validator=[
+        _known_roles, _unique_identities])
     #: mode "jwt": exactly one of these key files (read at start by mqbroker.auth.access_of).
     jwt_secret_file: str = field(default="", validator=_one_jwt_key)
     jwt_public_key_file: str = ""
@@ -415,6 +499,21 @@ class AuthConfig:
     jwt_leeway: float = field(default=30.0, validator=_SECONDS)
     jwt_roles_claim: str = field(default="roles", validator=_CLAIM)
     jwt_sessions_claim: str = field(default="sessions", validator=_CLAIM)
+    #: Seconds an authenticator may take to answer a hello (a plugin's may do I/O); past
+    #: it the hello is answered `unavailable` and closed with 1013.
+    authenticate_timeout: float = field(default=5.0, validator=_POSITIVE_SECONDS)
+
+
+def _auth_within_hello(instance: Any, attribute: attrs.Attribute[Any],
+                       value: AuthConfig) -> None:
+    """A hello waits for a plugin's authenticator within hello_timeout: a longer
+    authenticate_timeout would never apply, and the client would be told `no hello in time`
+    instead. (The built-in modes never wait: the key does not apply to them.)"""
+    limit = instance.server.hello_timeout
+    if value.mode not in BUILT_IN_AUTH_MODES and value.authenticate_timeout >= limit:
+        raise _Mismatch(f"a finite number of seconds greater than 0, less than "
+                        f"server.hello_timeout ({limit})", value.authenticate_timeout,
+                        (attribute.name, "authenticate_timeout"))
 
 
 @frozen(kw_only=True)
@@ -425,7 +524,8 @@ class Config:
     history: HistoryConfig = field(factory=HistoryConfig)
     fanout: FanoutConfig = field(factory=FanoutConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
-    auth: AuthConfig = field(factory=AuthConfig)
+    auth: AuthConfig = field(factory=AuthConfig,
+                             validator=[_auth_within_hello, _mtls_needs_client_certificates])
     sessions: SessionsConfig = field(factory=SessionsConfig)
     #: `[plugins.NAME]` tables, validated into each plugin's settings_type when it is loaded.
     plugins: Mapping[str, Any] = field(factory=dict, validator=_plugin_tables)

@@ -13,6 +13,7 @@ from mqbroker.broker import open_broker
 from mqbroker.config import Config
 from mqbroker.server.listener import Listener, serve
 from mqbroker.server.presence import open_presence
+from mqbroker.server.registry import open_registry
 
 logger = structlog.get_logger("mqbroker")
 
@@ -42,7 +43,8 @@ async def run(config: Config, *,
         # Presence before the listener: no subscription goes untracked; and after it, so that
         # the leaves of the connections a shutdown closes are written and published.
         async with open_broker(config, instance_id) as broker, \
-                open_presence(broker, config), trio.open_nursery() as nursery:
+                open_registry(broker, config), open_presence(broker, config), \
+                trio.open_nursery() as nursery:
             listener: Listener = await nursery.start(serve, broker, config.server)
             _tune_gc()
             if config.metrics.port:
@@ -50,7 +52,8 @@ async def run(config: Config, *,
 
                 await nursery.start(serve_http, broker, config.metrics)
             log.info("broker.started", host=config.server.host, port=listener.port,
-                     history=config.history.plugin, fanout=config.fanout.plugin)
+                     history=config.history.plugin, fanout=config.fanout.plugin,
+                     auth=config.auth.mode, sessions=config.sessions.plugin)
             task_status.started(listener)
             async for signum in signals:
                 log.info("broker.stopping", signal=signal.Signals(signum).name,

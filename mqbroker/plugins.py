@@ -1,9 +1,9 @@
 """Plugins: what a plugin provides, and how the broker finds one by name.
 
 Every plugin, built-in or third-party, is an object of type `Plugin` published in the
-`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`
-and `[sessions] plugin = "NAME"` in config.toml pick one by its entry-point name, and
-`[plugins.NAME]` holds its settings.
+`mqbroker.plugins` entry-point group; `[history] plugin = "NAME"`, `[fanout] plugin = "NAME"`,
+`[sessions] plugin = "NAME"` and `[auth] mode = "NAME"` (any name but the built-in modes) in
+config.toml pick one by its entry-point name, and `[plugins.NAME]` holds its settings.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 from attrs import frozen
 
+from mqbroker.auth import Authenticator
+from mqbroker.config import BUILT_IN_AUTH_MODES
 from mqbroker.fanout import Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 from mqbroker.sessions import PresenceStore, SessionStore
@@ -25,6 +27,9 @@ ENTRY_POINT_GROUP = "mqbroker.plugins"
 HistoryFactory = Callable[[Any, Any], AbstractAsyncContextManager[HistoryStore]]
 #: (plugin settings, context) -> an async context manager owning the fan-out.
 FanoutFactory = Callable[[Any, FanoutContext], AbstractAsyncContextManager[Fanout]]
+#: (plugin settings) -> an async context manager owning the authenticator (and whatever it
+#: needs open while the broker runs: an HTTP client, a key cache...).
+AuthenticatorFactory = Callable[[Any], AbstractAsyncContextManager[Authenticator]]
 #: (plugin settings, [sessions] settings) -> an async context manager owning the store.
 SessionsFactory = Callable[[Any, Any], AbstractAsyncContextManager[SessionStore]]
 PresenceFactory = Callable[[Any, Any], AbstractAsyncContextManager[PresenceStore]]
@@ -39,6 +44,7 @@ class Plugin:
     settings_type: type[Any] | None = None
     open_history: HistoryFactory | None = None
     open_fanout: FanoutFactory | None = None
+    open_authenticator: AuthenticatorFactory | None = None
     #: The session registry's stores ([sessions] plugin = "NAME").
     open_sessions: SessionsFactory | None = None
     open_presence: PresenceFactory | None = None
@@ -65,6 +71,19 @@ def load_plugin(name: str) -> Plugin:
         raise PluginError(_missing_module(found[name], name, error)) from error
     if not isinstance(plugin, Plugin):
         raise PluginError(f"entry point {name!r} is not an mqbroker.plugins.Plugin")
+    return plugin
+
+
+def load_auth_plugin(mode: str) -> Plugin:
+    """The plugin an `[auth] mode` that is not built in names; PluginError (naming the
+    built-in modes and the installed plugins) when there is none, or it has no authenticator."""
+    try:
+        plugin = load_plugin(mode)
+    except PluginError as error:
+        raise PluginError(f"{error}; the built-in modes are "
+                          f"{', '.join(BUILT_IN_AUTH_MODES)}") from error
+    if plugin.open_authenticator is None:
+        raise PluginError(f"plugin {mode!r} provides no authenticator")
     return plugin
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 
+from mqbroker.registry import LIFECYCLE, PRESENCE
 from mqbroker.sessions import PresenceEntry, check_session_id
 
 __all__ = [
@@ -34,17 +35,11 @@ __all__ = [
     "PresenceTracker",
     "entry_map",
     "event_payload",
-    "presence_topic",
     "session_of",
 ]
 
 #: The levels under `{topic_prefix}/{id}` the broker publishes its own events on.
-BROKER_LEVELS = frozenset({"presence", "lifecycle"})
-
-
-def presence_topic(prefix: str, session: str) -> str:
-    """Where the join and leave events of `session` are published."""
-    return f"{prefix}/{session}/presence"
+BROKER_LEVELS = frozenset({LIFECYCLE, PRESENCE})
 
 
 def session_of(filter: str, prefix: str) -> str | None:
@@ -95,6 +90,9 @@ class LeaveReason(enum.StrEnum):
 
     UNSUBSCRIBED = "unsubscribed"
     CLOSED = "closed"
+    #: The application session ended (deleted, expired, invalidated): the broker ended the
+    #: subscriptions inside its topics.
+    ENDED = "ended"
     #: Its entry ran out (its instance stopped announcing it: dead, or cut off from the store).
     EXPIRED = "expired"
 
@@ -147,7 +145,8 @@ class PresenceTracker:
             return False
         return self._mark((session, holder.connection), LeaveReason.UNSUBSCRIBED)
 
-    def unsubscribed(self, connection: str, filter: str) -> bool:
+    def unsubscribed(self, connection: str, filter: str,
+                     reason: LeaveReason = LeaveReason.UNSUBSCRIBED) -> bool:
         """A subscription was removed; True when something is left to write."""
         session = session_of(filter, self.prefix)
         counts = self._counts.get(connection)
@@ -160,7 +159,7 @@ class PresenceTracker:
         if not counts:
             del self._counts[connection]
             del self._holders[connection]
-        return self._mark((session, connection), LeaveReason.UNSUBSCRIBED)
+        return self._mark((session, connection), reason)
 
     def closed(self, connection: str) -> bool:
         """The connection closed; True when something is left to write."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from attrs import define, field, frozen
 
@@ -211,6 +212,82 @@ class SessionLimits:
             return False
         self._reported_frame = self._frame
         return True
+
+
+#: The per-session keys of [limits], in the order the welcome lists them.
+RATE_KEYS = ("publish_messages_per_second", "publish_messages_burst",
+             "publish_bytes_per_second", "publish_bytes_burst", "requests_per_second",
+             "requests_burst", "max_violations", "violation_window")
+
+
+@frozen(kw_only=True)
+class Rates:
+    """One session's rate limits as applied: a rate of 0 is no limit, and every burst is
+    resolved (`effective_burst`: 0 when the rate is off, never 0 while it is on)."""
+
+    publish_messages_per_second: float = 0.0
+    publish_messages_burst: float = 0.0
+    publish_bytes_per_second: float = 0.0
+    publish_bytes_burst: float = 0.0
+    requests_per_second: float = 0.0
+    requests_burst: float = 0.0
+    max_violations: int = 10
+    violation_window: float = 10.0
+
+    @classmethod
+    def of(cls, settings: RateSettings) -> Rates:
+        """The limits `settings` ([limits], or a role's) describe, bursts resolved."""
+        return cls(
+            publish_messages_per_second=settings.publish_messages_per_second,
+            publish_messages_burst=effective_burst(settings.publish_messages_per_second,
+                                                   settings.publish_messages_burst),
+            publish_bytes_per_second=settings.publish_bytes_per_second,
+            publish_bytes_burst=effective_burst(settings.publish_bytes_per_second,
+                                                settings.publish_bytes_burst),
+            requests_per_second=settings.requests_per_second,
+            requests_burst=effective_burst(settings.requests_per_second,
+                                           settings.requests_burst),
+            max_violations=settings.max_violations,
+            violation_window=settings.violation_window)
+
+    @property
+    def session_limited(self) -> bool:
+        """Whether any limit is on (when none is, the session skips the checks)."""
+        return bool(self.publish_messages_per_second or self.publish_bytes_per_second
+                    or self.requests_per_second)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The limits as the welcome tells them."""
+        return {key: getattr(self, key) for key in RATE_KEYS}
+
+
+def _most_generous_rate(values: list[float]) -> float:
+    return 0.0 if 0 in values else max(values)
+
+
+def most_generous(rates: Iterable[Rates]) -> Rates:
+    """The limits of a principal with several roles: for each key, the most generous of the
+    roles' values (a rate of 0, no limit, beats any other; then the highest rate and the
+    largest burst; the most violations, in the shortest window). So a role only ever adds to
+    what a principal may do, whatever the order its roles are listed in."""
+    every = list(rates)
+    if not every:
+        raise ValueError("most_generous() of no rates")
+    def rate(key: str) -> float:
+        return _most_generous_rate([getattr(r, key) for r in every])
+
+    def burst(key: str, rate_key: str) -> float:
+        return max(getattr(r, key) for r in every) if rate(rate_key) else 0.0
+
+    return Rates(
+        publish_messages_per_second=rate("publish_messages_per_second"),
+        publish_messages_burst=burst("publish_messages_burst", "publish_messages_per_second"),
+        publish_bytes_per_second=rate("publish_bytes_per_second"),
+        publish_bytes_burst=burst("publish_bytes_burst", "publish_bytes_per_second"),
+        requests_per_second=rate("requests_per_second"),
+        requests_burst=burst("requests_burst", "requests_per_second"),
+        max_violations=max(r.max_violations for r in every),
+        violation_window=min(r.violation_window for r in every))
 
 
 class RateSettings(Protocol):

@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import attrs
 from attrs import field, frozen
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SessionStore",
     "StoreUnavailable",
     "VersionConflict",
+    "apply_change",
     "can_transition",
     "check_session_id",
     "new_session_id",
@@ -173,6 +175,33 @@ class VersionConflict(SessionError):
     """`change(..., expect_version=)` found another version: someone changed it meanwhile."""
 
     code = "version_conflict"
+
+
+def apply_change(
+    record: SessionRecord,
+    now: float,
+    *,
+    state: SessionState | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    expect_version: int | None = None,
+    retain: float = 0.0,
+) -> SessionRecord:
+    """`record` after `SessionStore.change` (the rule every store applies, under its own
+    lock). Raises VersionConflict, IllegalTransition."""
+    if expect_version is not None and record.version != expect_version:
+        raise VersionConflict(
+            f"session {record.id!r} is at version {record.version}, not {expect_version}"
+        )
+    changed = attrs.evolve(record, updated=now, version=record.version + 1)
+    if state is not None:
+        if not can_transition(record.state, state):
+            raise IllegalTransition(record.state, state)
+        changed = attrs.evolve(changed, state=state)
+        if state in ENDED:
+            changed = attrs.evolve(changed, expires=now + retain)
+    if metadata is not None:
+        changed = attrs.evolve(changed, metadata=dict(metadata))
+    return changed
 
 
 class SessionStore(Protocol):

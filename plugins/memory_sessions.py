@@ -21,8 +21,6 @@ import attrs
 import trio
 
 from mqbroker.sessions import (
-    ENDED,
-    IllegalTransition,
     PresenceEntry,
     PresenceKey,
     Reaped,
@@ -31,8 +29,7 @@ from mqbroker.sessions import (
     SessionPage,
     SessionRecord,
     SessionState,
-    VersionConflict,
-    can_transition,
+    apply_change,
 )
 
 
@@ -88,19 +85,10 @@ class MemorySessions:
         record = self._find(session_id, user)
         if record is None:
             raise SessionNotFound(f"no session {session_id!r}")
-        if expect_version is not None and record.version != expect_version:
-            raise VersionConflict(
-                f"session {session_id!r} is at version {record.version}, not {expect_version}"
-            )
-        changed = attrs.evolve(record, updated=now, version=record.version + 1)
-        if state is not None:
-            if not can_transition(record.state, state):
-                raise IllegalTransition(record.state, state)
-            changed = attrs.evolve(changed, state=state)
-            if state in ENDED:
-                changed = attrs.evolve(changed, expires=now + retain)
-        if metadata is not None:
-            changed = attrs.evolve(changed, metadata=dict(metadata))
+        changed = apply_change(
+            record, now, state=state, metadata=metadata, expect_version=expect_version,
+            retain=retain,
+        )  # fmt: skip
         return self._put(changed)
 
     async def delete(self, session_id: str, user: str | None) -> SessionRecord | None:
@@ -126,11 +114,11 @@ class MemorySessions:
             record = self._records[session_id]
             if state is None or record.state == state:
                 records.append(record)
-                if len(records) == limit:
+                if len(records) > limit:  # one more than a page: proof a next page exists
                     break
-        last = records[-1].id if len(records) == limit else None
-        more = last is not None and bisect_right(ids, last) < len(ids)
-        return SessionPage(records=records, next=last if more else None)
+        more = len(records) > limit
+        del records[limit:]
+        return SessionPage(records=records, next=records[-1].id if more else None)
 
     async def reap(self, now: float, limit: int, retain: float) -> Reaped:
         await trio.lowlevel.checkpoint()

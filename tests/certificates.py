@@ -34,6 +34,8 @@ class Certificates:
     ca: Path
     server: Pair
     client: Pair
+    #: Another client certificate of the CA (CN "mcp-server-2"): valid, but named nowhere.
+    unlisted: Pair
     #: A second CA and a client certificate it signed: a certificate the broker must refuse.
     stranger: Pair
 
@@ -109,5 +111,6 @@ def make_pki(directory: Path) -> Certificates:
         ca=ca_path,
         server=_write(directory, "server", *_leaf("127.0.0.1", ca, server=True)),
         client=_write(directory, "client", *_leaf("mcp-server-1", ca, server=False)),
+        unlisted=_write(directory, "unlisted", *_leaf("mcp-server-2", ca, server=False)),
         stranger=_write(directory, "stranger", *_leaf("intruder", stranger_ca, server=False)),
     )

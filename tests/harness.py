@@ -6,6 +6,7 @@ for tests that must see exact frames, errors and close codes; the others use mqb
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from mqbroker.config import Config, ServerConfig
 from mqbroker.protocol import ClientConnection, ClientEvent, Format, ServerEvent
 from mqbroker.server.listener import Listener, serve
 from mqbroker.server.presence import open_presence
+from mqbroker.server.registry import open_registry
 
 
 @attrs.define
@@ -47,13 +49,14 @@ def broker_config(**server: Any) -> Config:
 
 
 @asynccontextmanager
-async def running_broker(config: Config | None = None, *, presence: bool = False,
-                         instance_id: str = "test") -> AsyncIterator[RunningBroker]:
-    """A broker listening on an ephemeral port; with `presence`, serving it as the daemon does
-    (`[sessions]` presence store, join/leave events, the `presence` query)."""
+async def running_broker(config: Config | None = None, instance_id: str = "test", *,
+                         presence: bool = False) -> AsyncIterator[RunningBroker]:
+    """A broker with its registry, listening on an ephemeral port; with `presence`, serving
+    presence too, as the daemon does (join/leave events, the `presence` query)."""
     config = config or broker_config()
     async with AsyncExitStack() as stack:
         broker = await stack.enter_async_context(open_broker(config, instance_id))
+        await stack.enter_async_context(open_registry(broker, config))
         if presence:
             await stack.enter_async_context(open_presence(broker, config))
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -107,6 +110,24 @@ async def raw_session(url: str, *, fmt: Format = Format.MSGPACK, hello: bool = T
             await session.send_frame(session.connection.hello("raw"))
             await session.receive()
         yield session
+        with trio.move_on_after(1, shield=True):
+            await ws.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def session_of(url: str, auth: str | None, *, ssl_context: ssl.SSLContext | None = None
+                     ) -> AsyncIterator[tuple[RawSession, Any]]:
+    """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
+    async with trio.open_nursery() as nursery:
+        ws = await connect_websocket_url(nursery, url, ssl_context=ssl_context)
+        session = RawSession(ws, ClientConnection())
+        await session.send_frame(session.connection.hello("raw", auth))
+        try:
+            answer: Any = (await session.receive())[0]
+        except Exception as e:  # HandshakeFailed carries the error event
+            answer = getattr(e, "error", e)
+        yield session, answer
         with trio.move_on_after(1, shield=True):
             await ws.aclose()
         nursery.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
+import redis
 import trio
 from attrs import define, field
 
@@ -68,6 +69,23 @@ def redis_settings(redis_server: RedisServer) -> RedisSettings:
     return settings_for(redis_server)
 
 
+def reset_stats(server: RedisServer) -> None:
+    """Zero the server's command statistics (see `command_calls`)."""
+    with redis.Redis.from_url(server.url) as client:
+        client.config_resetstat()
+
+
+def command_calls(server: RedisServer) -> dict[str, int]:
+    """Commands the server ran since `reset_stats`, by name, those inside scripts included
+    (INFO and CONFIG RESETSTAT themselves aside)."""
+    with redis.Redis.from_url(server.url) as client:
+        stats = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    calls.pop("info", None)
+    calls.pop("config|resetstat", None)
+    return calls
+
+
 # --- The contract backends' server ----------------------------------------------------------
 
 _contract_server: RedisServer | None = None
@@ -89,6 +107,13 @@ def contract_broker_plugins() -> dict[str, Any]:
     settings = settings_for(contract_server())
     return {"redis": {"url": settings.url, "key_prefix": settings.key_prefix,
                       "reconnect_max_delay": settings.reconnect_max_delay}}
+
+
+@asynccontextmanager
+async def fresh_registry_settings() -> AsyncIterator[RedisSettings]:
+    """Settings for a fresh, empty session registry: a key prefix of its own on the contract
+    server (which is stopped, with everything on it, at exit)."""
+    yield settings_for(contract_server())
 
 
 @asynccontextmanager

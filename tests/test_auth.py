@@ -10,8 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import structlog.testing
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, connect_websocket_url
+from trio_websocket import ConnectionClosed
 
 from mqbroker.auth import (
     AuthFailed,
@@ -48,7 +47,6 @@ from mqbroker.config import (
     load_config,
 )
 from mqbroker.protocol import (
-    ClientConnection,
     CloseCode,
     Delivery,
     Error,
@@ -65,7 +63,7 @@ from mqbroker.protocol import (
     Welcome,
 )
 from mqbroker.topics import covers, matches
-from tests.harness import RawSession, running_broker
+from tests.harness import RawSession, running_broker, session_of
 from tests.redis_server import RedisServer
 
 # --- covers: "filter A is covered by filter B" ------------------------------------------------
@@ -118,11 +116,11 @@ def test_covers_examples(wide: str, narrow: str, covered: bool) -> None:
 def test_a_token_is_known_by_its_hash_only() -> None:
     principal = Principal(name="mcp-a", roles=("server",))
     authenticator = TokenAuthenticator({token_hash("secret-token-a"): principal})
-    assert authenticator.authenticate("secret-token-a") == principal
+    assert authenticator.check("secret-token-a") == principal
     with pytest.raises(AuthFailed, match="unknown token"):
-        authenticator.authenticate("secret-token-b")
+        authenticator.check("secret-token-b")
     with pytest.raises(AuthFailed, match="no credential"):
-        authenticator.authenticate(None)
+        authenticator.check(None)
 
 
 def test_substitutions_give_one_filter_per_session_and_none_without() -> None:
@@ -188,23 +186,6 @@ BROADCAST = "mcp/broadcast/news"
 def token_config() -> Config:
     return Config(server=ServerConfig(port=0),
                   auth=AuthConfig(mode="token", roles=ROLES, tokens=tuple(PRINCIPALS.values())))
-
-
-@asynccontextmanager
-async def session_of(url: str, auth: str | None) -> AsyncIterator[tuple[RawSession, Any]]:
-    """A raw session whose hello carries `auth`; yields it and the broker's first answer."""
-    async with trio.open_nursery() as nursery:
-        ws = await connect_websocket_url(nursery, url)
-        session = RawSession(ws, ClientConnection())
-        await session.send_frame(session.connection.hello("raw", auth))
-        try:
-            answer: Any = (await session.receive())[0]
-        except Exception as e:  # HandshakeFailed carries the error event
-            answer = getattr(e, "error", e)
-        yield session, answer
-        with trio.move_on_after(1, shield=True):
-            await ws.aclose()
-        nursery.cancel_scope.cancel()
 
 
 async def answer_to(session: RawSession) -> ServerEvent:
@@ -510,7 +491,8 @@ def test_jwt_mode_needs_exactly_one_key_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: mode \"jwt\" needs exactly"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"auth\.jwt_secret_file: cannot read"):
-        access_of(AuthConfig(mode="jwt", jwt_secret_file=str(tmp_path / "missing")))
+        access_of(Config(auth=AuthConfig(mode="jwt",
+                                      jwt_secret_file=str(tmp_path / "missing"))))
 
 
 async def test_forbidden_requests_are_logged_once_per_window_and_counted() -> None:

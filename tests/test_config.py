@@ -29,6 +29,7 @@ from mqbroker.config import (
 )
 from mqbroker.plugins import Plugin
 from mqbroker_plugins.redis.settings import RedisSettings
+from mqbroker_plugins.sql.settings import SqlSettings
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 SERVER_KEYS = ", ".join(a.name for a in attrs.fields(ServerConfig))
@@ -114,6 +115,17 @@ def test_repo_config_toml_sketches_the_redis_plugin() -> None:
     sketch = "\n".join(line.removeprefix("# ") for line in lines[start:])
     table = tomllib.loads(sketch)["plugins"]["redis"]
     assert table == attrs.asdict(RedisSettings())
+
+
+def test_repo_config_toml_sketches_the_sql_plugin() -> None:
+    """The commented [plugins.sql] table, once uncommented, holds every SQL setting at its
+    default."""
+    lines = REPO_CONFIG.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# [plugins.sql]")
+    end = next(n for n in range(start, len(lines)) if lines[n].startswith("# The Redis plugin"))
+    sketch = "\n".join(line.removeprefix("# ") for line in lines[start:end])
+    table = tomllib.loads(sketch)["plugins"]["sql"]
+    assert table == attrs.asdict(SqlSettings())
 
 
 # --- Reading values --------------------------------------------------------------------------
@@ -279,6 +291,48 @@ BAD_VALUES = [
         "[fanout]\nplugin = ''",
         "fanout.plugin: expected a plugin name, got '' (str)",
         id="empty-plugin-name",
+    ),
+    pytest.param(
+        "[auth.roles.user.limits]\npublish_messages_per_second = -5",
+        "auth.roles.user.limits.publish_messages_per_second: expected a finite number, 0 or "
+        "more (0: no limit), got -5.0 (float)",
+        id="role-negative-rate",
+    ),
+    pytest.param(
+        "[auth.roles.user.limits]\nmax_violations = 0",
+        "auth.roles.user.limits.max_violations: expected a positive integer, got 0 (int)",
+        id="role-no-violations-allowed",
+    ),
+    pytest.param(
+        "[auth.roles.user.limits]\nrequests_burst = true",
+        "auth.roles.user.limits.requests_burst: expected a finite number, 0 or more (0: one "
+        "second's worth), got True (bool)",
+        id="role-burst-not-a-number",
+    ),
+    pytest.param(
+        "[auth.roles.user.limits]\nconnections_per_second_per_peer = 5",
+        "auth.roles.user.limits.connections_per_second_per_peer: unknown key (known: "
+        "publish_messages_per_second, publish_messages_burst, publish_bytes_per_second, "
+        "publish_bytes_burst, requests_per_second, requests_burst, max_violations, "
+        "violation_window)",
+        id="role-per-peer-limit",
+    ),
+    pytest.param(
+        "[auth.roles.user]\nlimits = 5",
+        "auth.roles.user.limits: expected a table, got 5 (int)",
+        id="role-limits-not-a-table",
+    ),
+    pytest.param(
+        "[auth]\nmode = ''",
+        "auth.mode: expected 'anonymous', 'token', 'jwt', 'mtls' or an installed plugin's name, "
+        "got '' (str)",
+        id="empty-auth-mode",
+    ),
+    pytest.param(
+        "[auth]\nauthenticate_timeout = 0",
+        "auth.authenticate_timeout: expected a finite number of seconds greater than 0, "
+        "got 0.0 (float)",
+        id="authenticate-timeout-zero",
     ),
     pytest.param(
         "[plugins]\nredis = 'redis://x'",
@@ -491,6 +545,17 @@ def test_plugin_without_settings_type_takes_none(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         plugin_settings(config, BARE)
     assert str(caught.value) == "config.toml: plugins.bare: the plugin takes no settings (size)"
+
+
+def test_a_role_overrides_only_the_limits_it_sets(tmp_path: Path) -> None:
+    """`[auth.roles.NAME.limits]` is read key by key: what it does not set stays unset (the
+    role leaves it to [limits]), so that an override of one key cannot reset the others."""
+    path = write(tmp_path, "[auth.roles.broadcaster.limits]\npublish_messages_per_second = 500\n"
+                           "max_violations = 40\n[auth.roles.user]\npublish = ['#']\n")
+    roles = load_config(path).auth.roles
+    assert roles["broadcaster"].limits.overrides() == {"publish_messages_per_second": 500.0,
+                                                       "max_violations": 40}
+    assert roles["user"].limits.overrides() == {}
 
 
 @pytest.mark.parametrize("prefix", ["", "a/+", "a/#", "$sys/x", "a//" + "b" * 70000])

@@ -31,7 +31,8 @@ DOC_TYPES: dict[Any, str] = {
     bool: "boolean",
     dict[str, Any]: "map",
     tuple[int, ...]: "array of integers",
-    tuple[dict[str, Any], ...]: "array of maps",
+    tuple[str, ...]: "array of strings",
+    tuple[dict[str, Any] | None, ...]: "array of maps",
     Any: "any",
 }
 
@@ -193,7 +194,7 @@ def test_every_gap_reason_is_in_the_resuming_table() -> None:
 async def test_every_limit_is_in_the_limits_table_with_its_default() -> None:
     """The Limits table lists exactly the keys the welcome sends, with the default values."""
     async with open_broker(Config(), "doc") as broker:
-        limits = broker.limits()
+        limits = broker.limits(broker.access.rates)
     table = _table("Limits", "key")
     documented = {_plain(row[0]): json.loads(_plain(row[2])) for row in table[1:]}
     assert documented == limits

@@ -15,13 +15,18 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed
 
+from mqbroker.auth import token_hash
 from mqbroker.config import (
+    AuthConfig,
     Config,
     FanoutConfig,
     HistoryConfig,
     LimitsConfig,
     LogConfig,
+    RoleConfig,
+    RoleLimitsConfig,
     ServerConfig,
+    TokenConfig,
 )
 from mqbroker.logs import configure
 from mqbroker.protocol import (
@@ -38,7 +43,7 @@ from mqbroker.protocol import (
     Welcome,
 )
 from mqbroker.server.http import exposition
-from tests.harness import RawSession, raw_session, running_broker
+from tests.harness import RawSession, raw_session, running_broker, session_of
 from tests.rawws import RawWebSocket
 from tests.redis_server import RedisServer
 
@@ -278,3 +283,80 @@ async def test_the_limits_hold_with_the_redis_fanout_too(redis_server: RedisServ
     assert sorted(r.id for r in replies if isinstance(r, PubAck)) == [0, 1, 2, 3, 4]
     assert sorted(e.id for e in rate_limited(replies)) == [5, 6, 7]  # type: ignore[misc]
     assert isinstance(last, Error) and last.code == ErrorCode.RATE_LIMITED
+
+
+# --- per role ([auth.roles.NAME.limits]) -------------------------------------------------------
+
+ROLE_TOKENS = {"enduser": "token-of-enduser-0001", "service": "token-of-service-0002",
+               "both": "token-of-both-000003", "reader": "token-of-reader-00004"}
+
+
+def role_limited() -> Config:
+    """[limits] at 5 publishes/s; end users at 20/s, a broadcast service at 200/s."""
+    everything = ("#",)
+    roles = {
+        "user": RoleConfig(publish=everything, limits=RoleLimitsConfig(
+            publish_messages_per_second=20, max_violations=1000)),
+        "broadcaster": RoleConfig(publish=everything, limits=RoleLimitsConfig(
+            publish_messages_per_second=200, requests_per_second=50, max_violations=1000)),
+        "reader": RoleConfig(publish=everything, subscribe=everything),
+    }
+    members = {"enduser": ("user",), "service": ("broadcaster",),
+               "both": ("user", "broadcaster"), "reader": ("reader",)}
+    tokens = tuple(TokenConfig(sha256=token_hash(ROLE_TOKENS[name]), principal=name,
+                               roles=member_of) for name, member_of in members.items())
+    return Config(server=ServerConfig(port=0),
+                  limits=LimitsConfig(publish_messages_per_second=5, requests_per_second=1),
+                  auth=AuthConfig(mode="token", roles=roles, tokens=tokens))
+
+
+async def test_the_welcome_tells_each_session_its_own_limits() -> None:
+    """Sessions of one broker are told their principal's limits: its roles' (combined, for a
+    principal with two), or [limits] for one whose roles set none."""
+    told: dict[str, dict[str, Any]] = {}
+    async with running_broker(role_limited()) as broker:
+        for name, token in ROLE_TOKENS.items():
+            async with session_of(broker.url, token) as (_, welcome):
+                assert isinstance(welcome, Welcome)
+                told[name] = welcome.limits
+    rate = {name: (limits["publish_messages_per_second"], limits["publish_messages_burst"],
+                   limits["requests_per_second"]) for name, limits in told.items()}
+    assert rate == {"enduser": (20.0, 20.0, 1.0), "service": (200.0, 200.0, 50.0),
+                    "both": (200.0, 200.0, 50.0), "reader": (5.0, 5.0, 1.0)}
+    assert told["enduser"]["max_violations"] == 1000 and told["reader"]["max_violations"] == 10
+    assert told["enduser"]["max_frame_bytes"] == told["reader"]["max_frame_bytes"]
+
+
+async def test_two_principals_flooding_side_by_side_are_each_limited_at_their_own_rate(
+        ) -> None:
+    """An end user (20/s) and a broadcast service (200/s) flood at once, four frames of 400
+    acknowledged publishes each, a quarter of a second apart: each gets its burst plus its
+    own rate over the time between its first and last frame, never more."""
+    rounds, per_frame, pause = 4, 400, 0.25
+    acked: dict[str, int] = {}
+    spans: dict[str, float] = {}
+
+    async def flood(url: str, name: str) -> None:
+        async with session_of(url, ROLE_TOKENS[name]) as (session, welcome):
+            assert isinstance(welcome, Welcome)
+            started = trio.current_time()
+            replies: list[Any] = []
+            for frame in range(rounds):
+                if frame:
+                    await trio.sleep(pause)
+                await session.send(*(Publish(topic=f"t/{name}", payload=n, id=n)
+                                     for n in range(frame * per_frame, (frame + 1) * per_frame)))
+                replies += await drain(session, per_frame)
+            spans[name] = trio.current_time() - started
+        assert len(rate_limited(replies)) + sum(isinstance(r, PubAck) for r in replies) == len(
+            replies)
+        acked[name] = sum(isinstance(r, PubAck) for r in replies)
+
+    async with running_broker(role_limited()) as broker, trio.open_nursery() as nursery:
+        nursery.start_soon(flood, broker.url, "enduser")
+        nursery.start_soon(flood, broker.url, "service")
+    for name, rate in [("enduser", 20), ("service", 200)]:
+        # At least what refilled between the first frame (handled before the first pause)
+        # and the last; at most the burst and what refilled over the whole run.
+        least = rate + rate * pause * (rounds - 1)
+        assert least - 1 <= acked[name] <= rate + rate * spans[name] + 1, (name, acked, spans)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqbroker.config import LimitsConfig
-from mqbroker.ratelimit import PeerLimiter, SessionLimits, TokenBucket, Violations, bucket
+from mqbroker.auth import Principal, access_of
+from mqbroker.config import AuthConfig, Config, LimitsConfig, RoleConfig, RoleLimitsConfig
+from mqbroker.ratelimit import (
+    RATE_KEYS,
+    PeerLimiter,
+    Rates,
+    SessionLimits,
+    TokenBucket,
+    Violations,
+    bucket,
+    most_generous,
+)
 
 #: A client's requests: (seconds since the previous one, units asked).
 requests = st.lists(
@@ -173,3 +184,86 @@ def test_runs_never_admit_more_than_the_buckets_allow(steps: list[tuple[float, i
             messages, size = messages + count, size + run_bytes
     assert messages <= 20 + 10 * now + 1e-6
     assert size <= 2000 + 1000 * now + 1e-6
+
+
+# --- a principal's limits: one per role, combined -----------------------------------------------
+
+#: (rate, burst) pairs as a role may set them: 0 is no limit, and a burst 0 one second's worth.
+role_rates = st.builds(
+    lambda m, mb, b, bb, r, rb, v, w: Rates.of(LimitsConfig(
+        publish_messages_per_second=m, publish_messages_burst=mb, publish_bytes_per_second=b,
+        publish_bytes_burst=bb, requests_per_second=r, requests_burst=rb, max_violations=v,
+        violation_window=w)),
+    *[st.sampled_from([0.0, 1.0, 20.0, 500.0]) for _ in range(6)],
+    st.integers(1, 50), st.sampled_from([0.5, 10.0, 60.0]))
+
+
+def at_least_as_generous(a: Rates, b: Rates) -> bool:
+    """Whether a session limited by `a` may do everything one limited by `b` may."""
+    for rate, burst in [("publish_messages_per_second", "publish_messages_burst"),
+                        ("publish_bytes_per_second", "publish_bytes_burst"),
+                        ("requests_per_second", "requests_burst")]:
+        if getattr(a, rate) == 0:
+            continue
+        if getattr(b, rate) == 0 or getattr(a, rate) < getattr(b, rate) or \
+                getattr(a, burst) < getattr(b, burst):
+            return False
+    return a.max_violations >= b.max_violations and a.violation_window <= b.violation_window
+
+
+@given(st.lists(role_rates, min_size=1, max_size=4), st.randoms())
+def test_roles_combine_into_the_most_generous_of_each_key_in_any_order(
+        roles: list[Rates], random: Any) -> None:
+    """A principal's limits are at least as generous as each of its roles' (a role only adds),
+    no more generous than the best value of each key, and the order of roles does not matter."""
+    combined = most_generous(roles)
+    assert all(at_least_as_generous(combined, role) for role in roles)
+    for key in RATE_KEYS:
+        assert getattr(combined, key) in [getattr(role, key) for role in roles]
+    shuffled = list(roles)
+    random.shuffle(shuffled)
+    assert most_generous(shuffled) == combined
+
+
+def test_most_generous_examples() -> None:
+    user = Rates.of(LimitsConfig(publish_messages_per_second=20, publish_bytes_per_second=1000,
+                                 max_violations=3, violation_window=30))
+    service = Rates.of(LimitsConfig(publish_messages_per_second=500, publish_messages_burst=50,
+                                    max_violations=5, violation_window=60))
+    both = most_generous([user, service])
+    # 0 (no limit) is the most generous rate: the service role has no bytes limit.
+    assert both == Rates(publish_messages_per_second=500, publish_messages_burst=50,
+                         publish_bytes_per_second=0, publish_bytes_burst=0,
+                         max_violations=5, violation_window=30)
+
+
+def test_rates_resolve_bursts_as_the_welcome_tells_them() -> None:
+    rates = Rates.of(LimitsConfig(publish_messages_per_second=0.5, requests_per_second=7,
+                                  requests_burst=2))
+    assert (rates.publish_messages_burst, rates.requests_burst, rates.publish_bytes_burst) == (
+        1.0, 2.0, 0.0)
+    assert rates.session_limited and not Rates().session_limited
+
+
+def test_a_principals_limits_are_its_roles_or_the_defaults() -> None:
+    """Only roles with a limits table count; a principal with none gets [limits]; a role's
+    table overrides the keys it sets and keeps [limits]'s others."""
+    config = Config(limits=LimitsConfig(publish_messages_per_second=5, requests_per_second=2),
+                    auth=AuthConfig(mode="token", roles={
+                        "user": RoleConfig(limits=RoleLimitsConfig(
+                            publish_messages_per_second=20)),
+                        "service": RoleConfig(limits=RoleLimitsConfig(
+                            publish_messages_per_second=0, max_violations=50)),
+                        "reader": RoleConfig(subscribe=("#",))}))
+    access = access_of(config)
+
+    def rates(*roles: str) -> Rates:
+        return access.rates_of(Principal(name="p", roles=roles))
+
+    assert rates() == rates("reader") == Rates.of(config.limits)
+    assert rates("user") == Rates(publish_messages_per_second=20, publish_messages_burst=20,
+                                  requests_per_second=2, requests_burst=2)
+    assert rates("user", "reader") == rates("reader", "user") == rates("user")
+    assert rates("user", "service").publish_messages_per_second == 0  # no limit
+    assert rates("user", "service").max_violations == 50
+    assert rates("unknown-role") == Rates.of(config.limits)

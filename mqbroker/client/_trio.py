@@ -49,8 +49,9 @@ from mqbroker.client.errors import (
     ClientClosed,
     ConnectError,
     ConnectionLost,
+    CredentialError,
 )
-from mqbroker.client.operations import Operations
+from mqbroker.client.operations import CredentialProvider, Operations, split_credential
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
@@ -65,7 +66,7 @@ CLOSE_TIMEOUT = 1.0
 #: protocol errors: trio-websocket's reader meets them on an HTTP reply it cannot parse.)
 _ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed, trio.TooSlowError,
                    trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
-                   wsproto.utilities.ProtocolError)
+                   wsproto.utilities.ProtocolError, CredentialError)
 
 
 @frozen(kw_only=True)
@@ -147,6 +148,8 @@ class Client(Operations[Subscription]):
     close_timeout: float = CLOSE_TIMEOUT
     #: For wss:// URLs: the TLS settings (None: the system's CAs, the URL's host verified).
     ssl_context: ssl.SSLContext | None = None
+    #: Gives the credential of each hello and refresh (None: `core.auth`, fixed).
+    credentials: CredentialProvider | None = None
     _send: trio.MemorySendChannel[ClientEvent] = field(init=False)
     _queued: trio.MemoryReceiveChannel[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], _Waiter] = field(factory=dict)
@@ -191,6 +194,9 @@ class Client(Operations[Subscription]):
             return False
         return True
 
+    async def _sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
     # --- applying what the core decided ----------------------------------------------------------
 
     async def _apply(self, outcomes: Sequence[Outcome]) -> None:
@@ -205,6 +211,10 @@ class Client(Operations[Subscription]):
                             stream.send_nowait(outcome.item)  # no task switch per message
                         except trio.WouldBlock:
                             await stream.send(outcome.item)  # unsubscribed meanwhile: dropped
+                    if isinstance(outcome.item, BrokerError):
+                        # The stream's last item: the subscription is gone (refused, ended).
+                        del self._streams[outcome.sub]
+                        stream.close()
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):
@@ -302,6 +312,7 @@ class Client(Operations[Subscription]):
         return ws
 
     async def _handshake(self, ws: WebSocketConnection) -> None:
+        await self.current_credential()
         await ws.send_message(self.core.open_connection())
         await self._apply(self.core.receive(await ws.get_message()))
         events, outcomes = self.core.resume()
@@ -320,6 +331,7 @@ class Client(Operations[Subscription]):
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._write_loop, ws)
             tasks.start_soon(self._keepalive, tasks.cancel_scope)
+            tasks.start_soon(self.keep_credential_fresh)
             await self._read_loop(ws)
             tasks.cancel_scope.cancel()
 
@@ -463,7 +475,7 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
                   close_timeout: float = CLOSE_TIMEOUT,
                   ssl_context: ssl.SSLContext | None = None,
-                  auth: str | None = None) -> AsyncIterator[Client]:
+                  auth: str | CredentialProvider | None = None) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
@@ -471,12 +483,16 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
     connection attempt may take (TCP, upgrade, hello, welcome). close_timeout: seconds the close
     handshake may take before the socket is dropped. ssl_context: the TLS settings of a wss://
     URL (a private CA, a client certificate for mutual TLS); by default the system's CAs.
-    auth: the credential the broker's [auth] mode asks for (a static token), sent in each hello.
+    auth: the credential the broker's [auth] mode asks for: a string (a static token, a JWT),
+    sent in each hello, or a credential provider, an async callable returning the current one,
+    awaited before each connection and ahead of the credential's expiry to refresh it in the
+    open session (see `Operations.keep_credential_fresh`).
     """
     _check_ssl_context(url, ssl_context)
-    core = ClientCore(format=Format(format), client_name=name, auth=auth)
+    fixed, provider = split_credential(auth)
+    core = ClientCore(format=Format(format), client_name=name, auth=fixed)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
-                    open_timeout, close_timeout, ssl_context)
+                    open_timeout, close_timeout, ssl_context, provider)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)
@@ -489,7 +505,8 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
         # One error (the application's own, or ConnectError) comes out as itself, so that
         # `except InvalidTopic:` around the block works as it reads.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            error = group.exceptions[0]
+            raise error from error.__cause__  # (ConnectError's cause says why)
         raise
 
 

@@ -55,17 +55,26 @@ from mqbroker.client.errors import (
     ClientClosed,
     ConnectError,
     ConnectionLost,
+    CredentialError,
+    Forbidden,
+    IllegalTransition,
     MessageTooLarge,
     OutcomeUnknown,
+    ReservedTopic,
+    SessionExists,
+    SessionNotFound,
+    SubscriptionEnded,
     Unavailable,
+    VersionConflict,
 )
-from mqbroker.client.operations import Operations
+from mqbroker.client.operations import CredentialProvider, Operations, split_credential
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
+from mqbroker.sessions import SessionRecord
 
 #: What makes one connection attempt fail (TimeoutError, past open_timeout, is an OSError); each
 #: is retried with backoff after a drop, even a refused hello (a broker restarting behind a
 #: proxy may refuse for a while).
-_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed)
+_ATTEMPT_FAILED = (OSError, HandshakeError, ConnectionClosed, HandshakeFailed, CredentialError)
 
 
 @define(eq=False)
@@ -150,6 +159,8 @@ class Client(Operations[Subscription]):
     close_timeout: float = CLOSE_TIMEOUT
     #: For wss:// URLs: the TLS settings (None: the system's CAs, the URL's host verified).
     ssl_context: ssl.SSLContext | None = None
+    #: Gives the credential of each hello and refresh (None: `core.auth`, fixed).
+    credentials: CredentialProvider | None = None
     _queued: asyncio.Queue[ClientEvent] = field(init=False)
     _waiters: dict[tuple[str, int], asyncio.Future[Any]] = field(factory=dict)
     _streams: dict[int, _Stream] = field(factory=dict)
@@ -191,6 +202,9 @@ class Client(Operations[Subscription]):
             return False
         return True
 
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
     # --- applying what the core decided ----------------------------------------------------------
 
     async def _apply(self, outcomes: Sequence[Outcome]) -> None:
@@ -201,6 +215,10 @@ class Client(Operations[Subscription]):
                     # Awaiting a full stream pushes back on the broker, which applies its
                     # slow-consumer policy to this session rather than growing memory here.
                     await stream.put(outcome.item)
+                    if isinstance(outcome.item, BrokerError):
+                        # The stream's last item: the subscription is gone (refused, ended).
+                        self._streams.pop(outcome.sub, None)
+                        stream.close()
             elif isinstance(outcome, Resolved):
                 self._settle(outcome.key, value=outcome.value)
             elif isinstance(outcome, Failed):
@@ -260,6 +278,7 @@ class Client(Operations[Subscription]):
             await self._serve(ws)
 
     async def _handshake(self, ws: WebSocket) -> None:
+        await self.current_credential()
         await ws.send_message(self.core.open_connection())
         await self._apply(self.core.receive(await ws.get_message()))
         events, outcomes = self.core.resume()
@@ -288,9 +307,11 @@ class Client(Operations[Subscription]):
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(self._write_loop(ws))
                 keepalive = tasks.create_task(self._keepalive(ws))
+                refresher = tasks.create_task(self.keep_credential_fresh())
                 await self._read_loop(ws)
                 writer.cancel()
                 keepalive.cancel()
+                refresher.cancel()
         finally:
             self._ws = None
             await _close(ws, 1000, "", self.close_timeout)
@@ -375,7 +396,7 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
                   buffer: int = 1000, open_timeout: float = OPEN_TIMEOUT,
                   close_timeout: float = CLOSE_TIMEOUT,
                   ssl_context: ssl.SSLContext | None = None,
-                  auth: str | None = None) -> AsyncIterator[Client]:
+                  auth: str | CredentialProvider | None = None) -> AsyncIterator[Client]:
     """Connect to a broker at `url` (ws://host:port/ or wss://); closes the session on exit.
 
     format: "msgpack" (binary frames) or "json" (text frames). buffer: how many items each
@@ -384,14 +405,17 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
     handshake may take before the socket is dropped. Raises ConnectError if the first
     connection fails; later drops are reconnected as `reconnect` says. ssl_context: the TLS
     settings of a wss:// URL (a private CA, a client certificate for mutual TLS); by default the
-    system's CAs. auth: the credential the broker's [auth] mode asks for (a static token), sent
-    in each hello.
+    system's CAs. auth: the credential the broker's [auth] mode asks for: a string, sent in each
+    hello, or a credential provider (an async callable returning the current credential),
+    awaited before each connection and to refresh the credential ahead of its expiry, as in the
+    trio client.
     """
     if ssl_context is not None and not url.lower().startswith("wss://"):
         raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
-    core = ClientCore(format=Format(format), client_name=name, auth=auth)
+    fixed, provider = split_credential(auth)
+    core = ClientCore(format=Format(format), client_name=name, auth=fixed)
     client = Client(url, core, reconnect or Reconnect(), max_frame_bytes, buffer,
-                    open_timeout, close_timeout, ssl_context)
+                    open_timeout, close_timeout, ssl_context, provider)
     try:
         ws = await client.open()
     except (*_ATTEMPT_FAILED, HandshakeFailed) as e:
@@ -411,5 +435,7 @@ async def connect(url: str, *, name: str = "", format: str = "msgpack",
             raise error
 
 
-__all__ = ["Client", "Gap", "Message", "MessageTooLarge", "OutcomeUnknown", "Reconnect",
-           "Subscription", "Unavailable", "connect"]
+__all__ = ["Client", "Forbidden", "Gap", "IllegalTransition", "Message", "MessageTooLarge",
+           "OutcomeUnknown", "Reconnect", "ReservedTopic", "SessionExists", "SessionNotFound",
+           "SessionRecord", "Subscription", "SubscriptionEnded", "Unavailable",
+           "VersionConflict", "connect"]

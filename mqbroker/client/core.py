@@ -18,7 +18,9 @@ from attrs import define, field, frozen
 from mqbroker.client.errors import (
     BrokerError,
     MessageTooLarge,
+    OutcomeUnknown,
     ProtocolViolation,
+    SubscriptionEnded,
     error_from_event,
 )
 from mqbroker.protocol import (
@@ -26,6 +28,7 @@ from mqbroker.protocol import (
     ClientEvent,
     Delivery,
     Dropped,
+    Ended,
     Error,
     Forget,
     Forgot,
@@ -36,7 +39,14 @@ from mqbroker.protocol import (
     Present,
     PubAck,
     Publish,
+    Refresh,
+    Refreshed,
     Rejected,
+    SessionCreate,
+    SessionDelete,
+    SessionReply,
+    SessionRequest,
+    SessionUpdate,
     SubAck,
     Subscribe,
     UnsubAck,
@@ -44,6 +54,7 @@ from mqbroker.protocol import (
     join,
 )
 from mqbroker.protocol.codec import payload_size
+from mqbroker.protocol.events import SESSION_REQUESTS
 from mqbroker.sessions import PresenceEntry
 from mqbroker.topics import is_wildcard
 
@@ -121,7 +132,20 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Presence)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh, *SESSION_REQUESTS, Presence)
+#: Registry changes that are not resent after a reconnect: carried out twice, they would
+#: create a second session (or fail as not found, or on a version): they fail OutcomeUnknown.
+_NOT_RESENT = (SessionCreate, SessionUpdate, SessionDelete)
+#: A credential is refreshed when this much of its time to live has passed...
+REFRESH_AT = 0.75
+#: ... but never sooner than this many seconds after the last refresh (or the welcome): a
+#: provider handing out tokens about to expire cannot make the client refresh in a tight loop.
+MIN_REFRESH_DELAY = 1.0
+
+
+def refresh_delay(ttl: float) -> float:
+    """Seconds to wait before refreshing a credential that expires in `ttl` seconds."""
+    return max(ttl * REFRESH_AT, MIN_REFRESH_DELAY)
 #: Frame limits assumed until a welcome says otherwise (the broker's defaults).
 _DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _ENVELOPE_BYTES = 1024
@@ -140,7 +164,8 @@ class _Subscription:
 class ClientCore:
     format: Format = Format.MSGPACK
     client_name: str = ""
-    #: The credential sent in every hello (the broker's [auth] mode); kept out of repr.
+    #: The credential sent in the next hello (the broker's [auth] mode); kept out of repr. A
+    #: credential provider's driver sets it before each connection.
     auth: str | None = field(default=None, repr=False)
     connection: ClientConnection = field(init=False)
     subscriptions: dict[int, _Subscription] = field(factory=dict)
@@ -186,10 +211,16 @@ class ClientCore:
         for key, event in sorted(self.pending.items(), key=lambda item: item[0][1]):
             if isinstance(event, Subscribe):
                 continue  # sent above, with its subscription
-            if isinstance(event, Unsubscribe):
-                # The new session never had that subscription: nothing left to undo.
+            if isinstance(event, Unsubscribe | Refresh):
+                # The new session never had that subscription: nothing left to undo. (A refresh:
+                # the new session's hello carried a current credential.)
                 del self.pending[key]
                 outcomes.append(Resolved(key, None))
+            elif isinstance(event, _NOT_RESENT):
+                del self.pending[key]
+                outcomes.append(Failed(key, OutcomeUnknown(
+                    f"{event.OP}: the connection dropped before the broker answered: it may or "
+                    "may not have been carried out (read the session back)", ref=event.OP)))
             else:
                 events.append(event)
         if carried is not None and isinstance(carried, Publish) and carried.id is None:
@@ -203,6 +234,13 @@ class ClientCore:
         """How often to ping while connected, as the broker's welcome asks."""
         welcome = self.connection.welcome
         return float(welcome.limits.get("ping_interval", 20.0)) if welcome else 20.0
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds the session's credential had left when the broker welcomed it; None when
+        it does not expire (or no welcome yet)."""
+        welcome = self.connection.welcome
+        return welcome.ttl if welcome else None
 
     @property
     def limits(self) -> dict[str, Any]:
@@ -372,6 +410,12 @@ class ClientCore:
         self.pending.pop(("unsubscribe", sub_id), None)
         self._abandoned.add(sub_id)
 
+    def registry(self, make: Callable[[int], SessionRequest]) -> SessionRequest:
+        """A registry request, `make` given its id; pending until answered."""
+        event = make(next(self._ids))
+        self.pending[(event.OP, event.id)] = event
+        return event
+
     def forget(self, filter: str) -> Forget:
         event = Forget(id=next(self._ids), filter=filter)
         self.pending[("forget", event.id)] = event
@@ -380,6 +424,13 @@ class ClientCore:
     def presence(self, session: str) -> Presence:
         event = Presence(id=next(self._ids), session=session)
         self.pending[("presence", event.id)] = event
+        return event
+
+    def refresh(self, auth: str) -> Refresh:
+        """Replace the session's credential with `auth` (answered with the new ttl)."""
+        self.auth = auth
+        event = Refresh(id=next(self._ids), auth=auth)
+        self.pending[("refresh", event.id)] = event
         return event
 
     # --- what the broker says ----------------------------------------------------------------
@@ -404,6 +455,12 @@ class ClientCore:
             return self._settle(("forget", item.id), item.topics)
         if isinstance(item, Present):
             return self._present(item)
+        if isinstance(item, Refreshed):
+            return self._settle(("refresh", item.id), item.ttl)
+        if isinstance(item, SessionReply):
+            return self._settle((item.ref, item.id), item)
+        if isinstance(item, Ended):
+            return self._ended(item)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):
@@ -427,6 +484,21 @@ class ClientCore:
             if sub is not None:
                 sub.since = item.event
                 outcomes.append(Deliver(sub_id, message))
+        return outcomes
+
+    def _ended(self, item: Ended) -> list[Outcome]:
+        """The broker removed these subscriptions: each stream ends with SubscriptionEnded, and
+        none is re-established after a reconnect."""
+        outcomes: list[Outcome] = []
+        for sub_id in item.subs:
+            if self.subscriptions.pop(sub_id, None) is None:
+                continue
+            self.pending.pop(("subscribe", sub_id), None)
+            error = SubscriptionEnded(
+                f"subscription {sub_id} ended: {item.reason}"
+                + (f" (session {item.session})" if item.session else ""),
+                reason=item.reason, session=item.session)
+            outcomes.append(Deliver(sub_id, error))
         return outcomes
 
     def _subscribed(self, item: SubAck) -> list[Outcome]:
@@ -485,9 +557,11 @@ class ClientCore:
         return [Failed(key, error)]
 
 
-def _presence_entry(session: str, entry: dict[str, Any]) -> PresenceEntry:
+def _presence_entry(session: str, entry: dict[str, Any] | None) -> PresenceEntry:
     """One entry of a `present` answer; raises KeyError, TypeError or ValueError when the
     broker's map is not one."""
+    if entry is None:
+        raise TypeError("an entry is a map, not null")
     principal = entry["principal"]
     fields = (entry["instance"], entry["connection"], entry["client"])
     if not all(isinstance(text, str) for text in fields) or not (

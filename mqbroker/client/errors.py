@@ -23,6 +23,11 @@ class ClientClosed(ClientError):
     """The client was closed; the operation cannot complete."""
 
 
+class CredentialError(ClientError):
+    """The credential provider (`connect(..., auth=provider)`) failed or returned no string:
+    a connection attempt without a credential to send fails (see `__cause__`)."""
+
+
 class BrokerError(ClientError):
     """The broker answered a request with an `error` event."""
 
@@ -86,6 +91,75 @@ class OutcomeUnknown(BrokerError):
     default_code = "outcome_unknown"
 
 
+class Unauthorized(BrokerError):
+    """The broker refused the session's credential (it closes the session: 4003)."""
+
+    default_code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(BrokerError):
+    """The principal has no right to this operation on this topic or filter; a subscription's
+    stream raises it when the broker ended the subscription after a refresh narrowed the
+    principal's rights."""
+
+    default_code = ErrorCode.FORBIDDEN
+
+
+class RateLimited(BrokerError):
+    """Over one of the session's rate limits: nothing was done; retry later."""
+
+    default_code = ErrorCode.RATE_LIMITED
+
+
+class RefreshUnsupported(BrokerError):
+    """The broker cannot refresh this session's credential (anonymous or mtls mode)."""
+
+    default_code = ErrorCode.REFRESH_UNSUPPORTED
+class ReservedTopic(BrokerError):
+    """A publish on a topic only the broker publishes to (a session's lifecycle or presence)."""
+
+    default_code = ErrorCode.RESERVED_TOPIC
+
+
+class SessionNotFound(BrokerError):
+    """No such registry session for this user (another user's is not found either)."""
+
+    default_code = ErrorCode.SESSION_NOT_FOUND
+
+
+class SessionExists(BrokerError):
+    """`create_session` with a session id already taken."""
+
+    default_code = ErrorCode.SESSION_EXISTS
+
+
+class IllegalTransition(BrokerError):
+    """A state change the session's current state does not allow."""
+
+    default_code = ErrorCode.ILLEGAL_TRANSITION
+
+
+class VersionConflict(BrokerError):
+    """`update_session(..., version=)` found the session at another version."""
+
+    default_code = ErrorCode.VERSION_CONFLICT
+
+
+class SubscriptionEnded(BrokerError):
+    """Raised by a subscription's iterator when the broker ended it (its `ended` event): the
+    application session its filter lies inside was deleted, expired or invalidated. The
+    subscription is gone (not resumed after a reconnect)."""
+
+    default_code = "ended"
+
+    def __init__(self, message: str, *, reason: str, session: str | None = None) -> None:
+        super().__init__(message, ref="subscribe")
+        #: The broker's reason: "session_ended".
+        self.reason = reason
+        #: The application session whose end ended it.
+        self.session = session
+
+
 class ProtocolViolation(BrokerError):
     """The broker could not understand what the client sent (a client bug)."""
 
@@ -96,7 +170,8 @@ _BY_CODE: dict[str, type[BrokerError]] = {
     cls.default_code: cls
     for cls in (InvalidTopic, InvalidFilter, TooManySubscriptions, DuplicateSubscription,
                 UnknownSubscription, MessageTooLarge, BadEventId, SinceUnsupported, Unavailable,
-                OutcomeUnknown)
+                OutcomeUnknown, Unauthorized, Forbidden, RateLimited, RefreshUnsupported,
+                ReservedTopic, SessionNotFound, SessionExists, IllegalTransition, VersionConflict)
 }
 
 

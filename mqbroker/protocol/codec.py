@@ -100,12 +100,6 @@ def _check_int_tuple(value: Any) -> tuple[int, ...]:
     return tuple(_check_int(item) for item in value)
 
 
-def _check_map_tuple(value: Any) -> tuple[dict[str, Any], ...]:
-    if type(value) not in (list, tuple) or any(type(item) is not dict for item in value):
-        raise ValueError("an array of maps")
-    return tuple(value)
-
-
 # --- the payload rule (docs/protocol.md, "Payloads") ------------------------------------------
 #
 # One rule, checked here on the decode side of every publish and nowhere else: a payload is
@@ -223,6 +217,19 @@ def _shown(text: str, limit: int = 40) -> str:
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
+def _check_str_tuple(value: Any) -> tuple[str, ...]:
+    if type(value) not in (list, tuple) or not all(type(item) is str for item in value):
+        raise ValueError("an array of strings")
+    return tuple(value)
+
+
+def _check_map_tuple(value: Any) -> tuple[dict[str, Any] | None, ...]:
+    if type(value) not in (list, tuple) or not all(
+            item is None or type(item) is dict for item in value):
+        raise ValueError("an array of maps (or nulls)")
+    return tuple(value)
+
+
 _CHECKS: dict[Any, Check] = {
     int: _check_int,
     str: _check_str,
@@ -230,7 +237,8 @@ _CHECKS: dict[Any, Check] = {
     bool: _check_bool,
     dict[str, Any]: _check_dict,
     tuple[int, ...]: _check_int_tuple,
-    tuple[dict[str, Any], ...]: _check_map_tuple,
+    tuple[str, ...]: _check_str_tuple,
+    tuple[dict[str, Any] | None, ...]: _check_map_tuple,
 }
 
 

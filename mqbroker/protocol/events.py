@@ -17,10 +17,12 @@ __all__ = [
     "CLIENT_EVENTS",
     "PROTOCOL_VERSION",
     "SERVER_EVENTS",
+    "SESSION_REQUESTS",
     "ClientEvent",
     "CloseCode",
     "Delivery",
     "Dropped",
+    "Ended",
     "Error",
     "ErrorCode",
     "Event",
@@ -35,7 +37,17 @@ __all__ = [
     "Present",
     "PubAck",
     "Publish",
+    "Refresh",
+    "Refreshed",
     "ServerEvent",
+    "SessionCreate",
+    "SessionDelete",
+    "SessionGet",
+    "SessionList",
+    "SessionReply",
+    "SessionRequest",
+    "SessionTouch",
+    "SessionUpdate",
     "SubAck",
     "Subscribe",
     "UnsubAck",
@@ -74,6 +86,16 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     # The session's principal has no right to this operation on this topic or filter ([auth]).
     FORBIDDEN = "forbidden"
+    # A `refresh` where the session's credential cannot be refreshed: anonymous mode, or a
+    # principal named by the client certificate (mode mtls). The session stays open.
+    REFRESH_UNSUPPORTED = "refresh_unsupported"
+    # The session registry (docs/sessions.md): the codes of mqbroker.sessions' errors.
+    SESSION_NOT_FOUND = "session_not_found"  # no such session for this user
+    SESSION_EXISTS = "session_exists"  # `session_create` with an id already taken
+    ILLEGAL_TRANSITION = "illegal_transition"  # a state change the states do not allow
+    VERSION_CONFLICT = "version_conflict"  # `version` is not the session's current one
+    # A publish on a topic only the broker publishes to ({prefix}/{id}/lifecycle, .../presence).
+    RESERVED_TOPIC = "reserved_topic"
 
 
 class CloseCode(enum.IntEnum):
@@ -84,10 +106,12 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (unmasked, bad opcode, bad length...)
     INVALID_DATA = 1007  # a text frame (or close reason) that is not valid UTF-8
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes
-    INTERNAL_ERROR = 1011
+    INTERNAL_ERROR = 1011  # a broker bug, or the hello's authenticator failed unexpectedly
+    TRY_AGAIN_LATER = 1013  # the hello's authenticator did not answer in time
     HANDSHAKE_FAILED = 4000  # no valid `hello` first, in time, with a supported version
     IDLE_TIMEOUT = 4001  # nothing received for idle_timeout seconds
-    UNAUTHORIZED = 4003  # the hello had no valid `auth` credential ([auth] mode token)
+    #: The hello (or a refresh) had no valid credential, or the session's credential expired.
+    UNAUTHORIZED = 4003
     SLOW_CONSUMER = 4008  # the outbox overflowed under the `disconnect` policy
     RATE_LIMITED = 4029  # max_violations of the rate limits within violation_window
 
@@ -140,6 +164,16 @@ class Forget:
 
 
 @frozen(kw_only=True)
+class Refresh:
+    """A new credential for the open session, before the current one expires ([auth])."""
+
+    OP: ClassVar[str] = "refresh"
+    id: int
+    #: The new credential (a JWT, a static token). Never logged, never echoed.
+    auth: str = field(repr=False)
+
+
+@frozen(kw_only=True)
 class Ping:
     OP: ClassVar[str] = "ping"
     id: int | None = None
@@ -153,6 +187,84 @@ class Presence:
     id: int
     #: The application session's id.
     session: str
+
+
+# --- the session registry (docs/sessions.md), client to server ---------------------------------
+#
+# Each is a request with an `id`, answered by `sessions` (or `error`) carrying that id and the
+# request's op as `ref`. `user` scopes the request (docs/protocol.md, "Sessions").
+
+
+@frozen(kw_only=True)
+class SessionCreate:
+    OP: ClassVar[str] = "session_create"
+    id: int
+    #: The session id; the broker makes one when absent.
+    session: str | None = None
+    user: str | None = None
+    #: Seconds; `[sessions] default_ttl` when absent.
+    ttl: float | None = None
+    #: "pending" (the default) or "active".
+    state: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@frozen(kw_only=True)
+class SessionGet:
+    OP: ClassVar[str] = "session_get"
+    id: int
+    sessions: tuple[str, ...]
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class SessionTouch:
+    OP: ClassVar[str] = "session_touch"
+    id: int
+    sessions: tuple[str, ...]
+    user: str | None = None
+    #: Seconds; each session's own ttl when absent.
+    ttl: float | None = None
+
+
+@frozen(kw_only=True)
+class SessionUpdate:
+    OP: ClassVar[str] = "session_update"
+    id: int
+    session: str
+    user: str | None = None
+    state: str | None = None
+    #: Replaces the metadata whole.
+    metadata: dict[str, Any] | None = None
+    #: Carried out only if the session is at this version.
+    version: int | None = None
+
+
+@frozen(kw_only=True)
+class SessionDelete:
+    OP: ClassVar[str] = "session_delete"
+    id: int
+    session: str
+    user: str | None = None
+
+
+@frozen(kw_only=True)
+class SessionList:
+    OP: ClassVar[str] = "session_list"
+    id: int
+    user: str | None = None
+    state: str | None = None
+    #: The `next` of the previous page.
+    after: str | None = None
+    limit: int | None = None
+
+
+SessionRequest = (
+    SessionCreate | SessionGet | SessionTouch | SessionUpdate | SessionDelete | SessionList
+)
+SESSION_REQUESTS: tuple[type[SessionRequest], ...] = (
+    SessionCreate, SessionGet, SessionTouch, SessionUpdate, SessionDelete, SessionList,
+)
 
 
 # --- server to client -------------------------------------------------------------------------
@@ -170,6 +282,9 @@ class Welcome:
     limits: dict[str, Any] = field(factory=dict)
     #: Who the session authenticated as; absent in anonymous mode.
     principal: str | None = None
+    #: Seconds until the broker closes the session (4003) unless it sends a `refresh`;
+    #: absent when the credential does not expire.
+    ttl: float | None = None
 
 
 @frozen(kw_only=True)
@@ -207,7 +322,17 @@ class Present:
 
     OP: ClassVar[str] = "present"
     id: int
-    entries: tuple[dict[str, Any], ...] = ()
+    entries: tuple[dict[str, Any] | None, ...] = ()
+
+
+@frozen(kw_only=True)
+class Refreshed:
+    """The answer to `refresh`: the new credential is the session's from now on."""
+
+    OP: ClassVar[str] = "refreshed"
+    id: int
+    #: As in `welcome`: seconds until the session must refresh again; absent: never.
+    ttl: float | None = None
 
 
 @frozen(kw_only=True)
@@ -260,17 +385,49 @@ class Error:
     ref: str | None = None
 
 
-ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping | Presence
+@frozen(kw_only=True)
+class SessionReply:
+    """The answer to a session registry request: the records it concerns."""
+
+    OP: ClassVar[str] = "sessions"
+    id: int
+    #: The op of the request this answers.
+    ref: str
+    #: Record maps (docs/protocol.md, "Session records"); null for each id of a `session_get`
+    #: or `session_touch` that is not found (or not live, for a touch).
+    sessions: tuple[dict[str, Any] | None, ...]
+    #: `session_list`: pass as `after` for the next page; absent on the last page.
+    next: str | None = None
+
+
+@frozen(kw_only=True)
+class Ended:
+    """The subscriptions `subs` ended: the broker removed them (their application session
+    ended, say). Sent in order with the deliveries, after the last one of those subscriptions."""
+
+    OP: ClassVar[str] = "ended"
+    subs: tuple[int, ...]
+    #: Why: "session_ended" (the session was deleted, expired or invalidated).
+    reason: str
+    #: The application session whose end ended them.
+    session: str | None = None
+
+
+ClientEvent = (
+    Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping
+    | SessionCreate | SessionGet | SessionTouch | SessionUpdate | SessionDelete | SessionList
+    | Presence
+)
 ServerEvent = (
-    Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | GapNotice | Error
-    | Present
+    Welcome | SubAck | UnsubAck | PubAck | Forgot | Refreshed | Pong | Delivery | Dropped
+    | GapNotice | Error | SessionReply | Ended | Present
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping, Presence,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping, *SESSION_REQUESTS, Presence,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
-    Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, GapNotice, Error,
-    Present,
+    Welcome, SubAck, UnsubAck, PubAck, Forgot, Refreshed, Pong, Delivery, Dropped, GapNotice,
+    Error, SessionReply, Ended, Present,
 )

@@ -55,6 +55,10 @@ class Connection:
         if self._pending:  # left over from the opening handshake
             self._start_writer()
 
+    def client_common_name(self) -> str | None:
+        """The subject CN of the client certificate verified by TLS: none over plain TCP."""
+        return None
+
     @property
     def pending(self) -> int:
         """Bytes written but not yet taken by the socket."""

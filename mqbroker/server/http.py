@@ -83,8 +83,10 @@ def metric_name(stat: str, gauges: frozenset[str] = GAUGES) -> tuple[str, str]:
 
 
 def exposition(stats: Mapping[str, int], *, instance: str, healthy: bool,
-               gauges: frozenset[str] = GAUGES) -> str:
-    """The stats, liveness and fan-out health in Prometheus' text format (version 0.0.4)."""
+               gauges: frozenset[str] = GAUGES,
+               labeled: Mapping[str, tuple[str, Mapping[str, int]]] | None = None) -> str:
+    """The stats, liveness and fan-out health in Prometheus' text format (version 0.0.4).
+    `labeled`: gauges with one label, name -> (label, {label value: value})."""
     families: dict[str, tuple[str, str]] = {
         f"{PREFIX}up": ("gauge", f'{PREFIX}up{{instance_id="{_label_value(instance)}"}} 1'),
         f"{PREFIX}fanout_healthy": ("gauge", f"{PREFIX}fanout_healthy {int(healthy)}"),
@@ -93,6 +95,11 @@ def exposition(stats: Mapping[str, int], *, instance: str, healthy: bool,
         name, kind = metric_name(stat, gauges)
         # Two stats may sanitize to one name; a repeated family would fail the whole scrape.
         families.setdefault(name, (kind, f"{name} {int(value)}"))
+    for stat, (label, values) in sorted((labeled or {}).items()):
+        name = PREFIX + _UNSAFE.sub("_", stat)
+        samples = "\n".join(f'{name}{{{label}="{_label_value(key)}"}} {int(value)}'
+                             for key, value in sorted(values.items()))
+        families.setdefault(name, ("gauge", samples))
     lines = [f"# TYPE {name} {kind}\n{sample}\n" for name, (kind, sample) in families.items()]
     return "".join(lines)
 
@@ -149,7 +156,8 @@ class Endpoints:
         # The plugins say which of their stats are gauges (Broker.gauges, issue 9).
         text = exposition(self.broker.stats(), instance=self.broker.instance_id,
                           healthy=self.broker.fanout.health().ok,
-                          gauges=GAUGES | self.broker.gauges())
+                          gauges=GAUGES | self.broker.gauges(),
+                          labeled=self.broker.labeled_gauges())
         return Reply(status=200, body=text.encode(), content_type=EXPOSITION)
 
     async def handle(self, stream: trio.abc.HalfCloseableStream) -> None:

@@ -21,7 +21,7 @@ import collections
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
@@ -30,6 +30,7 @@ from attrs import define, field
 
 from mqbroker.config import Config, SessionsConfig, plugin_settings
 from mqbroker.fanout import FanoutUnavailable
+from mqbroker.message import Draft
 from mqbroker.plugins import PluginError, load_plugin
 from mqbroker.presence import (
     Change,
@@ -37,7 +38,6 @@ from mqbroker.presence import (
     LeaveReason,
     PresenceTracker,
     event_payload,
-    presence_topic,
 )
 from mqbroker.sessions import PresenceEntry, PresenceStore, StoreUnavailable
 
@@ -52,6 +52,8 @@ ANNOUNCE_BATCH = 500
 #: The longest wait before a write the store refused is tried again.
 RETRY_DELAY = 1.0
 COUNTERS = ("joins", "leaves", "expired", "store_errors", "events_unpublished")
+#: What a store call that failed raises: the store's word for it, or our deadline.
+UNREACHABLE = (StoreUnavailable, trio.TooSlowError)
 
 
 @define(eq=False)
@@ -86,8 +88,9 @@ class PresenceService:
         if self.tracker.subscribed(_holder(session), filter):
             self._wake.set()
 
-    def unsubscribed(self, session: Session, filter: str) -> None:
-        if self.tracker.unsubscribed(session.id, filter):
+    def unsubscribed(self, session: Session, filter: str,
+                     reason: LeaveReason = LeaveReason.UNSUBSCRIBED) -> None:
+        if self.tracker.unsubscribed(session.id, filter, reason):
             self._wake.set()
 
     def detached(self, session: Session, filters: Sequence[str]) -> None:
@@ -95,7 +98,11 @@ class PresenceService:
             self._wake.set()
 
     async def query(self, session_id: str) -> Sequence[PresenceEntry]:
-        return await self.store.query(session_id, self.clock())
+        try:
+            with self._bounded():
+                return await self.store.query(session_id, self.clock())
+        except trio.TooSlowError:
+            raise StoreUnavailable("no answer within request_timeout") from None
 
     def stats(self) -> dict[str, int]:
         return {"announced": self.tracker.present, "pending": self.tracker.pending,
@@ -146,11 +153,12 @@ class PresenceService:
         expires = self.clock() + self.config.presence_ttl
         joins = [self._entry(c.session, c.holder, expires) for c in changes if c.joined]
         try:
-            if leaves:
-                await self.store.withdraw(leaves)
-            if joins:
-                await self.store.announce(joins)
-        except StoreUnavailable as e:
+            with self._bounded():
+                if leaves:
+                    await self.store.withdraw(leaves)
+                if joins:
+                    await self.store.announce(joins)
+        except UNREACHABLE as e:
             self.tracker.restore(changes)
             self._failed(e)
             return False
@@ -171,8 +179,9 @@ class PresenceService:
         if not batch:
             return
         try:
-            await self.store.announce(batch)
-        except StoreUnavailable as e:
+            with self._bounded():
+                await self.store.announce(batch)
+        except UNREACHABLE as e:
             self._failed(e)  # the rest of the round is tried; these again at the next round
             return
         self._recovered()
@@ -180,8 +189,9 @@ class PresenceService:
     async def _reap(self) -> bool:
         """Remove entries that ran out and publish their leaves; True for a full batch."""
         try:
-            reaped = await self.store.reap(self.clock(), self.config.reap_batch)
-        except StoreUnavailable as e:
+            with self._bounded():
+                reaped = await self.store.reap(self.clock(), self.config.reap_batch)
+        except UNREACHABLE as e:
             self._failed(e)
             return False
         self._recovered()
@@ -202,28 +212,37 @@ class PresenceService:
     async def _publish(self, changes: Sequence[Change]) -> None:
         if not changes:
             return
-        prefix = self.config.topic_prefix
-        messages = [(presence_topic(prefix, c.session),
-                     event_payload("join" if c.joined else "leave", c.session,
-                                   c.instance or self.instance, c.holder, c.reason))
-                    for c in changes]
+        broker, now = self.broker, time.time()
+        drafts = []
+        for c in changes:
+            topic = broker.session_topics.presence(c.session)
+            payload = event_payload("join" if c.joined else "leave", c.session,
+                                    c.instance or self.instance, c.holder, c.reason)
+            drafts.append(Draft(topic=topic, payload=payload, published_at=now,
+                                record=broker.recorded.matches_any(topic)))
         try:
-            await self.broker.publish_own(messages)
-        except FanoutUnavailable as e:
+            with self._bounded():
+                await broker.announce(drafts)
+        except (FanoutUnavailable, trio.TooSlowError) as e:
             # The events are lost (the store, and so the `presence` query, is right anyway).
-            self.counters["events_unpublished"] += len(messages)
-            logger.warning("presence.events_unpublished", count=len(messages), error=str(e))
+            self.counters["events_unpublished"] += len(drafts)
+            logger.warning("presence.events_unpublished", count=len(drafts),
+                           error=str(e) or type(e).__name__)
 
     def _entry(self, session: str, holder: Holder, expires: float) -> PresenceEntry:
         return PresenceEntry(session=session, instance=self.instance,
                              connection=holder.connection, client=holder.client,
                              principal=holder.principal, expires=expires)
 
-    def _failed(self, error: StoreUnavailable) -> None:
+    def _bounded(self) -> AbstractContextManager[trio.CancelScope]:
+        """Every store call and publish: a store that does not answer is one that failed."""
+        return trio.fail_after(self.config.request_timeout)
+
+    def _failed(self, error: Exception) -> None:
         self.counters["store_errors"] += 1
         if not self._failing:
             self._failing = True
-            logger.warning("presence.store_unavailable", error=str(error))
+            logger.warning("presence.store_unavailable", error=str(error) or type(error).__name__)
 
     def _recovered(self) -> None:
         if self._failing:

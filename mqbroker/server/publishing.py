@@ -9,10 +9,13 @@ costs one fan-out round trip per batch, not per message, while its publishes kee
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import trio
 
 from mqbroker.protocol import Publish
+
+T = TypeVar("T")
 
 #: How many events one fan-out call carries at most.
 MAX_BATCH = 1000
@@ -20,28 +23,41 @@ MAX_BATCH = 1000
 MAX_QUEUED_RUNS = 64
 
 
-class PublishQueue:
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[list[Publish]](MAX_QUEUED_RUNS)
+class OrderedQueue(Generic[T]):
+    """Items a connection's reader queues in order, for one task of the connection to carry
+    out; the reader waits only when `max_queued` are waiting (pushing back on the peer)."""
+
+    def __init__(self, max_queued: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[T](max_queued)
         self._unfinished = 0
         self._drained = trio.Event()
         self._drained.set()
 
-    async def put(self, publishes: list[Publish]) -> None:
-        """Queue a run of publishes, after every run queued before it."""
+    async def put(self, item: T) -> None:
+        """Queue an item, after every item queued before it."""
         self._unfinished += 1
         if self._drained.is_set():
             self._drained = trio.Event()
         try:
             # No checkpoint when there is room: the reader goes on to its next frame, and the
-            # publishing task runs at the reader's next wait, one task switch per frame.
-            self._send.send_nowait(publishes)
+            # carrying task runs at the reader's next wait, one task switch per frame.
+            self._send.send_nowait(item)
         except trio.WouldBlock:
-            await self._send.send(publishes)
+            await self._send.send(item)
 
     async def drained(self) -> None:
-        """Wait until every queued publish has been published (or refused)."""
+        """Wait until every queued item has been carried out (or refused)."""
         await self._drained.wait()
+
+    def _finished(self, count: int) -> None:
+        self._unfinished -= count
+        if not self._unfinished:
+            self._drained.set()
+
+
+class PublishQueue(OrderedQueue[list[Publish]]):
+    def __init__(self) -> None:
+        super().__init__(MAX_QUEUED_RUNS)
 
     async def run(self, publish: Callable[[list[Publish]], Awaitable[None]]) -> None:
         """Publish queued runs, as many together as have queued, in order, until cancelled."""
@@ -54,6 +70,4 @@ class PublishQueue:
                     break
                 runs += 1
             await publish(batch)
-            self._unfinished -= runs
-            if not self._unfinished:
-                self._drained.set()
+            self._finished(runs)

@@ -24,11 +24,18 @@ import structlog
 import trio
 from attrs import define, field
 
-from mqbroker.auth import ANONYMOUS, AuthFailed, Operation, Permissions, Principal
+from mqbroker.auth import (
+    ANONYMOUS,
+    AuthFailed,
+    Operation,
+    Permissions,
+    Principal,
+    checked_principal,
+)
 from mqbroker.broker import MAX_FRAME_ITEMS
 from mqbroker.config import ServerConfig
-from mqbroker.presence import presence_topic
 from mqbroker.protocol import (
+    SESSION_REQUESTS,
     CloseCode,
     Dropped,
     EncodedMessage,
@@ -41,9 +48,12 @@ from mqbroker.protocol import (
     Pong,
     Presence,
     Publish,
+    Refresh,
+    Refreshed,
     Rejected,
     ServerConnection,
     ServerEvent,
+    SessionRequest,
     Subscribe,
     Unsubscribe,
     join,
@@ -57,10 +67,12 @@ from mqbroker.protocol.websocket import (
 from mqbroker.protocol.websocket import (
     Ping as WsPing,
 )
-from mqbroker.ratelimit import SessionLimits
+from mqbroker.ratelimit import Rates, SessionLimits
+from mqbroker.registry import Caller, SessionsRight
 from mqbroker.server.connection import Connection
 from mqbroker.server.outbox import Outbox
 from mqbroker.server.publishing import PublishQueue
+from mqbroker.server.registry import RequestQueue
 from mqbroker.sessions import check_session_id
 from mqbroker.topics import InvalidTopic, validate_filter
 
@@ -76,6 +88,10 @@ PUBLISH_RUN = 100
 #: one read of 64 KiB can hold dozens of small frames of a thousand requests each (invalid
 #: ones, say), and handled in one go they held the loop for a quarter of a second.
 REQUEST_RUN = 100
+#: What a hello or refresh is told when a plugin's authenticator did not answer in time, or
+#: failed (the reason stays in the log).
+AUTH_UNAVAILABLE = "authentication unavailable: no answer in time"
+AUTH_ERROR = "authentication failed unexpectedly"
 
 
 @define(eq=False)
@@ -108,11 +124,15 @@ class Session:
     _handled: int = 0
     _reading: trio.CancelScope | None = None
     _publishes: PublishQueue | None = None
+    #: Session registry requests in flight (started with the first one).
+    _registry_requests: RequestQueue | None = None
     _nursery: trio.Nursery | None = None
     _ended: trio.Event = field(factory=trio.Event)
     #: WebSocket items that arrived with the hello, handled first by the read loop.
     _backlog: list[Any] = field(factory=list)
-    #: The session's rate limits; None when [limits] sets none (the checks are skipped).
+    #: The session's rate limits (its principal's roles', or [limits]), set by the hello;
+    #: `_limits` is None when they limit nothing (the checks are skipped).
+    rates: Rates = field(factory=Rates)
     _limits: SessionLimits | None = None
     #: Who the hello authenticated as ([auth]), and what that principal may do.
     principal: Principal = ANONYMOUS
@@ -134,8 +154,6 @@ class Session:
         self.last_read = trio.current_time()
         self.connection.on_drained = self.flush
         self.connection.on_broken = self.outbox.gone_away
-        if self.broker.config.limits.session_limited:
-            self._limits = SessionLimits.of(self.broker.config.limits)
 
     # --- what the broker calls (mqbroker.broker.Session) -------------------------------------
 
@@ -328,31 +346,88 @@ class Session:
         auth, self.protocol.auth = self.protocol.auth, None
         if not await self._authenticate(auth):
             return None
-        welcome = self.broker.welcome(self)
+        welcome = self.broker.welcome(self.id, self.rates)
         if not self.permissions.everything:
-            welcome = attrs.evolve(welcome, principal=self.principal.name)
+            welcome = attrs.evolve(welcome, principal=self.principal.name, ttl=self._ttl())
         self.connection.write(self.ws.send(self.protocol.encode(welcome)))
         return events
 
     async def _authenticate(self, credential: str | None) -> bool:
-        """Check the hello's credential; refuse the session (4003) when it is not valid."""
+        """Check the hello's credential (mode mtls: the client certificate's name); when it
+        names no principal, refuse the session: 4003 for a credential that is not valid, 1013
+        when the authenticator did not answer within authenticate_timeout, 1011 when it failed
+        otherwise (a plugin's fault)."""
         access = self.broker.access
+        if access.by_certificate:
+            credential = self.connection.client_common_name()
         try:
-            self.principal = access.authenticator.authenticate(credential)
+            principal = await self._principal(credential)
         except AuthFailed as e:
-            self.broker.counters["security_auth_failed"] += 1
-            # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
-            self.log.warning("security.auth_failed", reason=e.reason)
-            error = Error(code=ErrorCode.UNAUTHORIZED, ref="hello",
-                          message=f"authentication failed: {e.reason}")
-            await self._refuse(self.protocol.encode(error), CloseCode.UNAUTHORIZED,
-                               "unauthorized")
+            self._auth_failed(e.reason, "hello")
+            await self._refuse_hello(ErrorCode.UNAUTHORIZED,
+                                     f"authentication failed: {e.reason}",
+                                     CloseCode.UNAUTHORIZED, "unauthorized")
             return False
-        self.permissions = access.permissions(self.principal)
-        if self.principal.expires is not None:
-            self.expires_at = trio.current_time() + (self.principal.expires - time.time())
-        self.log = self.log.bind(principal=self.principal.name)
+        except trio.TooSlowError:
+            self._auth_unavailable("hello")
+            await self._refuse_hello(ErrorCode.UNAVAILABLE, AUTH_UNAVAILABLE,
+                                     CloseCode.TRY_AGAIN_LATER, "try again later")
+            return False
+        except Exception as e:
+            self._auth_error(e, credential, "hello")
+            await self._refuse_hello(ErrorCode.INTERNAL, AUTH_ERROR,
+                                     CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        self._admit(principal)
         return True
+
+    async def _principal(self, credential: str | None) -> Principal:
+        """Who the credential names: a plugin's answer is bounded by its timeout and checked."""
+        access = self.broker.access
+        if access.timeout is None:  # a built-in scheme: it never waits
+            return await access.authenticate(credential)
+        with trio.fail_after(access.timeout):
+            answer = await access.authenticate(credential)
+        return checked_principal(answer)
+
+    def _admit(self, principal: Principal) -> None:
+        """From now on the session is `principal`'s: its rights, rate limits and expiry (at
+        the hello, and again at each refresh)."""
+        access = self.broker.access
+        self.principal = principal
+        self.permissions = access.permissions(principal)
+        rates = access.rates_of(principal)
+        if rates != self.rates or self._limits is None:  # a refresh keeps unchanged buckets
+            self.rates = rates
+            self._limits = SessionLimits.of(rates) if rates.session_limited else None
+        self.expires_at = (math.inf if principal.expires is None
+                           else trio.current_time() + (principal.expires - time.time()))
+        self.log = self.log.bind(principal=principal.name)
+
+    async def _refuse_hello(self, code: ErrorCode, message: str, close: CloseCode,
+                            reason: str) -> None:
+        error = Error(code=code, ref="hello", message=message)
+        await self._refuse(self.protocol.encode(error), close, reason)
+
+    def _ttl(self) -> float | None:
+        """Seconds until the credential expires (what `welcome` and `refreshed` say)."""
+        if self.expires_at == math.inf:
+            return None
+        return round(max(self.expires_at - trio.current_time(), 0.0), 3)
+
+    def _auth_failed(self, reason: str, op: str) -> None:
+        self.broker.counters["security_auth_failed"] += 1
+        # The reason only: the credential is a secret, even a wrong one (a typo of a real one).
+        self.log.warning("security.auth_failed", reason=reason, op=op)
+
+    def _auth_unavailable(self, op: str) -> None:
+        self.broker.counters["security_auth_unavailable"] += 1
+        self.log.warning("security.auth_unavailable", timeout=self.broker.access.timeout, op=op)
+
+    def _auth_error(self, error: Exception, credential: str | None, op: str) -> None:
+        self.broker.counters["security_auth_errors"] += 1
+        self.log.error("security.auth_error", error=type(error).__name__,
+                       message=_masked(str(error), credential), op=op)
 
     async def refuse(self, code: CloseCode, reason: str) -> None:
         """Close before (or instead of) serving: no hello in time, or a crash. Bounded."""
@@ -386,11 +461,13 @@ class Session:
                     await self._handle_frame(first_events)
                     self.flush()
                     await self._read_loop()
-                if self._publishes is not None:
+                with trio.move_on_after(self.config.shutdown_grace):
                     # What the peer sent before leaving is still published (acknowledged or
-                    # not), within the grace period.
-                    with trio.move_on_after(self.config.shutdown_grace):
+                    # not) and carried out, within the grace period.
+                    if self._publishes is not None:
                         await self._publishes.drained()
+                    if self._registry_requests is not None:
+                        await self._registry_requests.drained()
                 await self._finish()
                 nursery.cancel_scope.cancel()
         finally:
@@ -477,6 +554,8 @@ class Session:
             await trio.lowlevel.checkpoint()
 
     async def _publish(self, run: list[Publish]) -> None:
+        if self.closing is not None:
+            return  # closing (an unauthorized refresh, say): the rest of the frame is not done
         if self._limits is not None:
             run = self._admitted(run)
             if not run:
@@ -501,6 +580,8 @@ class Session:
         self.flush()
 
     async def _handle_one(self, event: Any) -> None:
+        if self.closing is not None:
+            return  # as in _publish
         if self._publishes is not None:
             await self._publishes.drained()  # every request after the publishes before it
         if type(event) is Ping:
@@ -508,9 +589,98 @@ class Session:
         elif type(event) is Rejected:
             self._queue_reply(self.protocol.error(event))
         elif self._limits is None or self._admit_request(event):
-            if self.permissions.everything or self._may(event):
+            if type(event) is Refresh:
+                await self._refresh(event)
+            elif type(event) in SESSION_REQUESTS:
+                # Answered by the registry task, which flushes once nothing is left queued.
+                await self._registry_request(event)
+                return
+            elif self.permissions.everything or self._may(event):
                 await self.broker.handle(self, event)
             self.flush()
+
+    # --- refreshing the credential ([auth] modes token and jwt) --------------------------------
+
+    async def _refresh(self, event: Refresh) -> None:
+        """Replace the session's credential: the same principal, maybe other rights and expiry.
+        A credential that is not valid, or names another principal, closes the session (4003),
+        as it would have refused the hello; subscriptions the new rights no longer allow end."""
+        access = self.broker.access
+        if not access.refreshable:
+            self.reply(Error(code=ErrorCode.REFRESH_UNSUPPORTED, id=event.id, ref=event.OP,
+                             message="this session's credential cannot be refreshed "
+                                     f"([auth] mode {self.broker.config.auth.mode})"))
+            return
+        if self.expires_at <= trio.current_time():
+            self.expired()  # too late: what the watchdog would have done at its next round
+            return
+        try:
+            principal = access.refreshed(self.principal, await self._principal(event.auth))
+        except AuthFailed as e:
+            self._auth_failed(e.reason, event.OP)
+            self.reply(Error(code=ErrorCode.UNAUTHORIZED, id=event.id, ref=event.OP,
+                             message=f"refresh failed: {e.reason}"))
+            self.close_soon(CloseCode.UNAUTHORIZED, "unauthorized")
+            return
+        except trio.TooSlowError:  # a plugin's: the session keeps its current credential
+            self._auth_unavailable(event.OP)
+            self.reply(Error(code=ErrorCode.UNAVAILABLE, id=event.id, ref=event.OP,
+                             message=AUTH_UNAVAILABLE))
+            return
+        except Exception as e:
+            self._auth_error(e, event.auth, event.OP)
+            self.reply(Error(code=ErrorCode.INTERNAL, id=event.id, ref=event.OP,
+                             message=AUTH_ERROR))
+            return
+        self._admit(principal)
+        self.log.info("security.refreshed", ttl=self._ttl())
+        self.reply(Refreshed(id=event.id, ttl=self._ttl()))
+        await self._end_subscriptions_not_allowed()
+
+    async def _end_subscriptions_not_allowed(self) -> None:
+        """End each subscription whose filter the (new) rights no longer cover, telling the
+        client with `forbidden` naming the subscription, in order with its deliveries."""
+        permissions = self.permissions
+        if permissions.everything:
+            return
+        filters = self.broker.index.filters_of(self)
+        for sub, filter in list(filters.items()):
+            if permissions.allows_filter(Operation.SUBSCRIBE, filter):
+                continue
+            notice = Error(code=ErrorCode.FORBIDDEN, id=sub, ref=Subscribe.OP,
+                           message="subscription ended: the refreshed credential does not "
+                                   f"allow subscribe on {filter!r}")
+            await self.broker.end_subscription(self, sub, notice)
+            self.log.info("security.subscription_ended", sub=sub, filter=_loggable(filter))
+
+    # --- the session registry ----------------------------------------------------------------
+
+    async def _registry_request(self, event: SessionRequest) -> None:
+        """Queue a registry request: answered in order with the session's other registry
+        requests, by a task of its own, so that a slow store never stops the reading."""
+        if self._registry_requests is None:
+            assert self._nursery is not None
+            self._registry_requests = RequestQueue()
+            self._nursery.start_soon(self._registry_requests.run, self._answer_registry,
+                                     self.flush)
+        await self._registry_requests.put(event)
+
+    async def _answer_registry(self, event: SessionRequest) -> None:
+        registry = self.broker.registry
+        if registry is None:
+            reply: ServerEvent = Error(code=ErrorCode.UNAVAILABLE, id=event.id, ref=event.OP,
+                                       message="this broker has no session registry open")
+        else:
+            reply = await registry.answer(self.caller, event)
+        if type(reply) is Error and reply.code == ErrorCode.FORBIDDEN:
+            self._forbade("sessions", f"user {event.user}")
+        self.reply(reply)
+
+    @property
+    def caller(self) -> Caller:
+        """Who the registry serves on this connection (None as principal: anonymous mode)."""
+        return Caller(principal=None if self.permissions.everything else self.principal.name,
+                      right=SessionsRight.parse(self.permissions.sessions))
 
     # --- authorization ([auth]) ----------------------------------------------------------------
 
@@ -567,7 +737,7 @@ class Session:
             check_session_id(event.session)
         except ValueError:
             return True  # the broker answers bad_event, as it would without [auth]
-        topic = presence_topic(self.broker.config.sessions.topic_prefix, event.session)
+        topic = self.broker.session_topics.presence(event.session)
         if self.permissions.allows_filter(Operation.SUBSCRIBE, topic):
             return True
         self.reply(_forbidden(event, topic, Operation.SUBSCRIBE))
@@ -582,14 +752,14 @@ class Session:
             return (Operation.SUBSCRIBE, Operation.REPLAY)
         return (Operation.SUBSCRIBE,)
 
-    def _forbade(self, operation: Operation, topic: str) -> None:
+    def _forbade(self, operation: str, topic: str) -> None:
         """Count a refusal; log it at most once per violation_window."""
         self.broker.counters["security_forbidden"] += 1
         now = trio.current_time()
         last = self._forbidden_logged
-        if last is None or now - last >= self.broker.config.limits.violation_window:
+        if last is None or now - last >= self.rates.violation_window:
             self._forbidden_logged = now
-            self.log.warning("security.forbidden", op=operation.value,
+            self.log.warning("security.forbidden", op=str(operation),
                              topic=_loggable(topic))
 
     # --- rate limits ([limits]) ----------------------------------------------------------------
@@ -618,7 +788,8 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Presence) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh | Presence
+                       ) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -647,8 +818,8 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Presence
-                  ) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh
+                  | Presence) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
@@ -658,6 +829,14 @@ def _forbidden(event: Publish | Subscribe | Forget | Presence, topic: str,
     return Error(code=ErrorCode.FORBIDDEN,
                  message=f"not allowed: {operation.value} on {topic!r}: not done",
                  id=event.id, ref=event.OP)
+
+
+def _masked(text: str, credential: str | None) -> str:
+    """A plugin's error message as logged: the credential replaced wherever it appears (it
+    is a secret, even a wrong one), cut to LOGGED_TOPIC_CHARS."""
+    if credential:
+        text = text.replace(credential, "[credential]")
+    return _loggable(text)
 
 
 #: A topic longer than this is cut in logs: it is the client's text.

@@ -57,6 +57,19 @@ class TLSConnection(Connection):
             await self.flush_now()
             return True
 
+    def client_common_name(self) -> str | None:
+        """The subject CN of the client certificate the handshake verified (mutual TLS); None
+        without a certificate, or when its subject holds no CN or several (which to pick would
+        be a guess)."""
+        certificate = self._tls.getpeercert()
+        if not certificate:
+            return None
+        # The subject is a tuple of relative names, each a tuple of (attribute, value) pairs.
+        subject = certificate.get("subject", ())
+        names = [pair[1] for part in subject for pair in part
+                 if isinstance(pair, tuple) and pair[0] == "commonName"]
+        return names[0] if len(names) == 1 else None
+
     async def receive(self) -> bytes:
         """The next plaintext from the peer; b"" once it closed, broke, or broke TLS."""
         while True:

@@ -1,4 +1,5 @@
-"""The Redis plugin: a fan-out over Redis pub/sub and a history in Redis Streams.
+"""The Redis plugin: a fan-out over Redis pub/sub, a history in Redis Streams, and the session
+registry's stores (`registry`).
 
 Several broker instances on one Redis deliver every message to every instance that watches
 it, in one order that the history's positions agree with; with `shards` set, topics spread
@@ -15,6 +16,7 @@ from mqbroker.plugins import Plugin
 
 from .fanout import RedisFanout, open_redis_fanout
 from .history import RedisHistory, open_redis_history
+from .registry import RedisPresence, RedisSessions, open_redis_presence, open_redis_sessions
 from .settings import RedisSettings
 from .sharding import (
     ShardedFanout,
@@ -52,11 +54,15 @@ plugin = Plugin(
     settings_type=RedisSettings,
     open_history=open_history,
     open_fanout=open_fanout,
+    open_sessions=open_redis_sessions,
+    open_presence=open_redis_presence,
 )
 
 __all__ = [
     "RedisFanout",
     "RedisHistory",
+    "RedisPresence",
+    "RedisSessions",
     "RedisSettings",
     "ShardedFanout",
     "ShardedHistory",
@@ -64,6 +70,8 @@ __all__ = [
     "open_history",
     "open_redis_fanout",
     "open_redis_history",
+    "open_redis_presence",
+    "open_redis_sessions",
     "open_sharded_fanout",
     "open_sharded_history",
     "plugin",

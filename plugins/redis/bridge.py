@@ -3,7 +3,8 @@
 redis-py has no trio support, so commands run on worker threads (`RedisBridge.run`), one hop
 per batch of work, and pub/sub is read by one dedicated thread (`PubSubReceiver`) that hands
 what it drains to trio a batch at a time. redis' exceptions end here: they leave as
-`RedisUnavailable`, which is both a `HistoryUnavailable` and a `FanoutUnavailable`.
+`RedisUnavailable`, which is a `HistoryUnavailable`, a `FanoutUnavailable` and a
+`StoreUnavailable` (the session registry's).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from attrs import define, field
 
 from mqbroker.fanout import FanoutOutcomeUnknown, FanoutUnavailable
 from mqbroker.history import HistoryUnavailable
+from mqbroker.sessions import StoreUnavailable
 
 from .channels import (
     Arrived,
@@ -52,8 +54,9 @@ SCAN_COUNT = 1000
 FIRST_RETRY_DELAY = 0.05
 
 
-class RedisUnavailable(HistoryUnavailable, FanoutUnavailable):
-    """Redis could not be reached or refused the command: the operation did not complete."""
+class RedisUnavailable(HistoryUnavailable, FanoutUnavailable, StoreUnavailable):
+    """Redis could not be reached or refused the command: the operation did not complete.
+    Each extension point's own error, so that callers need not know this plugin."""
 
 
 class RedisOutcomeUnknown(RedisUnavailable, FanoutOutcomeUnknown):
@@ -129,8 +132,11 @@ class RedisBridge:
     _limiter: trio.CapacityLimiter
 
     @classmethod
-    def open(cls, settings: RedisSettings) -> RedisBridge:
-        """A bridge to `settings.url`; connects lazily, so it opens with Redis down too."""
+    def open(
+        cls, settings: RedisSettings, scripts: Mapping[ScriptName, str] = SCRIPTS
+    ) -> RedisBridge:
+        """A bridge to `settings.url` running `scripts` (the history's and fan-out's by
+        default); connects lazily, so it opens with Redis down too."""
         # Blocking: a command waits (up to connect_timeout) for a free connection.
         pool = redis.BlockingConnectionPool.from_url(
             settings.url,
@@ -140,8 +146,8 @@ class RedisBridge:
         )
         pool.connection_class = _marking(pool.connection_class)
         client = redis.Redis(connection_pool=pool)
-        scripts = {name: client.register_script(lua) for name, lua in SCRIPTS.items()}
-        return cls(settings, client, scripts, trio.CapacityLimiter(settings.pool_size))
+        registered = {name: client.register_script(lua) for name, lua in scripts.items()}
+        return cls(settings, client, registered, trio.CapacityLimiter(settings.pool_size))
 
     def close(self) -> None:
         self._client.close()

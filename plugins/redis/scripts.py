@@ -34,7 +34,22 @@ from .channels import KeyLayout
 
 #: One argument of a script call, as redis-py sends it.
 Arg = bytes | str | int | float
-ScriptName = Literal["publish", "read"]
+ScriptName = Literal[
+    "publish",
+    "read",
+    # The session registry's (registry_scripts.py).
+    "session_create",
+    "session_get",
+    "session_touch",
+    "session_change",
+    "session_delete",
+    "session_list",
+    "session_reap",
+    "session_counts",
+    "presence_announce",
+    "presence_withdraw",
+    "presence_reap",
+]
 
 # ARGV of PUBLISH_LUA: seven header fields (see PublishCall.args), then one msgpack array of
 # every draft's [mode, topic, msg_id, epoch, offset], then the drafts' bodies. Few, large

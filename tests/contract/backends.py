@@ -1,14 +1,15 @@
 """The backends the contract suites run against, and the fixtures that open them.
 
-Adding a backend is one line in `BACKENDS`. A backend opens fresh, empty instances of the
-extension points through whatever it needs (a plugin, a server it starts); the suites only
-use what the Protocols in `mqbroker.history` and `mqbroker.fanout` promise.
+Adding a backend is one line in `BACKENDS` (history and fan-out) or in `REGISTRY_BACKENDS`
+(the session registry's stores). A backend opens fresh, empty instances of the extension
+points through whatever it needs (a plugin, a server it starts); the suites only use what the
+Protocols in `mqbroker.history`, `mqbroker.fanout` and `mqbroker.sessions` promise.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -17,15 +18,18 @@ import pytest
 from attrs import frozen
 from trio.testing import MockClock
 
-from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig
+from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig, SessionsConfig
 from mqbroker.fanout import Deliver, Fanout, FanoutContext
 from mqbroker.history import HistoryStore
 from mqbroker.plugins import Plugin, load_plugin
+from mqbroker.sessions import PresenceStore, SessionStore
 from tests.redis_fixtures import (
     contract_broker_plugins,
+    fresh_registry_settings,
     open_contract_fanout,
     open_contract_history,
 )
+from tests.sql_fixtures import fresh_postgresql, fresh_sqlite
 
 
 @frozen(kw_only=True)
@@ -130,3 +134,75 @@ def backend_clock(backend: Backend) -> MockClock | None:
     takes this fixture and sleeps: instantly on memory, for real on the others.
     """
     return MockClock(autojump_threshold=0) if backend.trio_clock_only else None
+
+
+# --- The session registry's backends ---------------------------------------------------------
+
+#: Opens `count` store instances sharing one fresh, empty registry, as `count` broker
+#: instances configured alike would (for an in-process backend: one object, `count` times).
+OpenSessions = Callable[[int], AbstractAsyncContextManager[Sequence[SessionStore]]]
+OpenPresence = Callable[[int], AbstractAsyncContextManager[Sequence[PresenceStore]]]
+#: Yields `[plugins.NAME]` settings for a fresh, empty registry (a new database, a new key
+#: prefix), and removes what it made afterwards.
+FreshSettings = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+@frozen(kw_only=True)
+class RegistryBackend:
+    name: str
+    open_sessions: OpenSessions
+    open_presence: OpenPresence
+
+
+@asynccontextmanager
+async def _no_settings() -> AsyncIterator[None]:
+    yield None
+
+
+@asynccontextmanager
+async def _open_registry_stores(
+    name: str, factory_name: str, fresh_settings: FreshSettings, in_process: bool, count: int
+) -> AsyncIterator[Sequence[Any]]:
+    factory = getattr(load_plugin(name), factory_name)
+    if factory is None:
+        pytest.fail(f"plugin {name!r} does not provide {factory_name}")
+    async with fresh_settings() as settings, AsyncExitStack() as stack:
+        opens = 1 if in_process else count
+        stores = [
+            await stack.enter_async_context(factory(settings, SessionsConfig()))
+            for _ in range(opens)
+        ]
+        yield stores * count if in_process else stores
+
+
+def plugin_registry_backend(
+    name: str, fresh_settings: FreshSettings = _no_settings, *, in_process: bool = False
+) -> RegistryBackend:
+    """The session and presence stores of the installed plugin `name`, opened as the broker
+    opens them. `in_process`: the stores live in the object the plugin opens, so instances
+    share data by sharing that object."""
+    return RegistryBackend(
+        name=name,
+        open_sessions=partial(
+            _open_registry_stores, name, "open_sessions", fresh_settings, in_process
+        ),
+        open_presence=partial(
+            _open_registry_stores, name, "open_presence", fresh_settings, in_process
+        ),
+    )
+
+
+REGISTRY_BACKENDS: dict[str, RegistryBackend] = {
+    "memory": plugin_registry_backend("memory", in_process=True),
+    # A fresh key prefix per registry on one private redis-server (tests/redis_fixtures.py).
+    "redis": plugin_registry_backend("redis", fresh_registry_settings),
+    # A new file, a new database on one private PostgreSQL server (tests/sql_fixtures.py).
+    "sqlite": plugin_registry_backend("sql", fresh_sqlite),
+    "postgresql": plugin_registry_backend("sql", fresh_postgresql),
+}
+
+
+@pytest.fixture(params=sorted(REGISTRY_BACKENDS))
+def registry_backend(request: pytest.FixtureRequest) -> RegistryBackend:
+    """Each session registry backend in turn."""
+    return REGISTRY_BACKENDS[request.param]

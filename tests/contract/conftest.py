@@ -1,5 +1,5 @@
 """Makes the backend fixtures of `backends.py` available to the contract suites."""
 
-from .backends import backend, backend_clock
+from .backends import backend, backend_clock, registry_backend
 
-__all__ = ["backend", "backend_clock"]
+__all__ = ["backend", "backend_clock", "registry_backend"]
