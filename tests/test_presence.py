@@ -175,6 +175,22 @@ async def test_the_asyncio_client_queries_presence() -> None:
         assert (entry.session, entry.instance) == ("S", "i1")
 
 
+async def test_subscriptions_ended_with_their_session_leave_with_reason_ended() -> None:
+    """The registry ends a deleted session's subscriptions: their connections leave it, reason
+    ended (seen by a watcher of every session's presence, whose own subscription lies outside
+    the ended session's topics)."""
+    async with presence_broker() as broker, connect(broker.url) as watcher, \
+            connect(broker.url) as member:
+        events = await watcher.subscribe("mcp/session/+/presence")
+        await member.create_session(session="S", user="u")
+        await member.subscribe(TOPIC)
+        assert (await next_event(events))["event"] == "join"
+        await member.delete_session("S", user="u")
+        leave = await next_event(events)
+        assert (leave["event"], leave["session"], leave["reason"]) == ("leave", "S", "ended")
+        assert await watcher.presence("S") == []
+
+
 # --- authorization -----------------------------------------------------------------------------
 
 TOKENS = {"alice": "token-of-alice-0123", "bob": "token-of-bob-456789",

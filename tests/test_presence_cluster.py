@@ -127,3 +127,22 @@ async def test_a_killed_instance_leaves_b_s_view_within_the_ttl(
         assert left <= TTL + REAP_INTERVAL + 1.0, left
         assert b.broker.stats()["presence_expired"] == 1
         member_done.set()
+
+
+async def test_a_stopped_instance_says_its_clients_left(tmp_path: Path,
+                                                        redis_server: RedisServer) -> None:
+    """SIGTERM: A closes its connections, then writes and publishes their leaves (closed) before
+    it lets the store go: B sees them leave at once, not presence_ttl later."""
+    async with running_daemon(daemon_config(tmp_path, redis_server, "a")) as a, \
+            running_broker(instance(redis_server), "b", presence=True) as b, \
+            connect(b.url) as on_b, connect(a.url) as on_a:
+        events = await on_b.subscribe(PRESENCE)
+        await on_a.subscribe(TOPIC)
+        assert (await next_event(events))["event"] == "join"
+        a.process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        leave = await next_event(events)
+        assert (leave["event"], leave["instance"], leave["reason"]) == ("leave", "a", "closed")
+        assert time.monotonic() - stopped < TTL
+        assert await on_b.presence("S") == []
+        assert b.broker.stats()["presence_expired"] == 0
