@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import trio
 from mqbroker.client import Message, connect
 from mqbroker.config import Config, FanoutConfig, HistoryConfig, ServerConfig, SessionsConfig
 from mqbroker.protocol import Subscribe
-from tests.daemon import running_daemon
+from tests.daemon import Daemon, running_daemon
 from tests.harness import raw_session, running_broker
 from tests.redis_server import RedisServer
 
@@ -45,6 +47,18 @@ def daemon_config(tmp_path: Path, server: RedisServer, name: str) -> Path:
         f'[plugins.redis]\nurl = "{server.url}"\nkey_prefix = "pres:"\n'
         "reconnect_max_delay = 0.2\n")
     return path
+
+
+@asynccontextmanager
+async def shown_on_failure(daemon: Daemon) -> AsyncIterator[None]:
+    """A failing test prints what the daemon logged above info (its stderr is not captured)."""
+    try:
+        yield
+    except BaseException:
+        for line in daemon.lines:
+            if line.get("level") not in ("debug", "info"):
+                print("daemon:", line)
+        raise
 
 
 async def next_event(subscription: Any) -> dict[str, Any]:
@@ -99,7 +113,7 @@ async def test_a_killed_instance_leaves_b_s_view_within_the_ttl(
     interval more)."""
     async with running_daemon(daemon_config(tmp_path, redis_server, "a")) as a, \
             running_broker(instance(redis_server), "b", presence=True) as b, \
-            connect(b.url) as on_b, trio.open_nursery() as nursery:
+            connect(b.url) as on_b, trio.open_nursery() as nursery, shown_on_failure(a):
         events = await on_b.subscribe(PRESENCE)
         member_done = trio.Event()
 
@@ -135,7 +149,7 @@ async def test_a_stopped_instance_says_its_clients_left(tmp_path: Path,
     it lets the store go: B sees them leave at once, not presence_ttl later."""
     async with running_daemon(daemon_config(tmp_path, redis_server, "a")) as a, \
             running_broker(instance(redis_server), "b", presence=True) as b, \
-            connect(b.url) as on_b, connect(a.url) as on_a:
+            connect(b.url) as on_b, connect(a.url) as on_a, shown_on_failure(a):
         events = await on_b.subscribe(PRESENCE)
         await on_a.subscribe(TOPIC)
         assert (await next_event(events))["event"] == "join"
