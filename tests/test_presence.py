@@ -15,7 +15,14 @@ import trio
 
 from mqbroker.auth import token_hash
 from mqbroker.client import BrokerError, Message, ProtocolViolation, Unavailable, aio, connect
-from mqbroker.config import AuthConfig, Config, RoleConfig, ServerConfig, TokenConfig
+from mqbroker.config import (
+    AuthConfig,
+    Config,
+    LimitsConfig,
+    RoleConfig,
+    ServerConfig,
+    TokenConfig,
+)
 from mqbroker.protocol import (
     Error,
     Format,
@@ -140,6 +147,19 @@ async def test_malformed_queries_are_refused_and_the_session_goes_on(frame: str)
         assert isinstance(error, Error) and error.code in ("bad_event", "unknown_op")
         await raw.send(Ping(id=9))
         assert await raw.receive() == [Pong(id=9)]
+
+
+async def test_queries_count_towards_the_request_rate_limit() -> None:
+    """`presence` is a request like `subscribe`: past requests_per_second it is answered
+    rate_limited, not carried out."""
+    config = Config(server=ServerConfig(port=0),
+                    limits=LimitsConfig(requests_per_second=1.0, requests_burst=2.0))
+    async with presence_broker(config) as broker, raw_session(broker.url) as raw:
+        await raw.send(*(Presence(id=n, session="S") for n in range(3)))
+        answers = [await raw.next_event() for _ in range(3)]
+        assert [type(a).__name__ for a in answers] == ["Present", "Present", "Error"]
+        assert isinstance(answers[2], Error) and (answers[2].code, answers[2].id) == (
+            "rate_limited", 2)
 
 
 async def test_a_huge_session_id_is_refused_with_a_short_message() -> None:
