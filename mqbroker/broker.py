@@ -419,9 +419,12 @@ class Broker:
         once live, False when the session was let go or unsubscribed meanwhile."""
         replay = await self._read_history(event.filter, switch.since)
         gap = replay.gap.value if replay.gap is not None else None
-        session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap))
+        replayed = list(switch.replayed(EncodedMessage(m) for m in replay.messages))
+        # `last` is the replay boundary: a client can tell where the replay ends, no timeout.
+        last = replayed[-1].message.event_id if replayed else None
+        session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap, last=last))
         session.flush()
-        for message in switch.replayed(EncodedMessage(m) for m in replay.messages):
+        for message in replayed:
             if not await self._replay_one(session, event.id, switch, message):
                 return False
         # What arrived live meanwhile, after the last position replayed. The last `next_live`

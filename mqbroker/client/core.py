@@ -72,8 +72,15 @@ class Gap:
     count: int | None = None
 
 
-#: What a subscription's stream yields; a BrokerError item ends the stream by being raised.
-StreamItem = Message | Gap | BrokerError
+@frozen
+class Live:
+    """The replay boundary in a subscription's stream (made with `since`): every item before
+    it was replayed, every message after it is live. Iterating a subscription skips it;
+    `subscription.replay()` stops at it."""
+
+
+#: What a subscription's stream holds; a BrokerError item ends the stream by being raised.
+StreamItem = Message | Gap | Live | BrokerError
 
 
 # --- what `receive` reports -------------------------------------------------------------------
@@ -131,6 +138,10 @@ class _Subscription:
     since: str | None
     #: Established on a connection at least once (so a reconnect may have lost messages).
     established: bool = False
+    #: Past the replay boundary (the `Live` marker was put on the stream); True without `since`.
+    live: bool = False
+    #: The last message of the replay, as the latest suback named it (None: not known yet).
+    boundary: str | None = None
 
 
 @define
@@ -333,7 +344,8 @@ class ClientCore:
 
     def subscribe(self, filter: str, since: str | None = None) -> Subscribe:
         event = Subscribe(id=next(self._ids), filter=filter, since=since)
-        self.subscriptions[event.id] = _Subscription(filter=filter, since=since)
+        self.subscriptions[event.id] = _Subscription(filter=filter, since=since,
+                                                     live=since is None)
         self.pending[("subscribe", event.id)] = event
         return event
 
@@ -417,6 +429,9 @@ class ClientCore:
             if sub is not None:
                 sub.since = item.event
                 outcomes.append(Deliver(sub_id, message))
+                if not sub.live and sub.boundary == item.event:
+                    sub.live = True
+                    outcomes.append(Deliver(sub_id, Live()))
         return outcomes
 
     def _subscribed(self, item: SubAck) -> list[Outcome]:
@@ -436,6 +451,12 @@ class ClientCore:
         elif item.recovered is False:
             outcomes.append(Deliver(item.id, Gap(reason=item.reason or "unknown")))
         sub.established = True
+        if not sub.live:
+            # A resubscription during the replay moves the boundary to its own replay's end.
+            sub.boundary = item.last
+            if item.last is None:
+                sub.live = True
+                outcomes.append(Deliver(item.id, Live()))
         return outcomes + self._settle(("subscribe", item.id), item)
 
     def _settle(self, key: tuple[str, int], value: Any) -> list[Outcome]:

@@ -167,6 +167,9 @@ class SubAck:
     #: Set when the subscribe asked for `since`: False means a gap, and `reason` says why.
     recovered: bool | None = None
     reason: str | None = None
+    #: With `since`: the event id of the last replayed message (the replay follows the suback),
+    #: absent when nothing is replayed. Live messages begin after it (the replay boundary).
+    last: str | None = None
 
 
 @frozen(kw_only=True)
