@@ -32,6 +32,8 @@ from mqbroker.protocol import (
     Forget,
     Forgot,
     GapNotice,
+    Latest,
+    LatestAck,
     PubAck,
     Publish,
     ServerEvent,
@@ -215,6 +217,8 @@ class Broker:
             await self.unsubscribe(session, event)
         elif isinstance(event, Forget):
             await self.forget(session, event)
+        elif isinstance(event, Latest):
+            await self.latest(session, event)
         else:  # the codec only yields the events above, publishes and pings
             raise AssertionError(f"unexpected event {event!r}")
 
@@ -477,6 +481,25 @@ class Broker:
             return
         session.reply(Forgot(id=event.id, topics=count))
 
+    async def latest(self, session: Session, event: Latest) -> None:
+        """Answer the event id of the topic's newest retained message (none when the topic
+        is not recorded)."""
+        try:
+            validate_topic(event.topic, self.topic_limits)
+        except InvalidTopic as e:
+            session.reply(_error(ErrorCode.INVALID_TOPIC, str(e), event))
+            return
+        if not self.recorded.matches_any(event.topic):
+            session.reply(LatestAck(id=event.id))
+            return
+        try:
+            position = await self.history.latest(event.topic)
+        except HistoryUnavailable as e:
+            session.reply(_error(ErrorCode.UNAVAILABLE, f"latest failed: {e}", event))
+            return
+        session.reply(LatestAck(id=event.id,
+                                event=position.event_id if position is not None else None))
+
     def gauges(self) -> frozenset[str]:
         """The `stats()` names that are levels, not totals: the broker's own, and those its
         plugins declare in STAT_GAUGES (issue 9: a plugin's gauge was exported as a counter)."""
@@ -495,8 +518,8 @@ class Broker:
         }
 
 
-def _error(code: ErrorCode, message: str, event: Publish | Subscribe | Unsubscribe | Forget
-           ) -> Error:
+def _error(code: ErrorCode, message: str,
+           event: Publish | Subscribe | Unsubscribe | Forget | Latest) -> Error:
     return Error(code=code, message=message, id=event.id, ref=event.OP)
 
 

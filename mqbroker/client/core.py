@@ -32,6 +32,8 @@ from mqbroker.protocol import (
     Format,
     Frame,
     GapNotice,
+    Latest,
+    LatestAck,
     PubAck,
     Publish,
     Rejected,
@@ -125,7 +127,7 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Latest)
 #: Frame limits assumed until a welcome says otherwise (the broker's defaults).
 _DEFAULT_MAX_FRAME_BYTES = 1 << 20
 _ENVELOPE_BYTES = 1024
@@ -386,6 +388,11 @@ class ClientCore:
         self.pending[("forget", event.id)] = event
         return event
 
+    def latest(self, topic: str) -> Latest:
+        event = Latest(id=next(self._ids), topic=topic)
+        self.pending[("latest", event.id)] = event
+        return event
+
     # --- what the broker says ----------------------------------------------------------------
 
     def receive(self, frame: Frame) -> list[Outcome]:
@@ -406,6 +413,8 @@ class ClientCore:
             return self._settle(("unsubscribe", item.id), None)
         if isinstance(item, Forgot):
             return self._settle(("forget", item.id), item.topics)
+        if isinstance(item, LatestAck):
+            return self._settle(("latest", item.id), item.event)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):

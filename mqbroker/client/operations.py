@@ -176,6 +176,19 @@ class Operations(Generic[SubscriptionT]):
             raise
         return result
 
+    async def latest(self, topic: str) -> str | None:
+        """The event id of `topic`'s newest recorded message (None when the broker's history
+        retains none): a position to `subscribe(topic, since=...)` from."""
+        self._check_usable()
+        event = self.core.latest(topic)
+        key = ("latest", event.id)
+        try:
+            result: str | None = await self._request(key, event)
+        except BaseException:
+            self.core.withdraw(key)
+            raise
+        return result
+
     def _check_usable(self) -> None:
         if self._closed:
             raise ClientClosed("the client is closed")

@@ -28,6 +28,8 @@ __all__ = [
     "Forgot",
     "GapNotice",
     "Hello",
+    "Latest",
+    "LatestAck",
     "Payload",
     "Ping",
     "Pong",
@@ -143,6 +145,15 @@ class Ping:
     id: int | None = None
 
 
+@frozen(kw_only=True)
+class Latest:
+    """Ask for the event id of a topic's newest recorded message."""
+
+    OP: ClassVar[str] = "latest"
+    id: int
+    topic: str
+
+
 # --- server to client -------------------------------------------------------------------------
 
 
@@ -190,6 +201,14 @@ class Forgot:
     OP: ClassVar[str] = "forgot"
     id: int
     topics: int
+
+
+@frozen(kw_only=True)
+class LatestAck:
+    OP: ClassVar[str] = "latestack"
+    id: int
+    #: The newest retained message's event id; absent when the history retains none.
+    event: str | None = None
 
 
 @frozen(kw_only=True)
@@ -242,15 +261,17 @@ class Error:
     ref: str | None = None
 
 
-ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping
+ClientEvent = Hello | Subscribe | Unsubscribe | Publish | Forget | Ping | Latest
 ServerEvent = (
     Welcome | SubAck | UnsubAck | PubAck | Forgot | Pong | Delivery | Dropped | GapNotice | Error
+    | LatestAck
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Ping, Latest,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
     Welcome, SubAck, UnsubAck, PubAck, Forgot, Pong, Delivery, Dropped, GapNotice, Error,
+    LatestAck,
 )
