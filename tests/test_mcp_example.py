@@ -8,6 +8,8 @@ result."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,7 +46,8 @@ def example_client() -> ModuleType:
 def _start(port: int, broker_url: str) -> subprocess.Popen[bytes]:
     """One examples/mcp/server.py instance, its output in a temporary file (read on failure)."""
     return subprocess.Popen(
-        [sys.executable, str(EXAMPLE / "server.py"), "--port", str(port), "--broker", broker_url],
+        [sys.executable, str(EXAMPLE / "server.py")],
+        env={**os.environ, "PORT": str(port), "MQBROKER_URL": broker_url},
         stdout=tempfile.TemporaryFile(), stderr=subprocess.STDOUT)
 
 
@@ -120,3 +123,19 @@ async def test_a_cut_call_resumes_on_the_other_instance_with_no_loss_and_no_dupl
                 assert outcome.resumes == 1, cut_after
                 assert outcome.ticks == expected, cut_after
                 assert outcome.result == f"counted to {TICKS}", cut_after
+
+
+def test_the_recipe_in_docs_mcp_md_is_the_example_and_adds_fewer_than_10_lines() -> None:
+    """docs/mcp.md's recipe is the example the test above runs: each line it marks `# +` (the
+    lines added to a plain MCPServer) is in examples/mcp/server.py, and there are fewer than 10;
+    the example marks the same lines. README.md shows the same recipe."""
+    docs = (EXAMPLE.parent.parent / "docs" / "mcp.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- recipe: examples/mcp/server.py -->\n```python\n(.*?)```", docs,
+                      re.DOTALL)
+    assert block is not None, "docs/mcp.md lost its recipe block"
+    added = [line for line in block[1].splitlines() if line.endswith("# +")]
+    example = (EXAMPLE / "server.py").read_text(encoding="utf-8").splitlines()
+    assert 0 < len(added) < 10
+    assert added == [line for line in example if line.endswith("# +")]
+    readme = (EXAMPLE.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert all(line in readme for line in added)

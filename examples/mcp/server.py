@@ -3,16 +3,15 @@
 Run two of them beside one broker, and a client cut mid-call resumes on either:
 
     mqbroker serve &
-    python examples/mcp/server.py --port 8001 &
-    python examples/mcp/server.py --port 8002 &
+    PORT=8001 python examples/mcp/server.py &
+    PORT=8002 python examples/mcp/server.py &
 
-The lines marked `# +` are all it takes on top of a plain MCPServer.
+The lines marked `# +` are all it takes on top of a plain MCPServer (MQBROKER_URL: the broker,
+by default ws://127.0.0.1:7878/).
 """
 
-from __future__ import annotations
-
-import argparse
 import asyncio
+import os
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
@@ -32,14 +31,8 @@ async def count(ctx: Context, n: int, delay: float = 0.0) -> str:
     return f"counted to {n}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--broker", default="ws://127.0.0.1:7878/")
-    args = parser.parse_args()
-    app = resumable(mcp, args.broker)  # +
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
-
+app = resumable(mcp, os.environ.get("MQBROKER_URL", "ws://127.0.0.1:7878/"))  # +
 
 if __name__ == "__main__":
-    main()
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8001")),
+                log_level="warning")
