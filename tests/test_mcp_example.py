@@ -139,3 +139,39 @@ def test_the_recipe_in_docs_mcp_md_is_the_example_and_adds_fewer_than_10_lines()
     assert added == [line for line in example if line.endswith("# +")]
     readme = (EXAMPLE.parent.parent / "README.md").read_text(encoding="utf-8")
     assert all(line in readme for line in added)
+
+
+async def test_hostile_resumes_are_refused_or_answered_with_a_gap_and_harm_nobody() -> None:
+    """Resumes an attacker can send to the resume route: another session's event id (404, as
+    the SDK answers an unknown session), a forged anchor or sequence (the gap error, not a
+    crash), garbage ids (left to the SDK), a huge header. The servers keep serving calls."""
+    import httpx2
+
+    from mqbroker.mcp import GAP_ERROR_CODE, EventRef
+
+    client = example_client()
+    async with broker_of("memory") as broker_url, mcp_servers(broker_url) as (first, second):
+
+        async def attack() -> list[tuple[int, str]]:
+            answers = []
+            victim = EventRef("victim-session", "1", 3, None).encode()
+            forged = EventRef("s1", "1", 2, "zz-not-an-id").encode()
+            cases = [("someone-else", victim), ("s1", forged), ("s1", "garbage"),
+                     ("s1", "a" * 60_000), ("s1", EventRef("s1", "1", 10**18, "0-0").encode())]
+            async with httpx2.AsyncClient(timeout=10) as http:
+                for session, last in cases:
+                    response = await http.get(second, headers={
+                        "accept": "text/event-stream", "mcp-session-id": session,
+                        "last-event-id": last, "mcp-protocol-version": "2025-11-25"})
+                    answers.append((response.status_code, response.text[:400]))
+            return answers
+
+        with trio.fail_after(60):
+            answers = await trio.to_thread.run_sync(anyio.run, attack)
+            outcome = await trio.to_thread.run_sync(anyio.run, partial(
+                client.call_cut, first, second, cut_after=2, n=TICKS))
+        assert answers[0][0] == 404  # another session's id: as the SDK answers
+        assert answers[1][0] == 200 and str(GAP_ERROR_CODE) in answers[1][1]
+        assert answers[2][0] == 404 and answers[3][0] in (404, 431)  # the SDK's: no session s1
+        assert answers[4][0] == 200 and str(GAP_ERROR_CODE) in answers[4][1]
+        assert outcome.ticks == [f"tick {i}" for i in range(1, TICKS + 1)]
