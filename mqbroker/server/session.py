@@ -44,6 +44,7 @@ from mqbroker.protocol import (
     Forget,
     Frame,
     HandshakeFailed,
+    Latest,
     Ping,
     Pong,
     Publish,
@@ -698,27 +699,29 @@ class Session:
         if allowed:
             await self._publish_run(allowed)
 
-    def _may(self, event: Subscribe | Unsubscribe | Forget) -> bool:
+    def _may(self, event: Subscribe | Unsubscribe | Forget | Latest) -> bool:
         """Whether the principal may make this request; answers `forbidden` when not."""
         if isinstance(event, Unsubscribe):
             return True  # only ever the session's own subscriptions
+        target = event.topic if isinstance(event, Latest) else event.filter
         try:
-            validate_filter(event.filter, self.broker.topic_limits)
+            validate_filter(target, self.broker.topic_limits)
         except InvalidTopic:
             return True  # the broker answers invalid_filter, as it would without [auth]
         needed = self._rights(event)
         for operation in needed:
-            if not self.permissions.allows_filter(operation, event.filter):
-                self.reply(_forbidden(event, event.filter, operation))
-                self._forbade(operation, event.filter)
+            if not self.permissions.allows_filter(operation, target):
+                self.reply(_forbidden(event, target, operation))
+                self._forbade(operation, target)
                 return False
         return True
 
     @staticmethod
-    def _rights(event: Subscribe | Forget) -> Sequence[Operation]:
+    def _rights(event: Subscribe | Forget | Latest) -> Sequence[Operation]:
         if type(event) is Forget:
             return (Operation.FORGET,)
-        if type(event) is Subscribe and event.since is not None:
+        # `latest` tells a position to resume from: it needs what a resume needs.
+        if type(event) is Latest or (type(event) is Subscribe and event.since is not None):
             return (Operation.SUBSCRIBE, Operation.REPLAY)
         return (Operation.SUBSCRIBE,)
 
@@ -758,7 +761,8 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh | Latest
+                       | SessionRequest) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -787,13 +791,13 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh
-                  ) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh | Latest
+                  | SessionRequest) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
 
-def _forbidden(event: Publish | Subscribe | Forget, topic: str,
+def _forbidden(event: Publish | Subscribe | Forget | Latest, topic: str,
                operation: Operation = Operation.PUBLISH) -> Error:
     return Error(code=ErrorCode.FORBIDDEN,
                  message=f"not allowed: {operation.value} on {topic!r}: not done",
