@@ -34,6 +34,8 @@ from mqbroker.protocol import (
     Forget,
     Forgot,
     GapNotice,
+    Latest,
+    LatestAck,
     Presence,
     Present,
     PubAck,
@@ -265,6 +267,8 @@ class Broker:
             await self.unsubscribe(session, event)
         elif isinstance(event, Forget):
             await self.forget(session, event)
+        elif isinstance(event, Latest):
+            await self.latest(session, event)
         elif isinstance(event, Presence):
             await self.presence_query(session, event)
         else:  # the codec only yields the events above, publishes and pings
@@ -486,9 +490,12 @@ class Broker:
         once live, False when the session was let go or unsubscribed meanwhile."""
         replay = await self._read_history(event.filter, switch.since)
         gap = replay.gap.value if replay.gap is not None else None
-        session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap))
+        replayed = list(switch.replayed(EncodedMessage(m) for m in replay.messages))
+        # `last` is the replay boundary: a client can tell where the replay ends, no timeout.
+        last = replayed[-1].message.event_id if replayed else None
+        session.reply(SubAck(id=event.id, recovered=replay.recovered, reason=gap, last=last))
         session.flush()
-        for message in switch.replayed(EncodedMessage(m) for m in replay.messages):
+        for message in replayed:
             if not await self._replay_one(session, event.id, switch, message):
                 return False
         # What arrived live meanwhile, after the last position replayed. The last `next_live`
@@ -592,6 +599,25 @@ class Broker:
             return
         session.reply(Forgot(id=event.id, topics=count))
 
+    async def latest(self, session: Session, event: Latest) -> None:
+        """Answer the event id of the topic's newest retained message (none when the topic
+        is not recorded)."""
+        try:
+            validate_topic(event.topic, self.topic_limits)
+        except InvalidTopic as e:
+            session.reply(_error(ErrorCode.INVALID_TOPIC, str(e), event))
+            return
+        if not self.recorded.matches_any(event.topic):
+            session.reply(LatestAck(id=event.id))
+            return
+        try:
+            position = await self.history.latest(event.topic)
+        except HistoryUnavailable as e:
+            session.reply(_error(ErrorCode.UNAVAILABLE, f"latest failed: {e}", event))
+            return
+        session.reply(LatestAck(id=event.id,
+                                event=position.event_id if position is not None else None))
+
     async def presence_query(self, session: Session, event: Presence) -> None:
         """Answer `presence` with the entries of the application session, from every
         instance (authorization is the session's: mqbroker.server.session)."""
@@ -640,7 +666,7 @@ class Broker:
 
 
 def _error(code: ErrorCode, message: str,
-           event: Publish | Subscribe | Unsubscribe | Forget | Presence) -> Error:
+           event: Publish | Subscribe | Unsubscribe | Forget | Latest | Presence) -> Error:
     return Error(code=code, message=message, id=event.id, ref=event.OP)
 
 

@@ -212,7 +212,7 @@ class LimitsConfig:
     publish_messages_burst: float = field(default=0.0, validator=_BURST)
     publish_bytes_per_second: float = field(default=0.0, validator=_RATE)
     publish_bytes_burst: float = field(default=0.0, validator=_BURST)
-    #: subscribe, unsubscribe and forget.
+    #: subscribe, unsubscribe, forget and latest.
     requests_per_second: float = field(default=0.0, validator=_RATE)
     requests_burst: float = field(default=0.0, validator=_BURST)
     #: A session refused this many times within violation_window is closed with 4029.

@@ -58,6 +58,9 @@ class HistoryStore(Protocol):
       evicting the least recently appended topics first. Evictions are counted in `stats`.
     - `forget(filter)` drops every recorded topic the filter matches and returns how many.
       A later read of such a topic from an old position reports `Gap.TRIMMED`.
+    - `latest(topic)` is the position of the topic's newest retained message (within the
+      bounds, as `read` would return it), or None when none is retained (never recorded,
+      evicted, expired or forgotten). A read from it returns no message and no gap.
     - Methods may raise `HistoryUnavailable`; they never raise backend-specific errors.
     - `stats()`: running totals, except the levels a class names in an optional
       `STAT_GAUGES: ClassVar[frozenset[str]]` (see `Fanout`).
@@ -68,6 +71,8 @@ class HistoryStore(Protocol):
     async def read(self, topic: str, since: Position) -> Replay: ...
 
     async def forget(self, filter: str) -> int: ...
+
+    async def latest(self, topic: str) -> Position | None: ...
 
     def stats(self) -> Mapping[str, int]: ...
 

@@ -187,6 +187,11 @@ class BoundedHistory:
         gap = Gap.TRIMMED if since.offset < retained.floor else None
         return Replay(messages=retained.after(since.offset), gap=gap)
 
+    def latest(self, topic: str, now: float) -> Position | None:
+        """The position of `topic`'s newest retained message; see `HistoryStore.latest`."""
+        retained = self._expire_messages(topic, now)
+        return retained.messages[-1].position if retained else None
+
     def forget(self, filter: str) -> int:
         """Drop every retained topic `filter` matches; returns how many."""
         if is_wildcard(filter):
@@ -334,6 +339,10 @@ class MemoryHistory:
     async def forget(self, filter: str) -> int:
         await trio.lowlevel.checkpoint()
         return self.store.forget(filter)
+
+    async def latest(self, topic: str) -> Position | None:
+        await trio.lowlevel.checkpoint()
+        return self.store.latest(topic, trio.current_time())
 
     #: The stats that are levels (gauges), not totals.
     STAT_GAUGES: ClassVar[frozenset[str]] = frozenset({"topics", "messages", "bytes", "tombstones"})

@@ -21,12 +21,14 @@ async def test_resume_after_forget(broker: RunningBroker) -> None:
         await session.send(Forget(id=10, filter="mcp/broadcast/#"))
         assert await session.next_event() == Forgot(id=10, topics=1)
         await session.send(Publish(topic=TOPIC, payload="after", id=11))
-        assert isinstance(await session.next_event(), PubAck)
+        after = await session.next_event()
+        assert isinstance(after, PubAck)
 
         await session.send(Subscribe(id=1, filter=TOPIC, since=events[1]))
-        assert await session.next_event() == SubAck(id=1, recovered=True)
+        assert await session.next_event() == SubAck(id=1, recovered=True, last=after.event)
         replayed = await session.next_event()
         assert isinstance(replayed, Delivery) and replayed.payload == "after"
 
         await session.send(Subscribe(id=2, filter=TOPIC, since=events[0]))
-        assert await session.next_event() == SubAck(id=2, recovered=False, reason="trimmed")
+        assert await session.next_event() == SubAck(id=2, recovered=False, reason="trimmed",
+                                                    last=after.event)

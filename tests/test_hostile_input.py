@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import msgpack
 import pytest
 import trio
@@ -142,7 +143,8 @@ async def test_a_poisoned_payload_is_refused_and_never_reaches_a_history(
             for fmt in Format:
                 async with raw_session(broker.url, fmt=fmt) as resumer:
                     await resumer.send(Subscribe(id=2, filter=TOPIC, since=first.event))
-                    assert await resumer.next_event() == SubAck(id=2, recovered=True)
+                    suback = await resumer.next_event()
+                    assert attrs.evolve(suback, last=None) == SubAck(id=2, recovered=True)
                     replayed = [(await next_delivery(resumer)).payload for _ in good[1:]]
                     assert replayed == good[1:]
                     assert await answered(resumer, 3) == []
@@ -468,7 +470,8 @@ async def test_generated_payloads_through_a_broker(broker: RunningBroker) -> Non
             for fmt in Format:
                 async with raw_session(broker.url, fmt=fmt) as resumer:
                     await resumer.send(Subscribe(id=2, filter=GENERATED, since=start.event))
-                    assert await resumer.next_event() == SubAck(id=2, recovered=True)
+                    suback = await resumer.next_event()
+                    assert attrs.evolve(suback, last=None) == SubAck(id=2, recovered=True)
                     replayed = [(await next_delivery(resumer)).payload for _ in accepted]
                     assert replayed == accepted
                     assert await answered(resumer, 3) == []

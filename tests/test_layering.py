@@ -15,7 +15,7 @@ PURE = [
     "ratelimit.py",
     "plugins.py", "protocol/events.py", "protocol/codec.py", "protocol/connection.py",
     "protocol/__init__.py", "protocol/websocket.py", "client/core.py", "client/errors.py",
-    "resume.py", "redact.py", "registry.py", "sessions.py", "presence.py",
+    "resume.py", "redact.py", "registry.py", "sessions.py", "mcp/ids.py", "presence.py",
 ]
 FORBIDDEN = ("trio", "trio_websocket", "wsproto", "redis", "structlog", "asyncio",
              "mqbroker.server", "mqbroker.broker", "mqbroker.daemon", "mqbroker_plugins")

@@ -42,6 +42,9 @@ class CountedHistory:
     async def forget(self, filter: str) -> int:
         return await self.store.forget(filter)
 
+    async def latest(self, topic: str) -> Position | None:
+        return await self.store.latest(topic)
+
     def stats(self) -> Mapping[str, int]:
         return self.store.stats()
 
@@ -57,6 +60,9 @@ class UnreachableHistory:
         raise HistoryUnavailable("connection refused")
 
     async def forget(self, filter: str) -> int:
+        raise HistoryUnavailable("connection refused")
+
+    async def latest(self, topic: str) -> Position | None:
         raise HistoryUnavailable("connection refused")
 
     def stats(self) -> Mapping[str, int]:

@@ -51,7 +51,12 @@ from mqbroker.client.errors import (
     ConnectionLost,
     CredentialError,
 )
-from mqbroker.client.operations import CredentialProvider, Operations, split_credential
+from mqbroker.client.operations import (
+    CredentialProvider,
+    Operations,
+    SubscriptionItems,
+    split_credential,
+)
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 
 #: Frames from the broker may exceed its max_frame_bytes by a message's envelope.
@@ -103,7 +108,7 @@ class _Waiter:
 
 
 @define(eq=False)
-class Subscription:
+class Subscription(SubscriptionItems):
     """An async iterator of `Message` (and `Gap`) items for one filter."""
 
     id: int
@@ -113,19 +118,11 @@ class Subscription:
     #: The suback: `recovered` tells whether a `since` replay was complete.
     ack: SubAck | None = None
 
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message | Gap:
+    async def _receive(self) -> StreamItem | None:
         try:
-            item = await self._items.receive()
+            return await self._items.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._client.failure is not None:
-                raise self._client.failure from None
-            raise StopAsyncIteration from None
-        if isinstance(item, BrokerError):
-            raise item
-        return item
+            return None
 
     @property
     def last_event_id(self) -> str | None:

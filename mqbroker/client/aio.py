@@ -67,7 +67,12 @@ from mqbroker.client.errors import (
     Unavailable,
     VersionConflict,
 )
-from mqbroker.client.operations import CredentialProvider, Operations, split_credential
+from mqbroker.client.operations import (
+    CredentialProvider,
+    Operations,
+    SubscriptionItems,
+    split_credential,
+)
 from mqbroker.protocol import ClientEvent, Format, HandshakeFailed, Ping, Publish, SubAck
 from mqbroker.sessions import SessionRecord
 
@@ -115,7 +120,7 @@ class _Stream:
 
 
 @define(eq=False)
-class Subscription:
+class Subscription(SubscriptionItems):
     """An async iterator of `Message` (and `Gap`) items for one filter."""
 
     id: int
@@ -125,18 +130,8 @@ class Subscription:
     #: The suback: `recovered` tells whether a `since` replay was complete.
     ack: SubAck | None = None
 
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message | Gap:
-        item = await self._items.get()
-        if item is None:
-            if self._client.failure is not None:
-                raise self._client.failure
-            raise StopAsyncIteration
-        if isinstance(item, BrokerError):
-            raise item
-        return item
+    async def _receive(self) -> StreamItem | None:
+        return await self._items.get()
 
     @property
     def last_event_id(self) -> str | None:

@@ -35,6 +35,8 @@ from mqbroker.protocol import (
     Format,
     Frame,
     GapNotice,
+    Latest,
+    LatestAck,
     Presence,
     Present,
     PubAck,
@@ -86,8 +88,15 @@ class Gap:
     count: int | None = None
 
 
-#: What a subscription's stream yields; a BrokerError item ends the stream by being raised.
-StreamItem = Message | Gap | BrokerError
+@frozen
+class Live:
+    """The replay boundary in a subscription's stream (made with `since`): every item before
+    it was replayed, every message after it is live. Iterating a subscription skips it;
+    `subscription.replay()` stops at it."""
+
+
+#: What a subscription's stream holds; a BrokerError item ends the stream by being raised.
+StreamItem = Message | Gap | Live | BrokerError
 
 
 # --- what `receive` reports -------------------------------------------------------------------
@@ -132,7 +141,8 @@ class Send:
 Outcome = Resolved | Failed | Deliver | Unsolicited | Send
 
 #: The requests the broker answers, by (op, id), and which a caller may withdraw.
-_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh, *SESSION_REQUESTS, Presence)
+_REQUESTS = (Publish, Subscribe, Unsubscribe, Forget, Refresh, Latest, *SESSION_REQUESTS,
+             Presence)
 #: Registry changes that are not resent after a reconnect: carried out twice, they would
 #: create a second session (or fail as not found, or on a version): they fail OutcomeUnknown.
 _NOT_RESENT = (SessionCreate, SessionUpdate, SessionDelete)
@@ -158,6 +168,10 @@ class _Subscription:
     since: str | None
     #: Established on a connection at least once (so a reconnect may have lost messages).
     established: bool = False
+    #: Past the replay boundary (the `Live` marker was put on the stream); True without `since`.
+    live: bool = False
+    #: The last message of the replay, as the latest suback named it (None: not known yet).
+    boundary: str | None = None
 
 
 @define
@@ -374,7 +388,8 @@ class ClientCore:
 
     def subscribe(self, filter: str, since: str | None = None) -> Subscribe:
         event = Subscribe(id=next(self._ids), filter=filter, since=since)
-        self.subscriptions[event.id] = _Subscription(filter=filter, since=since)
+        self.subscriptions[event.id] = _Subscription(filter=filter, since=since,
+                                                     live=since is None)
         self.pending[("subscribe", event.id)] = event
         return event
 
@@ -426,6 +441,11 @@ class ClientCore:
         self.pending[("presence", event.id)] = event
         return event
 
+    def latest(self, topic: str) -> Latest:
+        event = Latest(id=next(self._ids), topic=topic)
+        self.pending[("latest", event.id)] = event
+        return event
+
     def refresh(self, auth: str) -> Refresh:
         """Replace the session's credential with `auth` (answered with the new ttl)."""
         self.auth = auth
@@ -461,6 +481,8 @@ class ClientCore:
             return self._settle((item.ref, item.id), item)
         if isinstance(item, Ended):
             return self._ended(item)
+        if isinstance(item, LatestAck):
+            return self._settle(("latest", item.id), item.event)
         if isinstance(item, Error):
             return self._failed(item)
         if isinstance(item, Dropped):
@@ -484,6 +506,9 @@ class ClientCore:
             if sub is not None:
                 sub.since = item.event
                 outcomes.append(Deliver(sub_id, message))
+                if not sub.live and sub.boundary == item.event:
+                    sub.live = True
+                    outcomes.append(Deliver(sub_id, Live()))
         return outcomes
 
     def _ended(self, item: Ended) -> list[Outcome]:
@@ -518,6 +543,12 @@ class ClientCore:
         elif item.recovered is False:
             outcomes.append(Deliver(item.id, Gap(reason=item.reason or "unknown")))
         sub.established = True
+        if not sub.live:
+            # A resubscription during the replay moves the boundary to its own replay's end.
+            sub.boundary = item.last
+            if item.last is None:
+                sub.live = True
+                outcomes.append(Deliver(item.id, Live()))
         return outcomes + self._settle(("subscribe", item.id), item)
 
     def _present(self, item: Present) -> list[Outcome]:

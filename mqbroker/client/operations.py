@@ -19,7 +19,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from mqbroker.client.core import ClientCore, refresh_delay
+from mqbroker.client.core import ClientCore, Gap, Live, Message, StreamItem, refresh_delay
 from mqbroker.client.errors import (
     BrokerError,
     ClientClosed,
@@ -58,6 +58,47 @@ def split_credential(auth: str | CredentialProvider | None
     if not callable(auth):
         raise TypeError(f"auth must be a string or an async callable, not {type(auth).__name__}")
     return None, auth
+
+
+class SubscriptionItems:
+    """A subscription's iteration, the same for both drivers: `async for` yields every
+    `Message` and `Gap`; `replay()` yields those of a `since` replay and stops at its end."""
+
+    _client: Any
+
+    async def _receive(self) -> StreamItem | None:
+        """The stream's next item; None once it has ended (the driver's primitive)."""
+        raise NotImplementedError
+
+    def __aiter__(self) -> SubscriptionItems:
+        return self
+
+    async def __anext__(self) -> Message | Gap:
+        while True:
+            item = await self._next_item()
+            if type(item) is not Live:
+                return item  # type: ignore[return-value]
+
+    async def replay(self) -> AsyncIterator[Message | Gap]:
+        """The items of the replay that `subscribe(..., since=...)` asked for (a `Gap` first
+        when it is incomplete), then stop: the broker's suback names the replay's last message,
+        so no timeout is involved. Live messages stay on the subscription for `async for`.
+        Without `since` there is nothing to replay. Call it once, before iterating."""
+        ack: SubAck | None = getattr(self, "ack", None)
+        if ack is None or ack.recovered is None:
+            return  # subscribed without `since`: no replay, no boundary on the stream
+        while type(item := await self._next_item()) is not Live:
+            yield item  # type: ignore[misc]
+
+    async def _next_item(self) -> Message | Gap | Live:
+        item = await self._receive()
+        if item is None:
+            if self._client.failure is not None:
+                raise self._client.failure
+            raise StopAsyncIteration
+        if isinstance(item, BrokerError):
+            raise item
+        return item
 
 
 class _Stream(Protocol):
@@ -238,6 +279,14 @@ class Operations(Generic[SubscriptionT]):
         except BaseException:
             self.core.withdraw(key)
             raise
+
+    async def latest(self, topic: str) -> str | None:
+        """The event id of `topic`'s newest recorded message (None when the broker's history
+        retains none): a position to `subscribe(topic, since=...)` from."""
+        self._check_usable()
+        event = self.core.latest(topic)
+        result: str | None = await self._withdrawable(("latest", event.id), event)
+        return result
 
     # --- the session registry (docs/sessions.md) ---------------------------------------------
 

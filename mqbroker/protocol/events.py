@@ -30,6 +30,8 @@ __all__ = [
     "Forgot",
     "GapNotice",
     "Hello",
+    "Latest",
+    "LatestAck",
     "Payload",
     "Ping",
     "Pong",
@@ -267,6 +269,15 @@ SESSION_REQUESTS: tuple[type[SessionRequest], ...] = (
 )
 
 
+@frozen(kw_only=True)
+class Latest:
+    """Ask for the event id of a topic's newest recorded message."""
+
+    OP: ClassVar[str] = "latest"
+    id: int
+    topic: str
+
+
 # --- server to client -------------------------------------------------------------------------
 
 
@@ -294,6 +305,9 @@ class SubAck:
     #: Set when the subscribe asked for `since`: False means a gap, and `reason` says why.
     recovered: bool | None = None
     reason: str | None = None
+    #: With `since`: the event id of the last replayed message (the replay follows the suback),
+    #: absent when nothing is replayed. Live messages begin after it (the replay boundary).
+    last: str | None = None
 
 
 @frozen(kw_only=True)
@@ -333,6 +347,14 @@ class Refreshed:
     id: int
     #: As in `welcome`: seconds until the session must refresh again; absent: never.
     ttl: float | None = None
+
+
+@frozen(kw_only=True)
+class LatestAck:
+    OP: ClassVar[str] = "latestack"
+    id: int
+    #: The newest retained message's event id; absent when the history retains none.
+    event: str | None = None
 
 
 @frozen(kw_only=True)
@@ -414,20 +436,21 @@ class Ended:
 
 
 ClientEvent = (
-    Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping
+    Hello | Subscribe | Unsubscribe | Publish | Forget | Refresh | Ping | Latest
     | SessionCreate | SessionGet | SessionTouch | SessionUpdate | SessionDelete | SessionList
     | Presence
 )
 ServerEvent = (
     Welcome | SubAck | UnsubAck | PubAck | Forgot | Refreshed | Pong | Delivery | Dropped
-    | GapNotice | Error | SessionReply | Ended | Present
+    | GapNotice | Error | SessionReply | Ended | LatestAck | Present
 )
 Event = ClientEvent | ServerEvent
 
 CLIENT_EVENTS: tuple[type[ClientEvent], ...] = (
-    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping, *SESSION_REQUESTS, Presence,
+    Hello, Subscribe, Unsubscribe, Publish, Forget, Refresh, Ping, Latest, *SESSION_REQUESTS,
+    Presence,
 )
 SERVER_EVENTS: tuple[type[ServerEvent], ...] = (
     Welcome, SubAck, UnsubAck, PubAck, Forgot, Refreshed, Pong, Delivery, Dropped, GapNotice,
-    Error, SessionReply, Ended, Present,
+    Error, SessionReply, Ended, LatestAck, Present,
 )

@@ -44,6 +44,7 @@ from mqbroker.protocol import (
     Forget,
     Frame,
     HandshakeFailed,
+    Latest,
     Ping,
     Pong,
     Presence,
@@ -712,21 +713,22 @@ class Session:
         if allowed:
             await self._publish_run(allowed)
 
-    def _may(self, event: Subscribe | Unsubscribe | Forget | Presence) -> bool:
+    def _may(self, event: Subscribe | Unsubscribe | Forget | Latest | Presence) -> bool:
         """Whether the principal may make this request; answers `forbidden` when not."""
         if isinstance(event, Unsubscribe):
             return True  # only ever the session's own subscriptions
         if isinstance(event, Presence):
             return self._may_see_presence(event)
+        target = event.topic if isinstance(event, Latest) else event.filter
         try:
-            validate_filter(event.filter, self.broker.topic_limits)
+            validate_filter(target, self.broker.topic_limits)
         except InvalidTopic:
             return True  # the broker answers invalid_filter, as it would without [auth]
         needed = self._rights(event)
         for operation in needed:
-            if not self.permissions.allows_filter(operation, event.filter):
-                self.reply(_forbidden(event, event.filter, operation))
-                self._forbade(operation, event.filter)
+            if not self.permissions.allows_filter(operation, target):
+                self.reply(_forbidden(event, target, operation))
+                self._forbade(operation, target)
                 return False
         return True
 
@@ -745,10 +747,11 @@ class Session:
         return False
 
     @staticmethod
-    def _rights(event: Subscribe | Forget) -> Sequence[Operation]:
+    def _rights(event: Subscribe | Forget | Latest) -> Sequence[Operation]:
         if type(event) is Forget:
             return (Operation.FORGET,)
-        if type(event) is Subscribe and event.since is not None:
+        # `latest` tells a position to resume from: it needs what a resume needs.
+        if type(event) is Latest or (type(event) is Subscribe and event.since is not None):
             return (Operation.SUBSCRIBE, Operation.REPLAY)
         return (Operation.SUBSCRIBE,)
 
@@ -788,8 +791,8 @@ class Session:
             self._refused(over, now)
         return admitted
 
-    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh | Presence
-                       ) -> bool:
+    def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh | Latest
+                       | SessionRequest | Presence) -> bool:
         limits = self._limits
         assert limits is not None
         if self.closing is not None:
@@ -818,13 +821,13 @@ class Session:
             self.close_soon(CloseCode.RATE_LIMITED, "rate limited")
 
 
-def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh
-                  | Presence) -> Error:
+def _rate_limited(limit: str, event: Publish | Subscribe | Unsubscribe | Forget | Refresh | Latest
+                  | SessionRequest | Presence) -> Error:
     return Error(code=ErrorCode.RATE_LIMITED, message=f"over the rate limit {limit}: not done",
                  id=event.id, ref=event.OP)
 
 
-def _forbidden(event: Publish | Subscribe | Forget | Presence, topic: str,
+def _forbidden(event: Publish | Subscribe | Forget | Latest | Presence, topic: str,
                operation: Operation = Operation.PUBLISH) -> Error:
     return Error(code=ErrorCode.FORBIDDEN,
                  message=f"not allowed: {operation.value} on {topic!r}: not done",

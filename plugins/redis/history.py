@@ -28,6 +28,8 @@ from .scripts import (
     Outbound,
     PublishCall,
     StreamBounds,
+    latest_args,
+    latest_of,
     read_args,
     replay_of,
 )
@@ -91,6 +93,10 @@ class RedisHistory:
         reply = await self.bridge.script("read", read_args(self.layout, topic, since))
         self._reads += 1
         return replay_of(reply, since, self.bounds)
+
+    async def latest(self, topic: str) -> Position | None:
+        reply = await self.bridge.script("latest", latest_args(self.layout, topic))
+        return latest_of(reply, self.bounds)
 
     async def forget(self, filter: str) -> int:
         """Drop the streams `filter` matches; their offset counters stay, so that a read

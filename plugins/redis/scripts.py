@@ -37,6 +37,7 @@ Arg = bytes | str | int | float
 ScriptName = Literal[
     "publish",
     "read",
+    "latest",
     # The session registry's (registry_scripts.py).
     "session_create",
     "session_get",
@@ -200,7 +201,19 @@ return {epoch, redis.call('GET', prefix .. 'o:' .. topic),
         redis.call('XRANGE', prefix .. 's:' .. topic, start, '+'), clock[1], clock[2]}
 """
 
-SCRIPTS: dict[ScriptName, str] = {"publish": PUBLISH_LUA, "read": READ_LUA}
+# The newest entry of a topic's stream, with the epoch it belongs to and Redis' clock (its age
+# is judged against max_age as a read would).
+LATEST_LUA = r"""
+local prefix, candidate, topic = ARGV[1], ARGV[2], ARGV[3]
+local key = prefix .. 'epoch'
+redis.call('SET', key, candidate, 'NX')
+local clock = redis.call('TIME')
+local newest = redis.call('XREVRANGE', prefix .. 's:' .. topic, '+', '-', 'COUNT', 1)
+return {redis.call('GET', key), newest, clock[1], clock[2]}
+"""
+
+SCRIPTS: dict[ScriptName, str] = {"publish": PUBLISH_LUA, "read": READ_LUA,
+                                  "latest": LATEST_LUA}
 
 #: The largest offset a stream id can hold (ids are `0-<offset>`, two unsigned 64-bit parts).
 MAX_OFFSET = 2**64 - 1
@@ -444,6 +457,24 @@ def replay_of(reply: Any, since: Position | None, bounds: StreamBounds) -> Repla
         if offset > oldest_offset and now_ms - int(fields[b"t"]) <= bounds.max_age_ms
     ]
     return Replay(messages=messages, gap=_gap(epoch, last, messages, since))
+
+
+def latest_args(layout: KeyLayout, topic: str) -> list[Arg]:
+    """Arguments of LATEST_LUA."""
+    return [layout.prefix, new_epoch(), topic]
+
+
+def latest_of(reply: Any, bounds: StreamBounds) -> Position | None:
+    """The position LATEST_LUA's reply names: None when the stream is empty, or its newest
+    entry is past max_age (a read would not return it either)."""
+    epoch_bytes, entries, seconds, micros = reply
+    if not entries:
+        return None
+    offset, fields = _entry(entries[0])
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    if now_ms - int(fields[b"t"]) > bounds.max_age_ms:
+        return None
+    return Position(epoch_bytes.decode(), offset)
 
 
 def _entry(entry: Sequence[Any]) -> tuple[int, dict[bytes, bytes]]:

@@ -143,6 +143,9 @@ class ShardedHistory:
     async def read(self, topic: str, since: Position) -> Replay:
         return await self.shard_for(topic).read(topic, since)
 
+    async def latest(self, topic: str) -> Position | None:
+        return await self.shard_for(topic).latest(topic)
+
     async def forget(self, filter: str) -> int:
         if not is_wildcard(filter):
             return await self.shard_for(filter).forget(filter)

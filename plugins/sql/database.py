@@ -5,8 +5,14 @@ Neither driver runs on trio (psycopg's async API is asyncio's), so each store ca
 to a worker thread (`trio.to_thread.run_sync`, as the Redis bridge does) that takes a pooled
 connection, runs the call's work in one transaction and gives the connection back. A pool of
 `pool_size` connections and a CapacityLimiter of the same size keep one connection per thread.
-Every call is bounded by `timeout`: past it the caller gets StoreUnavailable and the thread,
-abandoned, closes its connection when it ends.
+Every call is bounded by `timeout`, by the database itself (SQLite's busy timeout,
+PostgreSQL's statement and lock timeouts), which rolls the transaction back: the caller gets
+StoreUnavailable and nothing was done. A trio deadline of `timeout` plus `BACKSTOP` seconds
+guards against a driver that never returns (a server that stopped answering): the caller gets
+StoreUnavailable then too and the thread, abandoned, closes its connection when it ends; such
+a call may still complete later, which is why the backstop comes after the database's own
+bound rather than at the same moment (a lock released just after the deadline would otherwise
+let an abandoned change go through after its caller was told it failed).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from mqbroker.sessions import StoreUnavailable
 from .settings import SqlSettings, dialect_of, sqlite_path
 
 T = TypeVar("T")
+
+#: Seconds past `timeout` before a call is abandoned (see the module docstring).
+BACKSTOP = 1.0
 
 
 @frozen(kw_only=True)
@@ -201,8 +210,8 @@ class Database:
     async def run(self, work: Callable[[Transaction], T], *, write: bool) -> T:
         """`work` in one transaction on a worker thread: its result, or the SessionError it
         raised (the transaction rolled back). StoreUnavailable when the database fails or
-        does not answer within `timeout`."""
-        with trio.move_on_after(self._timeout):
+        does not answer within `timeout` (plus BACKSTOP, for a driver that never returns)."""
+        with trio.move_on_after(self._timeout + BACKSTOP):
             return await trio.to_thread.run_sync(
                 self._run, work, write, limiter=self._limiter, abandon_on_cancel=True
             )

@@ -176,3 +176,42 @@ async def test_stats_are_counts(backend: Backend) -> None:
         await append(store, drafts("j/t", 2))
         stats = store.stats()
     assert stats and all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items())
+
+
+async def latest(store: HistoryStore, topic: str) -> Position | None:
+    with trio.fail_after(10):
+        return await store.latest(topic)
+
+
+async def test_latest_is_the_newest_retained_position_of_the_topic(backend: Backend) -> None:
+    """latest(topic) is the position of the topic's newest message, whatever other topics do;
+    None for a topic with nothing recorded."""
+    async with backend.open_history(HistoryConfig()) as store:
+        assert await latest(store, "k/1") is None
+        first = await append(store, drafts("k/1", 3))
+        assert await latest(store, "k/1") == first[-1].position
+        mixed = await append(store, [*drafts("k/2", 2), *drafts("k/1", 1, first=3)])
+        assert await latest(store, "k/1") == mixed[-1].position
+        assert await latest(store, "k/2") == mixed[1].position
+
+
+async def test_a_read_from_latest_is_empty_and_complete(backend: Backend) -> None:
+    """latest is a position to resume from: nothing after it, no gap; later appends follow it."""
+    async with backend.open_history(HistoryConfig(max_messages=2)) as store:
+        await append(store, drafts("l/t", 5))
+        newest = await latest(store, "l/t")
+        assert newest is not None
+        assert await read(store, "l/t", newest) == ([], None)
+        later = await append(store, drafts("l/t", 1, first=5))
+        assert await read(store, "l/t", newest) == (later, None)
+
+
+async def test_latest_of_a_forgotten_topic_is_none(backend: Backend) -> None:
+    """forget drops what latest would name: a forgotten topic has no newest message."""
+    async with backend.open_history(HistoryConfig()) as store:
+        await append(store, drafts("m/t", 2))
+        with trio.fail_after(10):
+            await store.forget("m/#")
+        assert await latest(store, "m/t") is None
+        again = await append(store, drafts("m/t", 1, first=2))
+        assert await latest(store, "m/t") == again[0].position
