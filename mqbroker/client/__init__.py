@@ -18,35 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from mqbroker.client.base import Reconnect
 from mqbroker.client.core import Gap, Message
-from mqbroker.client.errors import (
-    BadEventId,
-    BrokerError,
-    ClientClosed,
-    ClientError,
-    ConnectError,
-    ConnectionLost,
-    CredentialError,
-    DuplicateSubscription,
-    Forbidden,
-    IllegalTransition,
-    InvalidFilter,
-    InvalidTopic,
-    MessageTooLarge,
-    OutcomeUnknown,
-    ProtocolViolation,
-    RateLimited,
-    RefreshUnsupported,
-    ReservedTopic,
-    SessionExists,
-    SessionNotFound,
-    SinceUnsupported,
-    SubscriptionEnded,
-    TooManySubscriptions,
-    Unauthorized,
-    Unavailable,
-    UnknownSubscription,
-    VersionConflict,
-)
+from mqbroker.client.errors import *  # noqa: F403  (every error, in both clients)
+from mqbroker.client.errors import __all__ as _errors
 from mqbroker.client.limits import Limits
 from mqbroker.client.operations import CredentialProvider
 from mqbroker.sessions import SessionPage, SessionRecord
@@ -67,12 +40,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
-    "ConnectionLost", "CredentialError", "CredentialProvider", "DuplicateSubscription",
-    "Forbidden", "Gap", "IllegalTransition", "InvalidFilter", "InvalidTopic", "Limits", "Message",
-    "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited", "Reconnect",
-    "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound", "SessionPage",
-    "SessionRecord", "SinceUnsupported", "Subscription", "SubscriptionEnded",
-    "TooManySubscriptions", "Unauthorized", "Unavailable", "UnknownSubscription",
-    "VersionConflict", "connect",
+    "Client", "CredentialProvider", "Gap", "Limits", "Message", "Reconnect", "SessionPage",
+    "SessionRecord", "Subscription", "connect", *_errors,
 ]

@@ -6,6 +6,7 @@ its own for the block's life; everything the client does is `mqbroker.client.bas
 
 from __future__ import annotations
 
+import functools
 import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,8 +26,7 @@ from trio_websocket import (
 
 from mqbroker.client.base import BaseClient, BaseSubscription, configure, connector
 from mqbroker.client.core import StreamItem
-from mqbroker.client.runtime import Channel, Target, TransportClosed
-from mqbroker.protocol import Frame
+from mqbroker.client.runtime import Channel, Target, WebSocketTransport
 
 
 @frozen
@@ -71,12 +71,15 @@ class TrioRuntime:
     @asynccontextmanager
     async def open_transport(self, target: Target, *, max_frame_bytes: int,
                              ssl_context: ssl.SSLContext | None, close_timeout: float
-                             ) -> AsyncIterator[_Transport]:
+                             ) -> AsyncIterator[WebSocketTransport]:
         try:
             async with trio.open_nursery() as connection:  # owns trio-websocket's reader task
                 ws = await _open(connection, target, ssl_context, max_frame_bytes)
                 try:
-                    yield _Transport(ws, max_frame_bytes, close_timeout)
+                    yield WebSocketTransport(
+                        ws, ConnectionClosed,
+                        functools.partial(_refused_by_broker, max_frame_bytes=max_frame_bytes),
+                        functools.partial(_close, ws, close_timeout))
                 finally:
                     # The reader finishes the close handshake by itself; give it a bounded time.
                     connection.cancel_scope.deadline = trio.current_time() + close_timeout
@@ -95,35 +98,13 @@ async def _then_cancel(task: Callable[[], Awaitable[None]], scope: trio.CancelSc
     scope.cancel()
 
 
-@define(eq=False)
-class _Transport:
-    """A trio-websocket connection as a `Transport`."""
-
-    ws: WebSocketConnection
-    max_frame_bytes: int
-    close_timeout: float
-    refused_as_too_large: bool = False
-
-    async def send(self, frame: Frame) -> None:
-        try:
-            await self.ws.send_message(frame)
-        except ConnectionClosed as e:
-            raise TransportClosed(str(e)) from e
-
-    async def receive(self) -> Frame | None:
-        try:
-            return await self.ws.get_message()
-        except ConnectionClosed as e:
-            self.refused_as_too_large = _refused_by_broker(e, self.max_frame_bytes)
-            return None
-
-    async def aclose(self, reason: str = "") -> None:
-        # When we are being cancelled from outside, the task that would read the broker's
-        # answer is going too, so the connection just drops.
-        if trio.current_effective_deadline() == -math.inf:
-            return
-        with trio.move_on_after(self.close_timeout, shield=True):
-            await self.ws.aclose(1000, reason or None)
+async def _close(ws: WebSocketConnection, within: float, reason: str) -> None:
+    """Close with the handshake, within `within` seconds; when we are being cancelled from
+    outside, the task that would read the broker's answer is going too, so it just drops."""
+    if trio.current_effective_deadline() == -math.inf:
+        return
+    with trio.move_on_after(within, shield=True):
+        await ws.aclose(1000, reason or None)
 
 
 async def _open(connection: trio.Nursery, target: Target, context: ssl.SSLContext | None,

@@ -15,6 +15,7 @@ imports neither trio nor trio-websocket.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,39 +37,11 @@ from mqbroker.client.base import (
     connector,
 )
 from mqbroker.client.core import Gap, Message, StreamItem
-from mqbroker.client.errors import (
-    BadEventId,
-    BrokerError,
-    ClientClosed,
-    ClientError,
-    ConnectError,
-    ConnectionLost,
-    CredentialError,
-    DuplicateSubscription,
-    Forbidden,
-    IllegalTransition,
-    InvalidFilter,
-    InvalidTopic,
-    MessageTooLarge,
-    OutcomeUnknown,
-    ProtocolViolation,
-    RateLimited,
-    RefreshUnsupported,
-    ReservedTopic,
-    SessionExists,
-    SessionNotFound,
-    SinceUnsupported,
-    SubscriptionEnded,
-    TooManySubscriptions,
-    Unauthorized,
-    Unavailable,
-    UnknownSubscription,
-    VersionConflict,
-)
+from mqbroker.client.errors import *  # noqa: F403  (every error, in both clients)
+from mqbroker.client.errors import __all__ as _errors
 from mqbroker.client.limits import Limits
 from mqbroker.client.operations import CredentialProvider
-from mqbroker.client.runtime import Channel, Target, TransportClosed
-from mqbroker.protocol import Frame
+from mqbroker.client.runtime import Channel, Target, WebSocketTransport
 from mqbroker.sessions import SessionPage, SessionRecord
 
 
@@ -119,43 +92,29 @@ class AsyncioRuntime:
     @asynccontextmanager
     async def open_transport(self, target: Target, *, max_frame_bytes: int,
                              ssl_context: ssl.SSLContext | None, close_timeout: float
-                             ) -> AsyncIterator[_Transport]:
+                             ) -> AsyncIterator[WebSocketTransport]:
         ws = await open_websocket(target, max_message_size=max_frame_bytes,
                                   ssl_context=ssl_context)
         try:
-            yield _Transport(ws, close_timeout)
+            yield WebSocketTransport(ws, ConnectionClosed, _refused,
+                                     functools.partial(_close, ws, close_timeout))
         except BaseException:
             ws.abort()
             raise
 
 
-@define(eq=False)
-class _Transport:
-    """A wsproto WebSocket (`_aio_ws`) as a `Transport`."""
+def _refused(closed: ConnectionClosed) -> bool:
+    """A 1009 close from the broker: a frame of ours over its limit."""
+    return closed.reason.code == MESSAGE_TOO_BIG and closed.reason.by_peer
 
-    ws: WebSocket
-    close_timeout: float
-    refused_as_too_large: bool = False
 
-    async def send(self, frame: Frame) -> None:
-        try:
-            await self.ws.send_message(frame)
-        except ConnectionClosed as e:
-            raise TransportClosed(str(e)) from e
-
-    async def receive(self) -> Frame | None:
-        try:
-            return await self.ws.get_message()
-        except ConnectionClosed as e:
-            self.refused_as_too_large = e.reason.code == MESSAGE_TOO_BIG and e.reason.by_peer
-            return None
-
-    async def aclose(self, reason: str = "") -> None:
-        try:
-            async with asyncio.timeout(self.close_timeout):
-                await self.ws.aclose(1000, reason)
-        except TimeoutError:
-            pass  # aclose dropped the socket on its way out
+async def _close(ws: WebSocket, within: float, reason: str) -> None:
+    """Close with the handshake, within `within` seconds; the socket is dropped past it."""
+    try:
+        async with asyncio.timeout(within):
+            await ws.aclose(1000, reason)
+    except TimeoutError:
+        pass  # aclose dropped the socket on its way out
 
 
 @define(eq=False)
@@ -213,12 +172,6 @@ async def _hosted(client: Client) -> AsyncIterator[Client]:
 connect = connector(configure, Client, _hosted)
 
 __all__ = [
-    "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
-    "ConnectionLost", "CredentialError", "CredentialProvider", "DuplicateSubscription",
-    "Forbidden", "Gap", "IllegalTransition", "InvalidFilter", "InvalidTopic", "Limits",
-    "Message", "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited",
-    "Reconnect", "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound",
-    "SessionPage", "SessionRecord", "SinceUnsupported", "Subscription", "SubscriptionEnded",
-    "TooManySubscriptions", "Unauthorized", "Unavailable", "UnknownSubscription",
-    "VersionConflict", "connect",
+    "Client", "CredentialProvider", "Gap", "Limits", "Message", "Reconnect", "SessionPage",
+    "SessionRecord", "Subscription", "connect", *_errors,
 ]

@@ -183,3 +183,13 @@ def error_from_event(event: Error) -> BrokerError:
     if event.code in (ErrorCode.BAD_EVENT, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_OP):
         return ProtocolViolation(event.message, code=event.code, ref=event.ref)
     return BrokerError(event.message, code=event.code, ref=event.ref)
+
+
+__all__ = [
+    "BadEventId", "BrokerError", "ClientClosed", "ClientError", "ConnectError", "ConnectionLost",
+    "CredentialError", "DuplicateSubscription", "Forbidden", "IllegalTransition", "InvalidFilter",
+    "InvalidTopic", "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited",
+    "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound", "SinceUnsupported",
+    "SubscriptionEnded", "TooManySubscriptions", "Unauthorized", "Unavailable",
+    "UnknownSubscription", "VersionConflict",
+]

@@ -94,6 +94,41 @@ class Runtime(Protocol):
         ...
 
 
+class _WebSocket(Protocol):
+    async def send_message(self, message: bytes | str) -> None: ...
+
+    async def get_message(self) -> bytes | str: ...
+
+
+@define(eq=False)
+class WebSocketTransport:
+    """A WebSocket library's connection as a `Transport`: its `send_message` and `get_message`,
+    which raise `closed` once it is closed (`refused(error)`: by a 1009 from the broker)."""
+
+    ws: _WebSocket
+    closed: type[Exception]
+    refused: Callable[[Any], bool]
+    #: Closes the connection with 1000 and a reason, within the close timeout.
+    close: Callable[[str], Awaitable[None]]
+    refused_as_too_large: bool = False
+
+    async def send(self, frame: Frame) -> None:
+        try:
+            await self.ws.send_message(frame)
+        except self.closed as e:
+            raise TransportClosed(str(e)) from e
+
+    async def receive(self) -> Frame | None:
+        try:
+            return await self.ws.get_message()
+        except self.closed as e:
+            self.refused_as_too_large = self.refused(e)
+            return None
+
+    async def aclose(self, reason: str = "") -> None:
+        await self.close(reason)
+
+
 @frozen
 class Target:
     """Where a ws:// or wss:// URL points."""
