@@ -190,7 +190,9 @@ class Subscription(BaseSubscription):
 
 @define(eq=False)
 class Client(BaseClient[Subscription]):
-    """A connection to a broker (what `connect` yields): the operations of `Operations`."""
+    """A client's session with a broker, what `connect` yields: its operations below, its
+    settings (`connect`'s arguments), `failure` (set once the client gave up on the broker)
+    and `unsolicited` (the last 100 errors that answered no request)."""
 
     runtime = TrioRuntime()
 

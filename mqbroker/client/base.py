@@ -90,6 +90,9 @@ class _NotWatched:
     def started(self) -> None:
         pass
 
+    def __repr__(self) -> str:
+        return "(nobody)"
+
 
 _NOT_WATCHED = _NotWatched()
 

@@ -75,6 +75,10 @@ class SubscriptionItems:
         return self
 
     async def __anext__(self) -> Message | Gap:
+        """The next `Message`, or `Gap` where messages may be missing, in order across
+        reconnects. Raises the BrokerError that ended the subscription (SubscriptionEnded,
+        Forbidden after a refresh, ...) or ConnectionLost once the client gave up; stops after
+        `unsubscribe()` or the client's close."""
         while True:
             item = await self._next_item()
             if type(item) is not Live:
