@@ -1,0 +1,69 @@
+"""Attacks on what issues 10, 11 and 12 added (credential refresh, the session registry,
+presence, `latest`), each against a real broker over real sockets, with a healthy session
+beside the attacker that must notice nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from mqbroker.client import Message, connect
+from mqbroker.config import Config, ServerConfig
+from mqbroker.protocol import CloseCode, Error, ErrorCode
+from mqbroker.protocol.connection import MAX_CLIENT_CHARS, HandshakeFailed
+from tests.harness import running_broker
+from tests.rawws import BINARY, CLOSE, ProtocolSession, RawWebSocket
+
+TOPIC = "mcp/session/S/message"
+PRESENCE = "mcp/session/S/presence"
+WAIT = 10
+
+
+async def _hello(port: int, client: str) -> tuple[list[Any], int | None]:
+    """Send a hello naming `client`; the events answered and the close code."""
+    session = ProtocolSession(await RawWebSocket.open_tcp(port))
+    try:
+        assert await session.ws.handshake() == 101
+        await session.ws.send_frame(BINARY, session.connection.hello(client))
+        events: list[Any] = []
+        with trio.fail_after(WAIT):
+            while True:
+                frame = await session.ws.read_frame()
+                if frame.opcode == CLOSE:
+                    return events, frame.close_code
+                try:
+                    events.extend(session.connection.receive(frame.payload))
+                except HandshakeFailed as e:
+                    events.append(e.error)
+                if events and not isinstance(events[0], Error):
+                    return events, None
+    finally:
+        session.close()
+
+
+async def test_a_huge_client_name_is_refused_at_the_hello() -> None:
+    """The hello's `client` ends up in every presence entry and event of the connection (one
+    per session it subscribes to) and in the logs: a client named with most of a frame
+    (a megabyte) could make each of its thousand joins a megabyte for every instance and every
+    presence watcher. A `client` longer than MAX_CLIENT_CHARS is refused (bad_event, 4000);
+    one of exactly that length is welcome, and a presence watcher beside it sees nothing
+    bigger."""
+    async with running_broker(Config(server=ServerConfig(port=0)), presence=True,
+                              instance_id="i1") as broker:
+        port = broker.listener.port
+        events, code = await _hello(port, "x" * 1_000_000)
+        assert code == CloseCode.HANDSHAKE_FAILED, (events, code)
+        assert isinstance(events[0], Error) and events[0].code == ErrorCode.BAD_EVENT
+        assert f"at most {MAX_CLIENT_CHARS}" in events[0].message
+        events, code = await _hello(port, "y" * (MAX_CLIENT_CHARS + 1))
+        assert code == CloseCode.HANDSHAKE_FAILED
+        async with connect(broker.url) as watcher, \
+                connect(broker.url, name="z" * MAX_CLIENT_CHARS) as longest:
+            joins = await watcher.subscribe(PRESENCE)
+            await longest.subscribe(TOPIC)
+            with trio.fail_after(WAIT):
+                join = await joins.__anext__()
+            assert isinstance(join, Message) and isinstance(join.payload, dict)
+            assert join.payload["client"] == "z" * MAX_CLIENT_CHARS
+        assert broker.broker.counters["sessions_opened"] == 2
