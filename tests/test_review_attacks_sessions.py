@@ -10,9 +10,20 @@ import trio
 
 from mqbroker.client import Message, connect
 from mqbroker.config import Config, ServerConfig
-from mqbroker.protocol import CloseCode, Error, ErrorCode
+from mqbroker.protocol import (
+    CloseCode,
+    Error,
+    ErrorCode,
+    Ping,
+    Pong,
+    Presence,
+    Present,
+    SubAck,
+    Subscribe,
+)
+from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.connection import MAX_CLIENT_CHARS, HandshakeFailed
-from tests.harness import running_broker
+from tests.harness import raw_session, running_broker
 from tests.rawws import BINARY, CLOSE, ProtocolSession, RawWebSocket
 
 TOPIC = "mcp/session/S/message"
@@ -67,3 +78,39 @@ async def test_a_huge_client_name_is_refused_at_the_hello() -> None:
             assert isinstance(join, Message) and isinstance(join.payload, dict)
             assert join.payload["client"] == "z" * MAX_CLIENT_CHARS
         assert broker.broker.counters["sessions_opened"] == 2
+
+
+async def test_a_crowd_in_one_session_cannot_make_a_presence_answer_overflow_the_querier(
+) -> None:
+    """Anyone who may subscribe to a session's topics adds an entry to its presence, one per
+    connection (up to max_connections per instance: 50,000 by default). The `present` answer
+    listed them all in one frame: a crowd of long-named connections made it larger than the
+    querier's outbox, and the healthy querier was let go as a slow consumer (4008). It is now
+    cut to half a frame, like a `session_list` page, with `more: true`; the querier stays."""
+    config = Config(server=ServerConfig(port=0, max_frame_bytes=8192, outbox_bytes=16384))
+    async with running_broker(config, presence=True, instance_id="i1") as broker:
+        port = broker.listener.port
+        crowd = [await ProtocolSession.open(port, client="c" * MAX_CLIENT_CHARS)
+                 for _ in range(80)]
+        try:
+            for member in crowd:
+                await member.send(Subscribe(id=1, filter=TOPIC))
+            for member in crowd:
+                assert isinstance(await member.next_event(), SubAck)
+            async with raw_session(broker.url) as querier:
+                with trio.fail_after(WAIT):
+                    while True:
+                        await querier.send(Presence(id=2, session="S"))
+                        answer = await querier.next_event()
+                        assert isinstance(answer, Present), answer
+                        if answer.more:
+                            break
+                        await trio.sleep(0.05)
+                assert 0 < len(answer.entries) < len(crowd)
+                assert payload_size(list(answer.entries)) <= config.server.max_frame_bytes // 2
+                await querier.send(Ping(id=3))
+                assert await querier.next_event() == Pong(id=3)
+            assert broker.broker.counters["sessions_closed_slow_consumer"] == 0
+        finally:
+            for member in crowd:
+                member.close()
