@@ -10,6 +10,7 @@ import trio
 
 from mqbroker.client import Message, connect
 from mqbroker.config import Config, ServerConfig
+from mqbroker.message import Draft
 from mqbroker.protocol import (
     CloseCode,
     Error,
@@ -18,13 +19,17 @@ from mqbroker.protocol import (
     Pong,
     Presence,
     Present,
+    SessionCreate,
+    SessionDelete,
+    SessionReply,
     SubAck,
     Subscribe,
 )
 from mqbroker.protocol.codec import payload_size
 from mqbroker.protocol.connection import MAX_CLIENT_CHARS, HandshakeFailed
-from tests.harness import raw_session, running_broker
+from tests.harness import RunningBroker, raw_session, running_broker
 from tests.rawws import BINARY, CLOSE, ProtocolSession, RawWebSocket
+from tests.test_hostile import _healthy_round_trips
 
 TOPIC = "mcp/session/S/message"
 PRESENCE = "mcp/session/S/presence"
@@ -114,3 +119,50 @@ async def test_a_crowd_in_one_session_cannot_make_a_presence_answer_overflow_the
         finally:
             for member in crowd:
                 member.close()
+
+
+async def _fill_history(broker: RunningBroker, topics: int) -> None:
+    """Retain one message on each of `topics` session topics (the default max_topics is
+    100,000: what a busy broker holds)."""
+    history = broker.broker.history
+    for start in range(0, topics, 1000):
+        await history.append([
+            Draft(topic=f"mcp/session/s{n}/message", payload=b"m", published_at=0.0,
+                  record=True) for n in range(start, min(start + 1000, topics))])
+
+
+async def test_ending_sessions_in_a_loop_does_not_starve_a_healthy_session() -> None:
+    """Every session that ends has its history forgotten (`{prefix}/{id}/#`, a wildcard). The
+    memory history found a wildcard's topics by testing every retained one, without yielding:
+    with 100,000 retained topics each session end held the whole broker for about 0.2 s, so
+    a client creating and deleting sessions in a loop (its own, no rights needed beyond that)
+    left a healthy session a few round trips per second. Forgetting now visits only the
+    topics under the filter's literal levels."""
+    async with running_broker(Config(server=ServerConfig(port=0))) as broker:
+        await _fill_history(broker, 100_000)
+        port = broker.listener.port
+        attacker = await ProtocolSession.open(port, client="attacker")
+        ended = 0
+
+        async def churn() -> None:
+            nonlocal ended
+            for n in range(1_000_000):
+                await attacker.send(SessionCreate(id=2 * n, session=f"x{n}", user="mallory"),
+                                    SessionDelete(id=2 * n + 1, session=f"x{n}",
+                                                  user="mallory"))
+                for _ in range(2):
+                    answer = await attacker.next_event()
+                    assert isinstance(answer, SessionReply), answer
+                ended += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(churn)
+            await trio.sleep(0.2)
+            round_trips = await _healthy_round_trips(port, 2.0)
+            nursery.cancel_scope.cancel()
+        attacker.close()
+        assert len(round_trips) >= 100, (len(round_trips), round_trips[-5:])
+        assert round_trips[len(round_trips) // 2] < 0.02, round_trips[-5:]
+        assert ended >= 20, ended  # the attack ran
+        assert broker.broker.history.stats()["topics"] == 100_000
+
