@@ -281,3 +281,44 @@ async def test_a_broker_without_a_registry_answers_unavailable() -> None:
             assert (refused.code, refused.id, refused.ref) == ("unavailable", 1, "session_get")
             assert await answer(session, Ping(id=2)) == Pong(id=2)
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class LosingReaps:
+    """Wraps a store: the next `lose` reaps that expire sessions are carried out but their
+    answer is lost (as when Redis runs the script and the connection breaks before the reply)."""
+
+    inner: Any
+    lose: int = 1
+
+    async def reap(self, now: float, limit: int, retain: float) -> Any:
+        reaped = await self.inner.reap(now, limit, retain)
+        if self.lose and reaped.expired:
+            self.lose -= 1
+            raise StoreUnavailable("the answer was lost")
+        return reaped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_sessions_expired_by_a_reap_whose_answer_was_lost_still_end() -> None:
+    """A reap the store carried out but whose answer never came back expired sessions that
+    nobody was told about: the next round finds them (the failed round's time is their
+    `updated`) and publishes `expired` and ends their subscriptions, once."""
+    config = sessions_config(reap_interval=0.05, retain_ended=60.0)
+    async with running_broker(config) as broker, raw_session(broker.url) as session, \
+            raw_session(broker.url) as watcher:
+        registry_ = broker.broker.registry
+        assert registry_ is not None
+        registry_.store = LosingReaps(registry_.store)
+        assert await answer(watcher, Subscribe(id=1, filter="mcp/session/lost/#")) == \
+            SubAck(id=1)
+        await create(session, session="lost", user="u", ttl=0.2, state="active")
+        seen = await events_until(watcher, Ended)
+        assert lifecycle(seen) == [("created", "lost"), ("expired", "lost")]
+        assert seen[-1] == Ended(subs=(1,), reason="session_ended", session="lost")
+        assert registry_.store.lose == 0
+        with trio.move_on_after(0.5):  # several more rounds: told once only
+            extra = await watcher.next_event()
+            raise AssertionError(f"told again: {extra}")

@@ -77,6 +77,9 @@ logger = structlog.get_logger("mqbroker.registry")
 SESSION_ENDED = "session_ended"
 #: Registry requests of one connection that may wait before its reader waits too.
 MAX_QUEUED_REQUESTS = 64
+#: Reaper rounds without an answer remembered at most (see Registry._recover_lost_reaps): a
+#: store down for longer than this many rounds has expired nothing meanwhile.
+MAX_LOST_REAPS = 1000
 #: Counters the registry adds to the broker's stats.
 COUNTERS = ("registry_requests", "registry_expired", "registry_purged",
             "registry_store_failures", "registry_lifecycle_failures")
@@ -91,6 +94,9 @@ class Registry:
     rules: Rules
     #: Records per state, as `counts()` last said (refreshed by the reaper, not per scrape).
     counts: Mapping[SessionState, int] = field(factory=lambda: dict.fromkeys(SessionState, 0))
+    #: The times of reaper rounds whose answer never came: the store may have expired
+    #: sessions then that nobody was told about (see `_recover_lost_reaps`).
+    _lost_reaps: list[float] = field(factory=list)
     _unwatch: trio.MemorySendChannel[list[str]] = field(init=False)
     _to_unwatch: trio.MemoryReceiveChannel[list[str]] = field(init=False)
 
@@ -295,7 +301,11 @@ class Registry:
                 reaped = await self.store.reap(now, config.reap_batch, config.retain_ended)
         except (SessionError, trio.TooSlowError) as e:
             self._store_failed("reap", e if str(e) else "no answer within request_timeout")
+            if len(self._lost_reaps) < MAX_LOST_REAPS:
+                self._lost_reaps.append(now)
             return
+        if self._lost_reaps:
+            await self._recover_lost_reaps(reaped.purged, now)
         if reaped.expired or reaped.purged:
             counters = self.broker.counters
             counters["registry_expired"] += len(reaped.expired)
@@ -306,6 +316,34 @@ class Registry:
             await self.publish_lifecycle(
                 [(Lifecycle.EXPIRED, record) for record in reaped.expired], now)
         await self._refresh_counts()
+
+    async def _recover_lost_reaps(self, purged: Sequence[SessionRecord], now: float) -> None:
+        """Tell what reaper rounds whose answer was lost may have done. A store that ran the
+        reap and lost only the answer (a Redis reply cut, a SQL call past its deadline) expired
+        sessions with `updated` equal to that round's `now`, exactly (the stores keep times
+        exactly): find them among the expired sessions (and those purged since), publish their
+        `expired` and end their subscriptions. Another instance's reaper never uses the same
+        float time, so nothing is told twice."""
+        lost = set(self._lost_reaps)
+        found = [record for record in purged if record.updated in lost]
+        after: str | None = None
+        try:
+            while True:
+                with self._bounded():
+                    page = await self.store.list(state=SessionState.EXPIRED, after=after,
+                                                 limit=self.config.max_page)
+                found.extend(record for record in page.records if record.updated in lost)
+                if page.next is None:
+                    break
+                after = page.next
+        except (SessionError, trio.TooSlowError) as e:
+            self._store_failed("reap", e if str(e) else "no answer within request_timeout")
+            return  # tried again at the next round
+        self._lost_reaps.clear()
+        if found:
+            logger.warning("registry.lost_reap_recovered", expired=len(found))
+            self.broker.counters["registry_expired"] += len(found)
+            await self.publish_lifecycle([(Lifecycle.EXPIRED, record) for record in found], now)
 
     async def _refresh_counts(self) -> None:
         try:
