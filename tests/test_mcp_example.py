@@ -117,7 +117,7 @@ async def broker_of(backend_name: str, sessions: SessionsConfig | None = None
                                    ServerConfig(port=0))
     if sessions is not None:
         config = attrs.evolve(config, sessions=sessions)
-    async with running_broker(config) as running:
+    async with running_broker(config, presence=True) as running:  # as the daemon serves
         yield running.url
 
 
