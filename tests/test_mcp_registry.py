@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 import httpx2
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -24,7 +26,7 @@ from mcp_types import LoggingMessageNotificationParams
 from mqbroker.client import Message, connect
 from mqbroker.config import SessionsConfig
 from mqbroker.mcp import GAP_ERROR_CODE, EventRef
-from mqbroker.mcp.registry import ANONYMOUS_USER, CLIENT_PREFIX
+from mqbroker.mcp.registry import ANONYMOUS_USER, CLIENT_PREFIX, Owner, is_leave_of
 from tests.test_mcp_example import broker_of, example_client, mcp_server_processes, mcp_servers
 
 #: Short, so that a dead owner's entries would run out fast (the test's bound is this).
@@ -171,3 +173,27 @@ async def test_an_owner_killed_mid_call_ends_the_resumed_stream_with_the_gap_err
         assert latency < PRESENCE_TTL
         assert outcome["resumes"] == 1
         assert ticks == [f"tick {i}" for i in range(1, len(ticks) + 1)]
+
+
+@given(st.dictionaries(st.sampled_from(["instance", "client", "present", "x"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5),
+                                 st.lists(st.integers(), max_size=2))))
+def test_a_record_names_an_owner_only_with_well_typed_metadata(metadata: dict[str, Any]) -> None:
+    """Anyone with registry rights can write a record's metadata: an owner is read from it
+    only when `instance` and `client` are strings and `present` is true; anything else names
+    no owner (no presence is watched), and nothing raises."""
+    owner = Owner.from_metadata(metadata)
+    wellformed = (isinstance(metadata.get("instance"), str)
+                  and isinstance(metadata.get("client"), str) and metadata.get("present") is True)
+    assert (owner is not None) == wellformed
+    assert Owner.from_metadata(Owner.of("a1").metadata(present=True)) == Owner.of("a1")
+    assert Owner.from_metadata(Owner.of("a1").metadata(present=False)) is None
+
+
+def test_only_a_leave_of_the_owner_s_client_counts() -> None:
+    owner = Owner.of("a1")
+    leave = {"event": "leave", "client": owner.client, "reason": "closed"}
+    assert is_leave_of(leave, owner)
+    assert not is_leave_of({**leave, "event": "join"}, owner)
+    assert not is_leave_of({**leave, "client": "mqbroker.mcp/b2"}, owner)
+    assert not any(is_leave_of(garbage, owner) for garbage in (None, 3, "leave", [leave], {}))
