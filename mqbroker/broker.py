@@ -48,7 +48,7 @@ from mqbroker.protocol import (
     Unsubscribe,
     Welcome,
 )
-from mqbroker.protocol.codec import payload_size
+from mqbroker.protocol.codec import fitting, payload_size
 from mqbroker.protocol.events import PROTOCOL_VERSION
 from mqbroker.ratelimit import Rates
 from mqbroker.registry import MAX_SESSION_BATCH, Caller, ScopedSubscriptions, SessionTopics
@@ -634,7 +634,9 @@ class Broker:
         except StoreUnavailable as e:
             session.reply(_error(ErrorCode.UNAVAILABLE, f"presence failed: {e}", event))
             return
-        session.reply(Present(id=event.id, entries=tuple(entry_map(e) for e in entries)))
+        maps = tuple(entry_map(e) for e in entries)
+        count = fitting(maps, self.max_message_bytes // 2)
+        session.reply(Present(id=event.id, entries=maps[:count], more=count < len(maps)))
 
     def gauges(self) -> frozenset[str]:
         """The `stats()` names that are levels, not totals: the broker's own, and those its

@@ -3,14 +3,16 @@
 Pure: no I/O. A topic is the name a message is published to; a filter is what a session subscribes
 with. Both are split into levels on `/`; levels may be empty. `matches` is the plain reference
 matcher (the subscription index in `mqbroker.index` is checked against it); `FilterSet` answers
-"does any of these filters match this topic" for a fixed set, such as the recorded filters.
+"does any of these filters match this topic" for a fixed set, such as the recorded filters;
+`TopicTree` the other way round: "which of these topics does this filter match", for a set that
+changes, such as the topics a history retains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 
 SEPARATOR = "/"
 SINGLE_LEVEL = "+"
@@ -167,6 +169,99 @@ class FilterSet:
             # Dicts keep insertion order, so the first key is the oldest entry.
             del self._cache[next(iter(self._cache))]
         self._cache[topic] = found
+
+
+class _Level:
+    """One level of a `TopicTree`: the topic ending here, if any, and the levels below."""
+
+    __slots__ = ("below", "topic")
+
+    def __init__(self) -> None:
+        self.topic: str | None = None
+        #: Made with the first level below (most levels are a topic's last: no dict then).
+        self.below: dict[str, _Level] | None = None
+
+
+@define
+class TopicTree:
+    """A changing set of topics, by level: `matching(filter)` visits only the branches the
+    filter's levels allow, so a filter with literal first levels (`mcp/session/S/#`) costs
+    the topics under them, not every topic of the set."""
+
+    _root: _Level = field(factory=_Level)
+    _count: int = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, topic: str) -> None:
+        node = self._root
+        for level in topic.split(SEPARATOR):
+            if node.below is None:
+                node.below = {}
+            below = node.below.get(level)
+            if below is None:
+                below = node.below[level] = _Level()
+            node = below
+        if node.topic is None:
+            node.topic = topic
+            self._count += 1
+
+    def discard(self, topic: str) -> None:
+        path: list[tuple[_Level, str]] = []
+        node = self._root
+        for level in topic.split(SEPARATOR):
+            below = node.below.get(level) if node.below is not None else None
+            if below is None:
+                return
+            path.append((node, level))
+            node = below
+        if node.topic is None:
+            return
+        node.topic = None
+        self._count -= 1
+        for parent, level in reversed(path):  # prune the levels left holding nothing
+            if node.topic is not None or node.below:
+                break
+            assert parent.below is not None
+            del parent.below[level]
+            node = parent
+
+    def matching(self, filter: str) -> list[str]:
+        """The topics of the set that `filter` matches (as `matches` decides)."""
+        levels = filter.split(SEPARATOR)
+        found: list[str] = []
+        stack = [(self._root, 0)]
+        while stack:
+            node, index = stack.pop()
+            if index == len(levels):
+                if node.topic is not None:
+                    found.append(node.topic)
+                continue
+            level = levels[index]
+            if level == MULTI_LEVEL:
+                found.extend(_every_topic(node))
+            elif node.below is None:
+                continue
+            elif level == SINGLE_LEVEL:
+                stack.extend((below, index + 1) for below in node.below.values())
+            elif (below := node.below.get(level)) is not None:
+                stack.append((below, index + 1))
+        # `matches` has the last word: a leading wildcard never matches a `$` topic.
+        return [topic for topic in found if matches(filter, topic)]
+
+
+def _every_topic(node: _Level) -> list[str]:
+    """The topics at `node` and below it."""
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if node.topic is not None:
+            found.append(node.topic)
+        if node.below:
+            stack.extend(node.below.values())
+    return found
 
 
 def _check_common(kind: str, text: str, limits: TopicLimits) -> None:

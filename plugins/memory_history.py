@@ -39,7 +39,7 @@ from mqbroker.config import HistoryConfig
 from mqbroker.history import Gap, Replay
 from mqbroker.message import Draft, Message, Payload, Position
 from mqbroker.protocol.codec import payload_size as encoded_size
-from mqbroker.topics import is_wildcard, matches
+from mqbroker.topics import TopicTree, is_wildcard
 
 #: The weight of a payload msgpack cannot pack (the broker only carries packable ones).
 UNPACKABLE_PAYLOAD_SIZE = 64
@@ -161,6 +161,9 @@ class BoundedHistory:
     bounds_reached: set[str] = field(factory=set, init=False)
     # Least recently appended first: the eviction order, and the idle-expiry order.
     _topics: OrderedDict[str, RetainedTopic] = field(factory=OrderedDict, init=False)
+    # The same topics by level: a wildcard forget (every session end forgets `{prefix}/{id}/#`)
+    # visits the topics under the filter's literal levels, not all of them.
+    _tree: TopicTree = field(factory=TopicTree, init=False)
     # Topic -> its last offset, oldest tombstone first.
     _tombstones: OrderedDict[str, int] = field(factory=OrderedDict, init=False)
     # The floor of every topic that has neither a retained history nor a tombstone.
@@ -195,7 +198,7 @@ class BoundedHistory:
     def forget(self, filter: str) -> int:
         """Drop every retained topic `filter` matches; returns how many."""
         if is_wildcard(filter):
-            topics = [topic for topic in self._topics if matches(filter, topic)]
+            topics = self._tree.matching(filter)
         else:
             topics = [filter] if filter in self._topics else []
         for topic in topics:
@@ -255,6 +258,7 @@ class BoundedHistory:
             retained = self._topics[topic] = RetainedTopic(
                 floor=floor, topic_size=topic_size(topic)
             )
+            self._tree.add(topic)
         else:
             self._topics.move_to_end(topic)
         return retained
@@ -297,6 +301,7 @@ class BoundedHistory:
 
     def _drop(self, topic: str, reason: DropReason) -> None:
         retained = self._topics.pop(topic)
+        self._tree.discard(topic)
         self._bytes -= retained.bytes
         self._messages -= len(retained)
         self._counts[reason.messages] += len(retained)

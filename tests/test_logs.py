@@ -14,7 +14,7 @@ import structlog
 
 from mqbroker.config import LogConfig, LogFormat
 from mqbroker.logs import configure, logger
-from mqbroker.protocol import Welcome
+from mqbroker.protocol import ErrorCode, HandshakeFailed
 from mqbroker.redact import LOG_STRING_LIMIT
 from tests.harness import broker_config, raw_session, running_broker
 
@@ -172,7 +172,8 @@ def test_long_strings_are_cut_in_log_lines(format: LogFormat) -> None:
 
 async def test_a_huge_hello_client_field_gives_a_short_log_line() -> None:
     """The issue's flood: a hello whose `client` is megabytes long (100 MB once wrote 100 MB
-    of log) is logged cut short, with its length noted; the session still opens."""
+    of log) is refused (a `client` is at most MAX_CLIENT_CHARS: it is copied into presence
+    entries and events too), and what is logged of it stays short."""
     out = io.StringIO()
     configure(LogConfig(format="json"), stream=out)
     client = "c" * (4 * 1024 * 1024)
@@ -180,7 +181,9 @@ async def test_a_huge_hello_client_field_gives_a_short_log_line() -> None:
     async with running_broker(config) as broker, \
             raw_session(broker.url, hello=False) as session:
         await session.send_frame(session.connection.hello(client))
-        assert isinstance(await session.next_event(), Welcome)
-    [opened] = [line for line in out.getvalue().splitlines() if "session.opened" in line]
-    assert len(opened) < 2000
-    assert json.loads(opened)["client"].endswith(f"… (+{len(client) - LOG_STRING_LIMIT} chars)")
+        with pytest.raises(HandshakeFailed) as refused:
+            await session.next_event()
+        assert refused.value.error.code == ErrorCode.BAD_EVENT
+    lines = out.getvalue().splitlines()
+    assert lines and all(len(line) < 2000 for line in lines)
+    assert not [line for line in lines if "session.opened" in line]

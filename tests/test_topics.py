@@ -7,17 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mqbroker.index import SubscriptionIndex
 from mqbroker.topics import (
     FilterSet,
     InvalidTopic,
     TopicLimits,
+    TopicTree,
     is_wildcard,
     matches,
     validate_filter,
     validate_topic,
 )
+from tests.test_index import filters as index_filters
+from tests.test_index import topics as index_topics
 
 #: Facts from Mosquitto's own tests, kept in the repository (tests/conformance/README.md).
 VECTORS_PATH = Path(__file__).resolve().parent / "conformance" / "topic-vectors.json"
@@ -301,3 +306,37 @@ def test_filter_set_refuses_one_string() -> None:
 def test_empty_filter_set_matches_nothing() -> None:
     """An empty FilterSet records no topic."""
     assert not FilterSet([]).matches_any("a")
+
+
+# --- TopicTree: which topics of a set a filter matches -----------------------------------------
+
+
+@given(st.lists(st.tuples(st.booleans(), index_topics()), max_size=30), index_filters())
+def test_topic_tree_agrees_with_matches(changes: list[tuple[bool, str]], filter: str) -> None:
+    """After any adds and discards, the tree holds the topics a plain set would, and
+    `matching` gives exactly those `matches` accepts (the `$` rule included)."""
+    tree, plain = TopicTree(), set()
+    for add, topic in changes:
+        if add:
+            tree.add(topic)
+            plain.add(topic)
+        else:
+            tree.discard(topic)
+            plain.discard(topic)
+    assert len(tree) == len(plain)
+    assert sorted(tree.matching(filter)) == sorted(t for t in plain if matches(filter, t))
+    for topic in plain:
+        assert tree.matching(topic) == [topic]
+
+
+def test_topic_tree_prunes_what_it_no_longer_holds() -> None:
+    """Discarding every topic leaves an empty tree (no levels kept for topics gone)."""
+    tree = TopicTree()
+    for n in range(100):
+        tree.add(f"mcp/session/s{n}/message")
+        tree.add(f"mcp/session/s{n}")
+    for n in range(100):
+        tree.discard(f"mcp/session/s{n}/message")
+        tree.discard(f"mcp/session/s{n}")
+    tree.discard("never/added")
+    assert len(tree) == 0 and not tree._root.below

@@ -5,49 +5,41 @@
         event_id = await client.publish("mcp/session/s1/message", {"text": "hi"})
         async for item in subscription:
             ...  # a Message, or a Gap where messages may be missing
+
+The asyncio client is `mqbroker.client.aio`, with the same API. The trio driver (`Client`,
+`Subscription`, `connect`) is imported on first use, so that importing the asyncio client, which
+imports this package first, imports neither trio nor trio-websocket.
 """
 
-from mqbroker.client._trio import Client, Reconnect, Subscription, connect
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mqbroker.client.base import Reconnect
 from mqbroker.client.core import Gap, Message
-from mqbroker.client.errors import (
-    BadEventId,
-    BrokerError,
-    ClientClosed,
-    ClientError,
-    ConnectError,
-    ConnectionLost,
-    CredentialError,
-    DuplicateSubscription,
-    Forbidden,
-    IllegalTransition,
-    InvalidFilter,
-    InvalidTopic,
-    MessageTooLarge,
-    OutcomeUnknown,
-    ProtocolViolation,
-    RateLimited,
-    RefreshUnsupported,
-    ReservedTopic,
-    SessionExists,
-    SessionNotFound,
-    SinceUnsupported,
-    SubscriptionEnded,
-    TooManySubscriptions,
-    Unauthorized,
-    Unavailable,
-    UnknownSubscription,
-    VersionConflict,
-)
+from mqbroker.client.errors import *  # noqa: F403  (every error, in both clients)
+from mqbroker.client.errors import __all__ as _errors
+from mqbroker.client.limits import Limits
 from mqbroker.client.operations import CredentialProvider
 from mqbroker.sessions import SessionPage, SessionRecord
 
+if TYPE_CHECKING:
+    from mqbroker.client._trio import Client, Subscription, connect
+
+#: The trio driver's names, imported from `_trio` on first use.
+_TRIO = ("Client", "Subscription", "connect")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRIO:
+        value = getattr(importlib.import_module("mqbroker.client._trio"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "BadEventId", "BrokerError", "Client", "ClientClosed", "ClientError", "ConnectError",
-    "ConnectionLost", "CredentialError", "CredentialProvider", "DuplicateSubscription",
-    "Forbidden", "Gap", "IllegalTransition", "InvalidFilter", "InvalidTopic", "Message",
-    "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited", "Reconnect",
-    "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound", "SessionPage",
-    "SessionRecord", "SinceUnsupported", "Subscription", "SubscriptionEnded",
-    "TooManySubscriptions", "Unauthorized", "Unavailable", "UnknownSubscription",
-    "VersionConflict", "connect",
+    "Client", "CredentialProvider", "Gap", "Limits", "Message", "Reconnect", "SessionPage",
+    "SessionRecord", "Subscription", "connect", *_errors,
 ]

@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
-from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from wsproto import ConnectionType, WSConnection
@@ -31,6 +30,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError
+
+from mqbroker.client.runtime import Target
 
 #: How much to read from the socket at a time.
 RECEIVE_BYTES = 64 * 1024
@@ -62,34 +63,13 @@ class HandshakeError(Exception):
     """The server did not upgrade the HTTP connection to a WebSocket."""
 
 
-@frozen
-class _Target:
-    host: str
-    port: int
-    tls: bool
-    #: The Host header: the URL's authority.
-    authority: str
-    #: The request target: path and query.
-    resource: str
-
-    @classmethod
-    def parse(cls, url: str) -> _Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
-        tls = parts.scheme == "wss"
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(host=parts.hostname, port=parts.port or (443 if tls else 80), tls=tls,
-                   authority=parts.netloc.rpartition("@")[2], resource=resource)
-
-
-async def open_websocket(url: str, *, max_message_size: int,
+async def open_websocket(url: str | Target, *, max_message_size: int,
                          ssl_context: ssl.SSLContext | None = None) -> WebSocket:
     """Connect to `url` and upgrade to a WebSocket; the caller must `aclose` the result.
 
     Raises OSError if the server cannot be reached, HandshakeError if it refuses the upgrade.
     """
-    target = _Target.parse(url)
+    target = url if isinstance(url, Target) else Target.parse(url)
     if ssl_context is not None and not target.tls:
         # It would silently not be used: plaintext while its owner believes it protected.
         raise ValueError(f"ssl_context given for a URL that is not wss://: {url!r}")
@@ -164,7 +144,7 @@ class WebSocket:
 
     # --- the opening handshake ----------------------------------------------------------------
 
-    async def _upgrade(self, target: _Target) -> None:
+    async def _upgrade(self, target: Target) -> None:
         self._write(self._protocol.send(Request(host=target.authority, target=target.resource)))
         await self._writer.drain()
         while True:

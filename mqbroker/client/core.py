@@ -23,6 +23,7 @@ from mqbroker.client.errors import (
     SubscriptionEnded,
     error_from_event,
 )
+from mqbroker.client.limits import Limits
 from mqbroker.protocol import (
     ClientConnection,
     ClientEvent,
@@ -53,6 +54,7 @@ from mqbroker.protocol import (
     Subscribe,
     UnsubAck,
     Unsubscribe,
+    Welcome,
     join,
 )
 from mqbroker.protocol.codec import payload_size
@@ -197,6 +199,8 @@ class ClientCore:
     #: A cap on frame sizes below the welcome's, set when a 1009 refused a frame holding no
     #: request to fail (resubscriptions only): smaller frames next time, rather than a loop.
     _frame_cap: int | None = None
+    #: The limits of the latest welcome (kept while reconnecting): `client.limits`.
+    welcomed: Limits = field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
         self.connection = ClientConnection(format=self.format)
@@ -493,6 +497,9 @@ class ClientCore:
             # and sends no `gap` for them unless the refill was incomplete.
             gap = Gap(reason=item.reason)
             return [Deliver(sub_id, gap) for sub_id in item.subs if sub_id in self.subscriptions]
+        if isinstance(item, Welcome):
+            self.welcomed = Limits.of(item.limits)
+            return []
         if isinstance(item, Rejected):
             return [Unsolicited(ProtocolViolation(f"the broker sent {item.message}"))]
         return []  # welcome, pong: nothing to settle

@@ -46,34 +46,52 @@ class BrokerError(ClientError):
 
 
 class InvalidTopic(BrokerError):
+    """A `publish` topic breaks a topic rule (a wildcard in it, too long, too deep, ...)."""
+
     default_code = ErrorCode.INVALID_TOPIC
 
 
 class InvalidFilter(BrokerError):
+    """A `subscribe` or `forget` filter breaks a filter rule (`#` not last, ...)."""
+
     default_code = ErrorCode.INVALID_FILTER
 
 
 class TooManySubscriptions(BrokerError):
+    """One subscription over `max_subscriptions`, or a wildcard one over the session's or the
+    instance's wildcard limit (the message names the limit)."""
+
     default_code = ErrorCode.TOO_MANY_SUBSCRIPTIONS
 
 
 class DuplicateSubscription(BrokerError):
+    """A subscription id already in use in this session (a client bug)."""
+
     default_code = ErrorCode.DUPLICATE_SUBSCRIPTION
 
 
 class UnknownSubscription(BrokerError):
+    """An unsubscribe of a subscription id the session does not hold."""
+
     default_code = ErrorCode.UNKNOWN_SUBSCRIPTION
 
 
 class MessageTooLarge(BrokerError):
+    """Topic plus payload over `max_message_bytes` (the client refuses it before sending), or
+    a frame the broker refused with 1009: not sent, and not resent."""
+
     default_code = ErrorCode.MESSAGE_TOO_LARGE
 
 
 class BadEventId(BrokerError):
+    """`since` is not an event id the broker could have issued."""
+
     default_code = ErrorCode.BAD_EVENT_ID
 
 
 class SinceUnsupported(BrokerError):
+    """`since` with a wildcard filter: only exact topics resume from a position."""
+
     default_code = ErrorCode.SINCE_UNSUPPORTED
 
 
@@ -183,3 +201,13 @@ def error_from_event(event: Error) -> BrokerError:
     if event.code in (ErrorCode.BAD_EVENT, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_OP):
         return ProtocolViolation(event.message, code=event.code, ref=event.ref)
     return BrokerError(event.message, code=event.code, ref=event.ref)
+
+
+__all__ = [
+    "BadEventId", "BrokerError", "ClientClosed", "ClientError", "ConnectError", "ConnectionLost",
+    "CredentialError", "DuplicateSubscription", "Forbidden", "IllegalTransition", "InvalidFilter",
+    "InvalidTopic", "MessageTooLarge", "OutcomeUnknown", "ProtocolViolation", "RateLimited",
+    "RefreshUnsupported", "ReservedTopic", "SessionExists", "SessionNotFound", "SinceUnsupported",
+    "SubscriptionEnded", "TooManySubscriptions", "Unauthorized", "Unavailable",
+    "UnknownSubscription", "VersionConflict",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 from mqbroker.client.core import ClientCore, Gap, Live, Message, StreamItem, refresh_delay
 from mqbroker.client.errors import (
@@ -29,6 +29,7 @@ from mqbroker.client.errors import (
     RateLimited,
     SessionNotFound,
 )
+from mqbroker.client.limits import Limits
 from mqbroker.protocol import (
     ClientEvent,
     SessionCreate,
@@ -74,6 +75,10 @@ class SubscriptionItems:
         return self
 
     async def __anext__(self) -> Message | Gap:
+        """The next `Message`, or `Gap` where messages may be missing, in order across
+        reconnects. Raises the BrokerError that ended the subscription (SubscriptionEnded,
+        Forbidden after a refresh, ...) or ConnectionLost once the client gave up; stops after
+        `unsubscribe()` or the client's close."""
         while True:
             item = await self._next_item()
             if type(item) is not Live:
@@ -227,6 +232,24 @@ class Operations(Generic[SubscriptionT]):
             stream.close()
         if event is not None and self.failure is None and not self._closed:
             await self._request(("unsubscribe", event.id), event)
+
+    @property
+    def limits(self) -> Limits:
+        """The limits the broker's latest welcome announced (docs/protocol.md, "Limits"),
+        typed; `limits.raw` is the map as sent, keys this client does not know included."""
+        return self.core.welcomed
+
+    @overload
+    async def publish(self, topic: str, payload: Any = None, *, ack: Literal[True] = True,
+                      msg_id: str | None = None) -> str: ...
+
+    @overload
+    async def publish(self, topic: str, payload: Any = None, *, ack: Literal[False],
+                      msg_id: str | None = None) -> None: ...
+
+    @overload
+    async def publish(self, topic: str, payload: Any = None, *, ack: bool,
+                      msg_id: str | None = None) -> str | None: ...
 
     async def publish(self, topic: str, payload: Any = None, *, ack: bool = True,
                       msg_id: str | None = None) -> str | None:

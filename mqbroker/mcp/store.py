@@ -208,8 +208,8 @@ class BrokerEventStore(EventStore):
     def fits(self, topic: str, payload: dict[str, Any], json: str | None) -> bool:
         """Whether the event is within the broker's `max_message_bytes` (the welcome's, or the
         default before the first connection); cheap for the usual small message."""
-        limits = self._client.core.limits if self._client is not None else {}
-        limit = int(limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES))
+        limit = (self._client.limits.max_message_bytes if self._client is not None
+                 else DEFAULT_MAX_MESSAGE_BYTES)
         if json is None or 4 * (len(json) + len(topic)) + 200 < limit:
             return True
         return len(topic.encode()) + payload_size(payload) <= limit

@@ -633,3 +633,14 @@ def payload_size(payload: Any) -> int:
     if type(payload) is bytes:
         return len(payload) + (2 if len(payload) < 256 else 3 if len(payload) < 65536 else 5)
     return len(_packb(payload))
+
+
+def fitting(values: Sequence[Any], budget: int) -> int:
+    """How many of the first `values` fit in `budget` bytes packed (at least one, if any): an
+    answer listing what clients made (a page of records, presence entries) stays in a frame."""
+    used = 0
+    for count, value in enumerate(values):
+        used += payload_size(value)
+        if used > budget and count:
+            return count
+    return len(values)

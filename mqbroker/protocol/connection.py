@@ -55,6 +55,10 @@ def _error_of(item: Rejected) -> Error:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: The longest `client` a hello may name, in characters: it is copied into the connection's
+#: logs and into every presence entry and event of the connection (one per session it is
+#: present in), so it must stay a name, not a payload.
+MAX_CLIENT_CHARS = 256
 #: How much client text an error may echo, in characters (`ref` holds an op, which is short).
 MAX_ERROR_MESSAGE, MAX_ERROR_REF = 1000, 64
 
@@ -108,6 +112,11 @@ class ServerConnection:
                 code=ErrorCode.UNSUPPORTED_VERSION, ref="hello",
                 message=f"protocol version {first.version} is not supported "
                         f"(supported: {PROTOCOL_VERSION})"))
+        if len(first.client) > MAX_CLIENT_CHARS:
+            raise HandshakeFailed(Error(
+                code=ErrorCode.BAD_EVENT, ref="hello",
+                message=f"`client` is at most {MAX_CLIENT_CHARS} characters, "
+                        f"not {len(first.client)}"))
         self.client = first.client
         self.auth = first.auth
         self.state = State.OPEN

@@ -337,6 +337,8 @@ class Present:
     OP: ClassVar[str] = "present"
     id: int
     entries: tuple[dict[str, Any] | None, ...] = ()
+    #: More entries exist than fit in half a frame: `entries` are the first of them.
+    more: bool = False
 
 
 @frozen(kw_only=True)

@@ -42,7 +42,7 @@ from mqbroker.protocol import (
     SessionTouch,
     SessionUpdate,
 )
-from mqbroker.protocol.codec import payload_size
+from mqbroker.protocol.codec import fitting
 from mqbroker.registry import (
     CHANGES,
     ENDING,
@@ -330,11 +330,9 @@ def _within_frame(records: Sequence[SessionRecord], next_id: str | None, budget:
                   ) -> tuple[Sequence[SessionRecord], str | None]:
     """The first records of a page that fit in `budget` bytes (at least one), and the `next`
     that resumes after them: a page of large metadata is cut, not sent over a frame's size."""
-    used = 0
-    for count, record in enumerate(records):
-        used += payload_size(record_map(record))
-        if used > budget and count:
-            return records[:count], records[count - 1].id
+    count = fitting([record_map(record) for record in records], budget)
+    if count < len(records):
+        return records[:count], records[count - 1].id
     return records, next_id
 
 
