@@ -22,10 +22,12 @@ from pathlib import Path
 from types import ModuleType
 
 import anyio
+import attrs
 import pytest
 import trio
 
-from mqbroker.config import HistoryConfig, ServerConfig
+from mqbroker.client import connect
+from mqbroker.config import HistoryConfig, ServerConfig, SessionsConfig
 from tests.contract.backends import BACKENDS
 from tests.harness import free_port, running_broker
 
@@ -73,8 +75,16 @@ def _output(process: subprocess.Popen[bytes]) -> str:
 
 @asynccontextmanager
 async def mcp_servers(broker_url: str, count: int = 2) -> AsyncIterator[list[str]]:
-    """`count` instances of examples/mcp/server.py; yields their endpoint URLs. (Waits in a
-    thread: the broker they connect to runs in this test's trio loop.)"""
+    """`count` instances of examples/mcp/server.py; yields their endpoint URLs."""
+    async with mcp_server_processes(broker_url, count) as servers:
+        yield [url for url, _ in servers]
+
+
+@asynccontextmanager
+async def mcp_server_processes(broker_url: str, count: int = 2
+                               ) -> AsyncIterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """`count` instances of examples/mcp/server.py; yields their endpoint URLs and processes.
+    (Waits in a thread: the broker they connect to runs in this test's trio loop.)"""
     processes: list[subprocess.Popen[bytes]] = []
     try:
         ports = [free_port() for _ in range(count)]
@@ -82,7 +92,8 @@ async def mcp_servers(broker_url: str, count: int = 2) -> AsyncIterator[list[str
             processes.append(await trio.to_thread.run_sync(_start, port, broker_url))
         for port, process in zip(ports, processes, strict=True):
             await trio.to_thread.run_sync(_wait_listening, port, process)
-        yield [f"http://127.0.0.1:{port}/mcp" for port in ports]
+        yield [(f"http://127.0.0.1:{port}/mcp", process)
+               for port, process in zip(ports, processes, strict=True)]
     finally:
         for process in processes:
             process.terminate()
@@ -99,11 +110,14 @@ def _stopped(process: subprocess.Popen[bytes]) -> None:
 
 
 @asynccontextmanager
-async def broker_of(backend_name: str) -> AsyncIterator[str]:
+async def broker_of(backend_name: str, sessions: SessionsConfig | None = None
+                    ) -> AsyncIterator[str]:
     backend = BACKENDS[backend_name]
     config = backend.broker_config(backend.broker_plugins(), HistoryConfig(),
                                    ServerConfig(port=0))
-    async with running_broker(config) as running:
+    if sessions is not None:
+        config = attrs.evolve(config, sessions=sessions)
+    async with running_broker(config, presence=True) as running:  # as the daemon serves
         yield running.url
 
 
@@ -143,14 +157,18 @@ def test_the_recipe_in_docs_mcp_md_is_the_example_and_adds_fewer_than_10_lines()
 
 async def test_hostile_resumes_are_refused_or_answered_with_a_gap_and_harm_nobody() -> None:
     """Resumes an attacker can send to the resume route: another session's event id (404, as
-    the SDK answers an unknown session), a forged anchor or sequence (the gap error, not a
-    crash), garbage ids (left to the SDK), a huge header. The servers keep serving calls."""
+    the SDK answers an unknown session), a forged anchor or sequence of a registered session
+    (the gap error, not a crash), garbage ids (left to the SDK), a huge header. The servers
+    keep serving calls."""
     import httpx2
 
     from mqbroker.mcp import GAP_ERROR_CODE, EventRef
+    from mqbroker.mcp.registry import ANONYMOUS_USER
 
     client = example_client()
     async with broker_of("memory") as broker_url, mcp_servers(broker_url) as (first, second):
+        async with connect(broker_url) as broker:  # s1: registered, with no owner named
+            await broker.create_session(session="s1", user=ANONYMOUS_USER, state="active")
 
         async def attack() -> list[tuple[int, str]]:
             answers = []

@@ -173,7 +173,7 @@ async def test_a_forgotten_session_replays_as_a_gap() -> None:
                 first = await s.store_event("1", notification("one"))
                 await s.store_event("1", notification("two"))
                 await settled(store)
-                await store.forget_session("s")
+                await store.end_session("s")
                 assert not store.is_bound("s")
                 _, sent = await replay(s, first)
                 assert texts(sent) == [("error", 1, GAP_ERROR_CODE)]

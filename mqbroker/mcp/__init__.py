@@ -12,14 +12,10 @@ from typing import Any
 
 from mqbroker.mcp.bus import BrokerSubscriptionBus
 from mqbroker.mcp.ids import EventRef
+from mqbroker.mcp.registry import Owner
 from mqbroker.mcp.route import ASGIApp, ResumeRoute
-from mqbroker.mcp.store import (
-    DEFAULT_TOPIC,
-    GAP_ERROR_CODE,
-    BrokerEventStore,
-    SessionEventStore,
-    StoreSettings,
-)
+from mqbroker.mcp.settings import DEFAULT_TOPIC, StoreSettings
+from mqbroker.mcp.store import GAP_ERROR_CODE, BrokerEventStore, SessionEventStore
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -27,6 +23,7 @@ __all__ = [
     "BrokerEventStore",
     "BrokerSubscriptionBus",
     "EventRef",
+    "Owner",
     "ResumeRoute",
     "SessionEventStore",
     "StoreSettings",

@@ -50,9 +50,10 @@ def _sdk_version() -> str:
 
 
 def bind_sessions(manager: StreamableHTTPSessionManager, store: BrokerEventStore) -> None:
-    """Give each session `manager` opens its own view of `store`, and forget a session's
-    events once the SDK ends it (a DELETE, the idle timeout, a crash), unless the server is
-    shutting down (another instance may resume its sessions then)."""
+    """Give each session `manager` opens its own view of `store`, and end a session in the
+    broker (deleted from the registry, its events forgotten) once the SDK ends it (a DELETE,
+    the idle timeout, a crash), unless the server is shutting down (another instance may
+    resume its sessions then)."""
     check(manager)
     admit = manager._admit_session
     discard = manager._discard_session
@@ -67,7 +68,7 @@ def bind_sessions(manager: StreamableHTTPSessionManager, store: BrokerEventStore
         await discard(session_id, transport)
         if not store.shutting_down and store.is_bound(session_id):
             with anyio.CancelScope(shield=True):
-                await store.forget_session(session_id)
+                await store.end_session(session_id)
 
     manager._admit_session = admitted  # type: ignore[method-assign]
     manager._discard_session = discarded  # type: ignore[method-assign]

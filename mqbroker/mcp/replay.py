@@ -1,19 +1,21 @@
 """Reading a session's stored events back from the broker: what a resuming client missed.
 
 One reader for both ways of resuming: the SDK's `EventStore.replay_events_after` (replay, then
-stop at the broker's replay boundary) and the resume route (replay, then follow the live
-messages until the request's response). Sequence numbers decide what is new and whether
+stop at the broker's replay boundary) and the resume route (replay, then the live messages until
+the request's response). Sequence numbers decide what is new and whether
 anything is missing: a gap is reported, never skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from attrs import define, field, frozen
 
 from mqbroker.client.aio import Gap, Message, Subscription
+from mqbroker.client.errors import ClientError
 from mqbroker.mcp.ids import EventRef
 
 #: Suback reasons after which an empty replay proves nothing (the history could not be read,
@@ -79,12 +81,8 @@ class SessionReader:
             reason = ack.reason if ack is not None and ack.reason else "unknown"
             yield Lost(f"the broker's history of the session is incomplete ({reason})")
 
-    async def follow(self, subscription: Subscription) -> AsyncIterator[Item]:
-        """The replay, then the live events, until a `Lost` or the stream's final event."""
-        async for out in self.replay(subscription):
-            yield out
-            if isinstance(out, Lost) or out.final:
-                return
+    async def live(self, subscription: Subscription) -> AsyncIterator[Item]:
+        """The live events after the replay, until a `Lost` or the stream's final event."""
         async for item in subscription:
             if isinstance(item, Gap):
                 yield Lost(f"live delivery was interrupted ({item.reason})")
@@ -118,3 +116,12 @@ class SessionReader:
             return None  # a priming event: no message
         event_id = EventRef(self.ref.session, self.ref.stream, seq, previous).encode()
         return Replayed(json, event_id, final=payload.get("final") is True)
+
+
+async def unsubscribe(subscription: Subscription) -> None:
+    """Unsubscribe, bounded; a failure is harmless (the broker drops it with the connection)."""
+    try:
+        async with asyncio.timeout(1.0):
+            await subscription.unsubscribe()
+    except (ClientError, TimeoutError):
+        pass  # the broker drops it with the connection anyway

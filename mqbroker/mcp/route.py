@@ -6,14 +6,17 @@ await: what the tool sends in between is stored but not sent. This ASGI middlewa
 resume whose `Last-Event-ID` is one of mqbroker.mcp's ids itself, on whichever instance it
 lands: the replay from the broker, then the live messages of the stream from the same
 subscription (no window between them), until the request's response. A gap answers the
-request with the gap error. Everything else goes to the SDK's app unchanged.
+request with the gap error, and so does the owner's end (mqbroker.mcp.registry: the instance
+that opened the session gone, or the session ended) while the stream is followed live. A session
+the registry does not know is a 404. Everything else goes to the SDK's app, unchanged but for
+one thing: a session the SDK opens is registered before its id reaches the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from attrs import define
@@ -22,11 +25,13 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware
 from starlette.requests import Request
 
+from mqbroker.client.aio import Subscription, SubscriptionEnded
 from mqbroker.client.errors import ClientError
 from mqbroker.mcp import _sdk_hooks
 from mqbroker.mcp.ids import EventRef
-from mqbroker.mcp.replay import Lost, SessionReader
-from mqbroker.mcp.store import BrokerEventStore, unsubscribe
+from mqbroker.mcp.registry import Lookup, Owner
+from mqbroker.mcp.replay import Item, Lost, SessionReader, unsubscribe
+from mqbroker.mcp.store import BrokerEventStore
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -56,13 +61,42 @@ class ResumeRoute:
             return
         ref = self._resume_of(scope)
         if ref is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._registering(scope, send))
             return
         refusal = await self._refusal(scope, ref)
         if refusal is not None:
             await _json_error(send, *refusal)
             return
-        await self._serve(ref, scope, receive, send)
+        lookup = await self._lookup(ref.session)
+        if lookup.known is False:  # unknown or ended: as the SDK answers an unknown session
+            await _json_error(send, 404, "Session not found")
+            return
+        await self._serve(ref, lookup.owner, scope, receive, send)
+
+    def _registering(self, scope: Scope, send: Send) -> Send:
+        """`send`, registering the session a request opens before its id reaches the client
+        (so that no resume on another instance can find it unknown)."""
+        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path
+                or _header(scope["headers"], b"mcp-session-id") is not None):
+            return send
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message.get("status", 500) < 400:
+                session = _header(message.get("headers", ()), b"mcp-session-id")
+                if session is not None:
+                    await self.store.register(session)
+            await send(message)
+
+        return sent
+
+    async def _lookup(self, session: str) -> Lookup:
+        """What the registry says of the session; a session of this instance is known here
+        (its owner is this very process: no need to watch it)."""
+        if self.store.is_bound(session):
+            return Lookup(True)
+        if not self.store.settings.registry:
+            return Lookup(None)
+        return await self.store.registry.lookup(session)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def received() -> dict[str, Any]:
@@ -104,10 +138,11 @@ class ResumeRoute:
             return 404, "Session not found"
         return None
 
-    async def _serve(self, ref: EventRef, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, ref: EventRef, owner: Owner | None, scope: Scope, receive: Receive,
+                     send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             *_SSE_HEADERS, (b"mcp-session-id", ref.session.encode())]})
-        streaming = asyncio.ensure_future(self._stream(ref, send))
+        streaming = asyncio.ensure_future(self._stream(ref, owner, send))
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({streaming, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -118,7 +153,7 @@ class ResumeRoute:
         if streaming.done() and not streaming.cancelled():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _stream(self, ref: EventRef, send: Send) -> None:
+    async def _stream(self, ref: EventRef, owner: Owner | None, send: Send) -> None:
         store = self.store
         store.stats["replays"] += 1
 
@@ -139,15 +174,82 @@ class ResumeRoute:
             await store.report_gap(ref, f"the replay failed: {e!r}", send_event)
             return
         try:
-            async for item in SessionReader(ref).follow(subscription):
-                if isinstance(item, Lost):
-                    await store.report_gap(ref, item.reason, send_event)
-                    return
-                await event(item.json, item.event_id)
+            reason = await self._follow(ref, owner, subscription, event)
+        except SubscriptionEnded:
+            reason = "the session ended"
         except ClientError as e:
-            await store.report_gap(ref, f"the broker connection failed: {e!r}", send_event)
+            reason = f"the broker connection failed: {e!r}"
         finally:
             await unsubscribe(subscription)
+        if reason is not None:
+            await store.report_gap(ref, reason, send_event)
+
+    async def _follow(self, ref: EventRef, owner: Owner | None, subscription: Subscription,
+                      event: Callable[[str, str], Awaitable[None]]) -> str | None:
+        """Send the replay, then the live events until the stream's response; why not, if
+        something is missing or the owner is gone before it (None: the stream is complete)."""
+        reader = SessionReader(ref)
+        watch = await self.store.registry.watch(ref.session) if owner is not None else None
+        try:
+            replayed = await _send_items(reader.replay(subscription), event)
+            if not isinstance(replayed, _Open):
+                return replayed
+            live = _send_live(reader.live(subscription), event)
+            if owner is None or watch is None:
+                return await live
+            return await _first(live, self._owner_gone(ref.session, owner, watch))
+        finally:
+            if watch is not None:
+                await unsubscribe(watch)
+
+    async def _owner_gone(self, session: str, owner: Owner, watch: Subscription) -> str:
+        reason = await self.store.registry.owner_gone(session, owner, watch)
+        self.store.stats["owner_gone"] += 1
+        return reason
+
+
+class _Open:
+    """The items ended before the stream's response (or a gap): it goes on."""
+
+
+async def _send_items(items: AsyncIterator[Item], event: Callable[[str, str], Awaitable[None]]
+                      ) -> str | _Open | None:
+    """Send the stream's events; the reason of a `Lost`, None after the response, `_Open`
+    when the items end before either."""
+    async for item in items:
+        if isinstance(item, Lost):
+            return item.reason
+        await event(item.json, item.event_id)
+        if item.final:
+            return None
+    return _Open()
+
+
+async def _send_live(items: AsyncIterator[Item], event: Callable[[str, str], Awaitable[None]]
+                     ) -> str | None:
+    """As `_send_items`, for the live events: their end (the subscription's) ends the stream."""
+    outcome = await _send_items(items, event)
+    return None if isinstance(outcome, _Open) else outcome
+
+
+async def _first(streaming: Awaitable[str | None], gone: Awaitable[str]) -> str | None:
+    """The outcome of whichever ends first: the stream, or its owner's end."""
+    tasks = [asyncio.ensure_future(streaming), asyncio.ensure_future(gone)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # The stream's own outcome wins a tie: its response may have come with the leave.
+        return tasks[0].result() if tasks[0] in done else tasks[1].result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -32,7 +32,9 @@ from mcp_types import jsonrpc_message_adapter as messages
 from mqbroker.client import aio
 from mqbroker.client.errors import ClientError, OutcomeUnknown, Unavailable
 from mqbroker.mcp.ids import EventRef, omitted, record, request_id
-from mqbroker.mcp.replay import Lost, SessionReader
+from mqbroker.mcp.registry import Owner, SessionRegistry
+from mqbroker.mcp.replay import Lost, SessionReader, unsubscribe
+from mqbroker.mcp.settings import StoreSettings
 from mqbroker.protocol.codec import payload_size
 from mqbroker.topics import InvalidTopic, TopicLimits, validate_topic
 
@@ -41,37 +43,10 @@ logger = structlog.get_logger("mqbroker.mcp")
 #: The JSON-RPC error code a resumed request is answered with when events of its stream were
 #: lost (docs/mcp.md, "Gaps"): in the range JSON-RPC leaves to servers.
 GAP_ERROR_CODE = -32050
-#: The default topic of a session's events; `{session}` is the SDK's session id. The broker
-#: records it by default ([history] record).
-DEFAULT_TOPIC = "mcp/session/{session}/message"
 #: The broker's default max_message_bytes (1 MiB frames), assumed before the first welcome.
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 20) - 1024
 #: The SDK's name for the standalone GET stream (no request: a gap there fails no request).
 GET_STREAM = "_GET_stream"
-
-
-@define
-class StoreSettings:
-    """How the store uses the broker; every wait is bounded by one of these (seconds)."""
-
-    #: The topic of a session's events (`{session}` is replaced by the session id).
-    topic: str = DEFAULT_TOPIC
-    #: How long `store_event` may wait for room when `max_in_flight` publishes are unanswered
-    #: (the broker slow or away); past it the event is not stored (a gap on replay).
-    store_wait: float = 1.0
-    #: Publishes sent and not yet acknowledged, at most.
-    max_in_flight: int = 500
-    #: How long a publish the broker refused as unavailable is retried (same msg_id: never
-    #: delivered twice) before the event counts as lost.
-    retry_window: float = 10.0
-    #: How long a replay may take, and a forget.
-    replay_timeout: float = 30.0
-    forget_timeout: float = 5.0
-    #: How long the first connection to the broker is retried (the broker may start later).
-    connect_timeout: float = 10.0
-
-    def topic_of(self, session: str) -> str:
-        return self.topic.replace("{session}", session)
 
 
 @define(eq=False)
@@ -90,7 +65,8 @@ class BrokerEventStore(EventStore):
     connect_options: dict[str, Any] = field(factory=dict)
     #: Counts: stored (acknowledged), lost (not stored), omitted (too large), replays, gaps.
     stats: dict[str, int] = field(factory=lambda: dict.fromkeys(
-        ("stored", "lost", "omitted", "replays", "gaps", "forgotten"), 0))
+        ("stored", "lost", "omitted", "replays", "gaps", "forgotten", "registered",
+         "unregistered", "deleted", "owner_gone"), 0))
     #: Set when the server is shutting down: sessions ended then are not forgotten (another
     #: instance may resume them).
     shutting_down: bool = False
@@ -101,9 +77,16 @@ class BrokerEventStore(EventStore):
     _unbound: SessionEventStore | None = None
     _in_flight: asyncio.Semaphore = field(init=False)
     _tasks: set[asyncio.Task[None]] = field(factory=set)
+    #: This instance's id: the owner the registry names for the sessions it opens.
+    instance: str = field(factory=lambda: secrets.token_hex(8))
+    #: The session registry and presence, as this store uses them (mqbroker.mcp.registry).
+    registry: SessionRegistry = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._in_flight = asyncio.Semaphore(self.settings.max_in_flight)
+        self.registry = SessionRegistry(
+            self.connected, self.settings, Owner.of(self.instance), self.stats,
+            authenticated=self.connect_options.get("auth") is not None)
         try:
             validate_topic(self.settings.topic_of("session"), TopicLimits())
         except InvalidTopic as e:
@@ -124,12 +107,13 @@ class BrokerEventStore(EventStore):
             return self._client
         async with self._connecting:
             if self._client is None:
-                self._client, self._closing = await _connect(self.url, self.settings,
-                                                             self.connect_options)
+                self._client, self._closing = await _connect(
+                    self.url, self.settings, self.registry.owner.client, self.connect_options)
             return self._client
 
     async def aclose(self) -> None:
         """Let the queued publishes finish (bounded by `store_wait`), then disconnect."""
+        await self.registry.aclose()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.store_wait)
         for task in self._tasks:
@@ -156,9 +140,20 @@ class BrokerEventStore(EventStore):
         """Whether the session has its own store here (opened on this instance, not forgotten)."""
         return session_id in self._sessions
 
-    async def forget_session(self, session_id: str) -> None:
-        """Drop the session's stored events (the SDK ended it); bounded, never raises."""
+    async def register(self, session_id: str) -> None:
+        """Register a session this instance opened (the resume route calls it before the
+        client learns the session's id); bounded, never raises."""
+        if self.settings.registry and self.is_bound(session_id):
+            await self.registry.register(session_id)
+
+    async def end_session(self, session_id: str) -> None:
+        """The SDK ended the session: delete it from the registry, which forgets its stored
+        events and ends its subscriptions on every instance (or, if it cannot, forget them
+        here); bounded, never raises."""
         self._sessions.pop(session_id, None)
+        if self.settings.registry and await self.registry.release(session_id):
+            self.stats["forgotten"] += 1
+            return
         topic = self.settings.topic_of(session_id)
         try:
             async with asyncio.timeout(self.settings.forget_timeout):
@@ -332,14 +327,14 @@ def gap_error(stream: str, reason: str) -> JSONRPCError:
         data={"reason": reason}))
 
 
-async def _connect(url: str, settings: StoreSettings, options: dict[str, Any]
+async def _connect(url: str, settings: StoreSettings, name: str, options: dict[str, Any]
                    ) -> tuple[aio.Client, Callable[[], Awaitable[None]]]:
     """Connect, retrying for `connect_timeout` (the broker may start after the server)."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + settings.connect_timeout
     delay = 0.05
     while True:
-        context = aio.connect(url, name="mqbroker.mcp", **options)
+        context = aio.connect(url, name=name, **options)
         try:
             client = await context.__aenter__()
         except ClientError:
@@ -354,11 +349,3 @@ async def _connect(url: str, settings: StoreSettings, options: dict[str, Any]
 
         return client, close
 
-
-async def unsubscribe(subscription: aio.Subscription) -> None:
-    """Unsubscribe, bounded; a failure is harmless (the broker drops it with the session)."""
-    try:
-        async with asyncio.timeout(1.0):
-            await subscription.unsubscribe()
-    except (ClientError, TimeoutError):
-        pass  # the broker drops it with the session anyway
