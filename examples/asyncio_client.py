@@ -1,6 +1,6 @@
 """A short asyncio client: subscribe, publish, print what arrives.
 
-Start a broker first (`mqbroker` listens on ws://127.0.0.1:7878/ by default), then run
+Start a broker first (`mqbroker serve` listens on ws://127.0.0.1:7878/ by default), then run
 `python examples/asyncio_client.py`.
 """
 

@@ -234,7 +234,7 @@ def scope(caller: Caller, request: SessionRequest) -> str | None:
         check_user(user)
     if caller.principal is None:
         if user is None and not listing:
-            raise BadRequest(f"{request.OP}: `user` is required in anonymous mode")
+            raise BadRequest("`user` is required in anonymous mode")
         return None if user in (None, EVERY_USER) else user
     if caller.right is SessionsRight.NONE:
         raise Forbidden(f"not allowed: {request.OP}: the principal's roles grant no sessions")
@@ -242,7 +242,7 @@ def scope(caller: Caller, request: SessionRequest) -> str | None:
         return caller.principal
     if caller.right is not SessionsRight.ANY:
         raise Forbidden(f"not allowed: {request.OP} for another user than the principal "
-                        "(needs sessions = \"any\")")
+                        "(name the principal as `user`, or give the role sessions = \"any\")")
     return None if user == EVERY_USER else user
 
 

@@ -43,8 +43,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action.add_argument("--url", default=DEFAULT_URL,
                             help=f"the broker's WebSocket URL (default {DEFAULT_URL})")
         action.add_argument("--token", help="the credential for the broker's [auth] mode")
-        action.add_argument("--user", help="whose sessions (required by get and delete in "
-                            "anonymous mode; with [auth], default: the token's principal)")
+        action.add_argument("--user", help="whose sessions (list: default every user's, which "
+                            "needs sessions = \"any\"; get and delete: required in anonymous "
+                            "mode, with [auth] default the token's principal)")
         action.add_argument("--json", action="store_true",
                             help="print JSON (one array of session records) instead of a table")
 

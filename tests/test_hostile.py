@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -338,6 +339,9 @@ async def test_a_message_in_one_byte_fragments_costs_its_size_not_fifty_times_it
         session.close()
 
 
+#: What the never-reading clients must have sent while the healthy session was measured.
+ATTACK_BYTES = 10 * 1024 * 1024
+
 NEVER_READING = {
     "invalid items": encode_frame(BINARY, msgpack.packb([5] * 1000)),
     "pings": encode_frame(PING, b"p" * 125) * 100,
@@ -345,16 +349,23 @@ NEVER_READING = {
 }
 
 
-async def _healthy_round_trips(port: int, seconds: float) -> list[float]:
-    """Ping round trips of a healthy session for `seconds`, sorted."""
+async def _healthy_round_trips(port: int, seconds: float,
+                               until: Callable[[], bool] = lambda: True,
+                               longest: float = 20.0) -> list[float]:
+    """Ping round trips of a healthy session, sorted: for `seconds`, and on until `until()`
+    holds (the attack beside it has done what the test needs: on a loaded machine that takes
+    longer), for `longest` at most."""
     healthy = await ProtocolSession.open(port, "healthy")
     round_trips: list[float] = []
-    with trio.move_on_after(seconds):
+    started = trio.current_time()
+    with trio.move_on_after(longest):
         for n in range(1_000_000):
             start = trio.current_time()
             await healthy.send(Ping(id=n))
             assert await healthy.next_event() == Pong(id=n)
             round_trips.append(trio.current_time() - start)
+            if start - started >= seconds and until():
+                break
     healthy.close()
     return sorted(round_trips)
 
@@ -382,9 +393,10 @@ async def test_never_reading_clients_do_not_starve_a_healthy_session(kind: str) 
             for _ in range(5):
                 nursery.start_soon(attacker)
             await trio.sleep(0.2)
-            round_trips = await _healthy_round_trips(port, 3)
+            round_trips = await _healthy_round_trips(
+                port, 3, until=lambda: sent >= ATTACK_BYTES)
             nursery.cancel_scope.cancel()
-        assert sent >= 10 * 1024 * 1024, sent  # the attack ran
+        assert sent >= ATTACK_BYTES, sent  # the attack ran
         assert len(round_trips) >= 100, (len(round_trips), round_trips[-5:])
         assert round_trips[-1] < 0.5, round_trips[-5:]
 

@@ -6,6 +6,7 @@ SubscriptionBus across two instances."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from importlib.metadata import version
 from typing import Any
 
@@ -19,6 +20,7 @@ from mqbroker.mcp import (
     BrokerEventStore,
     BrokerSubscriptionBus,
     SessionEventStore,
+    StoreSettings,
     _sdk_hooks,
     resumable,
 )
@@ -108,3 +110,30 @@ async def test_the_bus_carries_events_from_one_instance_to_another() -> None:
 
         assert await in_asyncio(scenario) == [ToolsListChanged(),
                                               ResourceUpdated(uri="file:///a.txt")]
+
+
+async def test_a_server_whose_broker_cannot_be_reached_fails_its_startup() -> None:
+    """No broker within connect_timeout: the app answers the lifespan's startup with
+    `lifespan.startup.failed` naming the broker (uvicorn then exits with an error) rather than
+    raising, which servers take as "no lifespan support" and go on serving a broken app."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/"
+
+    async def scenario() -> list[dict[str, Any]]:
+        store = BrokerEventStore(url, StoreSettings(connect_timeout=0.3))
+        app = resumable(MCPServer("unreachable"), url, store=store)
+        incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        await incoming.put({"type": "lifespan.startup"})
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        async with asyncio.timeout(10):
+            await app({"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+        return sent
+
+    sent = await in_asyncio(scenario)
+    assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
+    assert url in sent[0]["message"] and "cannot reach the broker" in sent[0]["message"]

@@ -99,6 +99,19 @@ class ResumeRoute:
         return await self.store.registry.lookup(session)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.store.connected()
+        except ClientError as e:
+            # Raising here would make servers (uvicorn's lifespan "auto") take the app for one
+            # without lifespan support and serve it broken: every request a 500, for ever.
+            # Failing the startup stops the server with this message instead.
+            await receive()  # lifespan.startup
+            settings = self.store.settings
+            await send({"type": "lifespan.startup.failed",
+                        "message": f"mqbroker.mcp: cannot reach the broker at {self.store.url} "
+                                   f"within connect_timeout ({settings.connect_timeout} s): {e}"})
+            return
+
         async def received() -> dict[str, Any]:
             message = await receive()
             if message["type"] == "lifespan.shutdown":
