@@ -345,7 +345,11 @@ class Broker:
         to_flush: list[Session] = []
         recovering = self._recovering
         for message in messages:
-            targets = self.index.match(message.topic)
+            # The broker's own event topics (a join, a leave, a lifecycle change per
+            # session) are published on once or twice: caching them would only push out
+            # the topics published on again and again.
+            targets = self.index.match(message.topic,
+                                       keep=not self.session_topics.reserved(message.topic))
             if not targets:
                 continue
             encoded = EncodedMessage(message)

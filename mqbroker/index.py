@@ -198,15 +198,16 @@ class SubscriptionIndex(Generic[K]):
                 lost.append(removed[0])
         return lost
 
-    def match(self, topic: str) -> Sequence[tuple[K, tuple[int, ...]]]:
+    def match(self, topic: str, *, keep: bool = True) -> Sequence[tuple[K, tuple[int, ...]]]:
         """Each session with a subscription matching `topic`, once, with all its matching ids.
 
         The ids are ascending. The result is immutable and may be shared between calls.
-        `topic` is assumed valid (`mqbroker.topics.validate_topic`).
+        `topic` is assumed valid (`mqbroker.topics.validate_topic`). With `keep` False a
+        result not cached is not cached either (a topic published on once, say).
         """
         found = self._cache.get(topic)
         if found is None:
-            found = self._match_uncached(topic)
+            found = self._match_uncached(topic, keep)
         return found
 
     def filters_of(self, key: K) -> Mapping[int, str]:
@@ -225,14 +226,14 @@ class SubscriptionIndex(Generic[K]):
     def __len__(self) -> int:
         return self._count
 
-    def _match_uncached(self, topic: str) -> Match[K]:
+    def _match_uncached(self, topic: str, keep: bool = True) -> Match[K]:
         found: list[Holders[K]] = []
         exact = self._exact.get(topic)
         if exact:
             found.append(exact)
         _collect(self._root, topic.split(SEPARATOR), topic.startswith("$"), found)
         result = _merge(found)
-        if self.cache_size > 0:
+        if keep and self.cache_size > 0:
             if len(self._cache) >= self.cache_size:
                 # Dicts keep insertion order, so the first key is the oldest entry.
                 self._uncache(next(iter(self._cache)))

@@ -264,6 +264,7 @@ READS: tuple[type[SessionRequest], ...] = (SessionGet, SessionList)
 
 K = TypeVar("K", bound=Hashable)
 LIFECYCLE, PRESENCE = "lifecycle", "presence"
+_BROKER_LEVELS = (LIFECYCLE, PRESENCE)
 
 
 @frozen
@@ -294,6 +295,8 @@ class SessionTopics:
 
     def reserved(self, topic: str) -> bool:
         """Whether only the broker may publish on `topic` (a lifecycle or presence topic)."""
+        if not topic.endswith(_BROKER_LEVELS):  # most topics: one check, no split
+            return False
         rest = self._rest(topic)
         if rest is None:
             return False

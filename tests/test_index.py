@@ -187,6 +187,19 @@ def test_dollar_topics_skip_leading_wildcards_in_the_index() -> None:
 
 
 @pytest.mark.parametrize("filter", ["t/1", "t/+", "t/#", "#", "+/1"])
+def test_a_match_not_kept_answers_the_same_and_is_not_cached(filter: str) -> None:
+    """`keep=False` (a topic published on once): the same answer, the cache untouched; a topic
+    already cached is still answered from the cache, and still right after a change."""
+    index: SubscriptionIndex[str] = SubscriptionIndex()
+    index.add("s1", 1, filter)
+    assert as_dict(index.match("t/1", keep=False)) == {"s1": (1,)}
+    assert "t/1" not in index._cache and index._cached_topics.is_empty()
+    assert as_dict(index.match("t/1")) == {"s1": (1,)}
+    index.add("s2", 1, "t/1")
+    assert as_dict(index.match("t/1", keep=False)) == {"s1": (1,), "s2": (1,)}
+
+
+@pytest.mark.parametrize("filter", ["t/1", "t/+", "t/#", "#", "+/1"])
 def test_subscribe_after_a_cached_match_is_seen(filter: str) -> None:
     """A subscription added after a topic's (empty) result was cached is matched at once."""
     index: SubscriptionIndex[str] = SubscriptionIndex()
