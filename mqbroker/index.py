@@ -14,7 +14,7 @@ overlapping wildcard filter adds to the cost of every publish it matches.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Generic, TypeVar
 
@@ -132,6 +132,10 @@ class SubscriptionIndex(Generic[K]):
 
     #: Topics whose match result is kept; the oldest is forgotten first. 0 turns caching off.
     cache_size: int = 65536
+    #: Which topics are matched without being cached (asked on a cache miss only): those
+    #: published on once or twice, whose results would only push out the others'. None:
+    #: every topic is cached.
+    uncached: Callable[[str], bool] | None = None
     _by_session: dict[K, dict[int, str]] = field(init=False, factory=dict)
     #: filter -> how many subscriptions use it, to tell the first and the last.
     _uses: dict[str, int] = field(init=False, factory=dict)
@@ -198,16 +202,15 @@ class SubscriptionIndex(Generic[K]):
                 lost.append(removed[0])
         return lost
 
-    def match(self, topic: str, *, keep: bool = True) -> Sequence[tuple[K, tuple[int, ...]]]:
+    def match(self, topic: str) -> Sequence[tuple[K, tuple[int, ...]]]:
         """Each session with a subscription matching `topic`, once, with all its matching ids.
 
         The ids are ascending. The result is immutable and may be shared between calls.
-        `topic` is assumed valid (`mqbroker.topics.validate_topic`). With `keep` False a
-        result not cached is not cached either (a topic published on once, say).
+        `topic` is assumed valid (`mqbroker.topics.validate_topic`).
         """
         found = self._cache.get(topic)
         if found is None:
-            found = self._match_uncached(topic, keep)
+            found = self._match_uncached(topic)
         return found
 
     def filters_of(self, key: K) -> Mapping[int, str]:
@@ -226,14 +229,14 @@ class SubscriptionIndex(Generic[K]):
     def __len__(self) -> int:
         return self._count
 
-    def _match_uncached(self, topic: str, keep: bool = True) -> Match[K]:
+    def _match_uncached(self, topic: str) -> Match[K]:
         found: list[Holders[K]] = []
         exact = self._exact.get(topic)
         if exact:
             found.append(exact)
         _collect(self._root, topic.split(SEPARATOR), topic.startswith("$"), found)
         result = _merge(found)
-        if keep and self.cache_size > 0:
+        if self.cache_size > 0 and (self.uncached is None or not self.uncached(topic)):
             if len(self._cache) >= self.cache_size:
                 # Dicts keep insertion order, so the first key is the oldest entry.
                 self._uncache(next(iter(self._cache)))
