@@ -197,6 +197,11 @@ class Broker:
         server = self.config.server
         self.session_topics = SessionTopics(self.config.sessions.topic_prefix)
         self.scoped = ScopedSubscriptions(self.session_topics)
+        if self.index.uncached is None:
+            # The broker's own event topics (a join, a leave, a lifecycle change per session)
+            # are published on once or twice: caching them would only push out the topics
+            # published on again and again (and cost ~400 B per idle session).
+            self.index.uncached = self.session_topics.reserved
         self.recorded = FilterSet(self.config.history.record)
         self.access = access_of(self.config, self.authenticator)
         self.topic_limits = TopicLimits(max_length=server.max_topic_length,

@@ -14,7 +14,7 @@ overlapping wildcard filter adds to the cost of every publish it matches.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Generic, TypeVar
 
@@ -132,6 +132,10 @@ class SubscriptionIndex(Generic[K]):
 
     #: Topics whose match result is kept; the oldest is forgotten first. 0 turns caching off.
     cache_size: int = 65536
+    #: Which topics are matched without being cached (asked on a cache miss only): those
+    #: published on once or twice, whose results would only push out the others'. None:
+    #: every topic is cached.
+    uncached: Callable[[str], bool] | None = None
     _by_session: dict[K, dict[int, str]] = field(init=False, factory=dict)
     #: filter -> how many subscriptions use it, to tell the first and the last.
     _uses: dict[str, int] = field(init=False, factory=dict)
@@ -232,7 +236,7 @@ class SubscriptionIndex(Generic[K]):
             found.append(exact)
         _collect(self._root, topic.split(SEPARATOR), topic.startswith("$"), found)
         result = _merge(found)
-        if self.cache_size > 0:
+        if self.cache_size > 0 and (self.uncached is None or not self.uncached(topic)):
             if len(self._cache) >= self.cache_size:
                 # Dicts keep insertion order, so the first key is the oldest entry.
                 self._uncache(next(iter(self._cache)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Collection
 from typing import Any
 
 from attrs import define, field, frozen
@@ -123,8 +124,10 @@ class PresenceTracker:
 
     prefix: str
     _holders: dict[str, Holder] = field(factory=dict)
-    #: connection -> session -> how many of its subscriptions make it present there.
-    _counts: dict[str, dict[str, int]] = field(factory=dict)
+    #: connection -> session -> how many of its subscriptions make it present there; a
+    #: connection present in one session by one subscription maps to that session's id alone
+    #: (no dict: the common idle connection).
+    _counts: dict[str, str | dict[str, int]] = field(factory=dict)
     #: (session, connection) keys changed since they were last written, each with the reason it
     #: would leave for (used only if it is absent when written).
     _dirty: dict[tuple[str, str], LeaveReason] = field(factory=dict)
@@ -138,37 +141,52 @@ class PresenceTracker:
         session = session_of(filter, self.prefix)
         if session is None:
             return False
-        self._holders.setdefault(holder.connection, holder)
-        counts = self._counts.setdefault(holder.connection, {})
-        counts[session] = counts.get(session, 0) + 1
-        if counts[session] > 1:
-            return False
-        return self._mark((session, holder.connection), LeaveReason.UNSUBSCRIBED)
+        connection = holder.connection
+        counts = self._counts.get(connection)
+        if counts is None:
+            self._holders[connection] = holder
+            self._counts[connection] = session
+        else:
+            if isinstance(counts, str):
+                counts = self._counts[connection] = {counts: 1}
+            counts[session] = counts.get(session, 0) + 1
+            if counts[session] > 1:
+                return False
+        return self._mark((session, connection), LeaveReason.UNSUBSCRIBED)
 
     def unsubscribed(self, connection: str, filter: str,
                      reason: LeaveReason = LeaveReason.UNSUBSCRIBED) -> bool:
         """A subscription was removed; True when something is left to write."""
         session = session_of(filter, self.prefix)
-        counts = self._counts.get(connection)
-        if session is None or counts is None or session not in counts:
+        if session is None or session not in self._sessions(connection):
             return False
-        counts[session] -= 1
-        if counts[session] > 0:
-            return False
-        del counts[session]
-        if not counts:
+        counts = self._counts[connection]
+        if isinstance(counts, dict):
+            counts[session] -= 1
+            if counts[session] > 0:
+                return False
+            del counts[session]
+            if len(counts) == 1 and 1 in counts.values():  # back to the lean form
+                self._counts[connection] = next(iter(counts))
+        else:
             del self._counts[connection]
             del self._holders[connection]
         return self._mark((session, connection), reason)
 
     def closed(self, connection: str) -> bool:
         """The connection closed; True when something is left to write."""
-        counts = self._counts.pop(connection, {})
+        sessions = self._sessions(connection)
+        self._counts.pop(connection, None)
         self._holders.pop(connection, None)
         marked = False
-        for session in counts:
+        for session in sessions:
             marked = self._mark((session, connection), LeaveReason.CLOSED) or marked
         return marked
+
+    def _sessions(self, connection: str) -> Collection[str]:
+        """The sessions `connection` is present in."""
+        counts = self._counts.get(connection, ())
+        return (counts,) if isinstance(counts, str) else counts
 
     def _mark(self, key: tuple[str, str], reason: LeaveReason) -> bool:
         self._dirty[key] = reason
@@ -183,7 +201,7 @@ class PresenceTracker:
         for key in list(itertools.islice(self._dirty, limit)):
             reason = self._dirty.pop(key)
             session, connection = key
-            present = session in self._counts.get(connection, ())
+            present = session in self._sessions(connection)
             if present and key not in self._announced:
                 holder = self._holders[connection]
                 self._announced[key] = holder
@@ -232,4 +250,4 @@ class PresenceTracker:
 
     def sessions_of(self, connection: str) -> list[str]:
         """The sessions a connection is present in (announced or not yet)."""
-        return sorted(self._counts.get(connection, ()))
+        return sorted(self._sessions(connection))

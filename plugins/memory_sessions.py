@@ -184,21 +184,24 @@ def _discard_sorted(ids: list[str], session_id: str) -> None:
 
 
 class MemoryPresence:
-    """A `PresenceStore` in this process's memory (one instance: nothing else announces)."""
+    """A `PresenceStore` in this process's memory (one instance: nothing else announces).
+
+    Lean for many sessions each with one entry: such a session maps to its entry alone (a
+    dict of (instance, connection) -> entry only for a session with several), and the reaper's
+    heap holds flat (expires, session, instance, connection) tuples."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, dict[tuple[str, str], PresenceEntry]] = {}
-        self._due: list[tuple[float, PresenceKey]] = []
+        self._entries: dict[str, PresenceEntry | dict[tuple[str, str], PresenceEntry]] = {}
+        self._due: list[tuple[float, str, str, str]] = []
 
     async def announce(self, entries: Sequence[PresenceEntry]) -> None:
         await trio.lowlevel.checkpoint()
         for entry in entries:
-            entries_of_session = self._entries.setdefault(entry.session, {})
-            where = (entry.instance, entry.connection)
-            previous = entries_of_session.get(where)
-            entries_of_session[where] = entry
+            previous = self._get(entry.key)
+            self._put(entry)
             if previous is None or entry.expires < previous.expires:
-                heapq.heappush(self._due, (entry.expires, entry.key))  # later ones: see reap
+                # later ones: see reap
+                heapq.heappush(self._due, (entry.expires, *entry.key))
 
     async def withdraw(self, keys: Sequence[PresenceKey]) -> None:
         await trio.lowlevel.checkpoint()
@@ -207,31 +210,58 @@ class MemoryPresence:
 
     async def query(self, session: str, now: float) -> Sequence[PresenceEntry]:
         await trio.lowlevel.checkpoint()
-        entries = self._entries.get(session, {})
+        entries = self._of(session)
         return [entries[where] for where in sorted(entries) if entries[where].expires > now]
 
     async def reap(self, now: float, limit: int) -> Sequence[PresenceEntry]:
         await trio.lowlevel.checkpoint()
         reaped: list[PresenceEntry] = []
         while self._due and self._due[0][0] <= now and len(reaped) < limit:
-            expires, key = heapq.heappop(self._due)
-            entry = self._entries.get(key[0], {}).get(key[1:])
+            expires, *where = heapq.heappop(self._due)
+            key: PresenceKey = (where[0], where[1], where[2])
+            entry = self._get(key)
             if entry is None or entry.expires < expires:
                 continue  # withdrawn, or an earlier entry was pushed and handled since
             if entry.expires > expires:
-                heapq.heappush(self._due, (entry.expires, key))  # announced again since
+                heapq.heappush(self._due, (entry.expires, *key))  # announced again since
                 continue
             self._pop(key)
             reaped.append(entry)
         return reaped
 
+    def _of(self, session: str) -> Mapping[tuple[str, str], PresenceEntry]:
+        held = self._entries.get(session)
+        if held is None:
+            return {}
+        if isinstance(held, PresenceEntry):
+            return {(held.instance, held.connection): held}
+        return held
+
+    def _get(self, key: PresenceKey) -> PresenceEntry | None:
+        session, instance, connection = key
+        return self._of(session).get((instance, connection))
+
+    def _put(self, entry: PresenceEntry) -> None:
+        held = self._entries.get(entry.session)
+        if held is None or (isinstance(held, PresenceEntry) and held.key == entry.key):
+            self._entries[entry.session] = entry
+            return
+        if isinstance(held, PresenceEntry):
+            held = self._entries[entry.session] = {(held.instance, held.connection): held}
+        held[(entry.instance, entry.connection)] = entry
+
     def _pop(self, key: PresenceKey) -> None:
         session, instance, connection = key
-        entries = self._entries.get(session)
-        if entries is not None:
-            entries.pop((instance, connection), None)
-            if not entries:
+        held = self._entries.get(session)
+        if held is None:
+            return
+        if isinstance(held, PresenceEntry):
+            if held.key == key:
                 del self._entries[session]
+            return
+        held.pop((instance, connection), None)
+        if len(held) == 1:
+            self._entries[session] = next(iter(held.values()))
 
 
 @asynccontextmanager

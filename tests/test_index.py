@@ -187,6 +187,20 @@ def test_dollar_topics_skip_leading_wildcards_in_the_index() -> None:
 
 
 @pytest.mark.parametrize("filter", ["t/1", "t/+", "t/#", "#", "+/1"])
+def test_topics_matched_uncached_answer_the_same_and_are_not_cached(filter: str) -> None:
+    """`uncached` (topics published on once, say): the same answers, the cache untouched, and
+    still right after a change; other topics are cached as before."""
+    index: SubscriptionIndex[str] = SubscriptionIndex(uncached=lambda topic: topic == "t/1")
+    index.add("s1", 1, filter)
+    assert as_dict(index.match("t/1")) == {"s1": (1,)}
+    assert "t/1" not in index._cache and index._cached_topics.is_empty()
+    index.add("s2", 1, "t/1")
+    assert as_dict(index.match("t/1")) == {"s1": (1,), "s2": (1,)}
+    index.match("u/1")
+    assert list(index._cache) == ["u/1"]
+
+
+@pytest.mark.parametrize("filter", ["t/1", "t/+", "t/#", "#", "+/1"])
 def test_subscribe_after_a_cached_match_is_seen(filter: str) -> None:
     """A subscription added after a topic's (empty) result was cached is matched at once."""
     index: SubscriptionIndex[str] = SubscriptionIndex()

@@ -341,3 +341,20 @@ async def test_open_presence_serves_and_unregisters() -> None:
             await broker.detach(session)
         assert broker.presence is None
         assert service.tracker.present == 0  # the leave was written on the way out
+
+
+async def test_join_and_leave_topics_stay_out_of_the_match_cache(autojump_clock: Any) -> None:
+    """The broker's one-off event topics (a join or leave per session) are matched without
+    being kept: 10,000 idle sessions joining neither grow the match cache by 10,000 topics
+    nor push the topics published on again and again out of it."""
+    async with instance(MemoryPresence()) as a:
+        watcher = await a.attach("mcp/session/+/presence")
+        members = [await a.attach(f"mcp/session/{n}/message") for n in range(20)]
+        await settle()
+        assert len(presence_events(watcher)) == 20  # delivered all the same
+        for member in members:
+            await a.broker.detach(member)
+        await settle()
+        assert len(presence_events(watcher)) == 20
+        cached = list(a.broker.index._cache)
+        assert not [topic for topic in cached if topic.endswith("/presence")]

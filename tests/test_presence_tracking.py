@@ -198,4 +198,7 @@ def test_what_is_announced_follows_a_model(ops: list[tuple[object, ...]]) -> Non
     expected = {(f.split("/")[2], c) for c, filters in subs.items() for f in filters
                 if not f.endswith("/presence")}
     assert {(s, h.connection) for s, h in tracker.announced()} == expected
+    for connection, filters in subs.items():
+        assert tracker.sessions_of(connection) == sorted(
+            {f.split("/")[2] for f in filters if not f.endswith("/presence")})
     assert {k for k, joined in last.items() if joined} == expected
