@@ -35,6 +35,8 @@ from mqbroker.protocol import (
     Error,
     ErrorCode,
     Forget,
+    Ping,
+    Pong,
     PubAck,
     Publish,
     SubAck,
@@ -360,3 +362,22 @@ async def test_two_principals_flooding_side_by_side_are_each_limited_at_their_ow
         # and the last; at most the burst and what refilled over the whole run.
         least = rate + rate * pause * (rounds - 1)
         assert least - 1 <= acked[name] <= rate + rate * spans[name] + 1, (name, acked, spans)
+
+
+async def test_the_frame_that_closes_a_session_delivers_nothing_it_does_not_acknowledge() -> None:
+    """A run of publishes whose refusal is the last violation allowed: the session closes at
+    once, answering nothing more, so the publish admitted before the refusal in that run is
+    not carried out either (it was delivered to subscribers without a puback: the publisher
+    could not tell it had been published)."""
+    config = limited(publish_messages_per_second=1, publish_messages_burst=1, max_violations=1)
+    async with running_broker(config) as broker, \
+            raw_session(broker.url) as watcher, raw_session(broker.url) as flooder:
+        await watcher.send(Subscribe(id=1, filter="flood"))
+        assert await watcher.next_event() == SubAck(id=1)
+        await flooder.send(Publish(topic="flood", payload=1, id=1),
+                           Publish(topic="flood", payload=2, id=2))
+        replies, code = await until_closed(flooder)
+        assert code == CloseCode.RATE_LIMITED
+        assert not [r for r in replies if isinstance(r, PubAck)]
+        await watcher.send(Ping(id=9))
+        assert await watcher.next_event() == Pong(id=9)  # nothing was delivered before it

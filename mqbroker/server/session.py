@@ -789,6 +789,11 @@ class Session:
             if event.id is not None or limits.report_unacknowledged():
                 self.reply(_rate_limited(over, event))
             self._refused(over, now)
+        if self.closing is not None:
+            # Past max_violations: a closing session answers nothing more, so what this run
+            # admitted before the refusal is not carried out either (published, it would be
+            # delivered to others without its puback ever reaching the publisher).
+            return []
         return admitted
 
     def _admit_request(self, event: Subscribe | Unsubscribe | Forget | Refresh | Latest
