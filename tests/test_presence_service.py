@@ -358,3 +358,46 @@ async def test_join_and_leave_topics_stay_out_of_the_match_cache(autojump_clock:
         assert len(presence_events(watcher)) == 20
         cached = list(a.broker.index._cache)
         assert not [topic for topic in cached if topic.endswith("/presence")]
+
+
+@define
+class SlowAnswers(CountingStore):
+    """A store that carries out a withdraw, then is slow to say so: a shutdown that cancels the
+    service's task in between finds the leave taken from the tracker and not yet published."""
+
+    answer_delay: float = 0.0
+
+    async def withdraw(self, keys: Sequence[PresenceKey]) -> None:
+        await super().withdraw(keys)
+        await trio.sleep(self.answer_delay)
+
+
+async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
+        autojump_clock: Any) -> None:
+    """The service's task is cancelled while the store is writing a leave (the daemon closes
+    its connections, then leaves open_presence at once): the flush on the way out writes the
+    leave again (withdraw is idempotent) and publishes it, rather than finding nothing pending
+    and saying nothing (other instances would wait for no event)."""
+    store = SlowAnswers(answer_delay=0.5)
+    cfg = config()
+    async with open_broker(cfg, "a") as broker:
+        watcher = MemorySession()
+        broker.attach(watcher)
+        await broker.subscribe(watcher, Subscribe(id=1, filter=PRESENCE))
+        service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            broker.presence = service
+            session = MemorySession()
+            broker.attach(session)
+            await broker.subscribe(session, Subscribe(id=1, filter=WATCHED))
+            await settle()
+            assert [e["event"] for e in presence_events(watcher)] == ["join"]
+            await broker.detach(session)
+            await trio.sleep(0.1)  # the service is inside the withdraw's slow answer
+            assert store.calls[-1] == ("withdraw", 1)
+            nursery.cancel_scope.cancel()
+        await service.flush()
+        assert await store.inner.query("S", trio.current_time()) == []
+        events = presence_events(watcher)
+        assert [(e["event"], e["reason"]) for e in events] == [("leave", "closed")]

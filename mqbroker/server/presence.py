@@ -148,6 +148,26 @@ class PresenceService:
         changes = self.tracker.take(limit)
         if not changes:
             return True
+        try:
+            written = await self._store(changes)
+            if written:
+                await self._publish(changes)
+        except BaseException:
+            # Cancelled with the changes taken, by a shutdown mostly: the store may have them
+            # and their events may be unpublished. Given back, the flush on the way out
+            # writes them again (announce and withdraw are idempotent) and publishes them,
+            # rather than finding nothing pending while other instances wait for a leave.
+            self.tracker.restore(changes)
+            raise
+        if not written:
+            self.tracker.restore(changes)
+            return False
+        self.counters["joins"] += sum(1 for c in changes if c.joined)
+        self.counters["leaves"] += sum(1 for c in changes if not c.joined)
+        return True
+
+    async def _store(self, changes: Sequence[Change]) -> bool:
+        """Tell the store `changes`; False if it did not answer."""
         leaves = [(c.session, self.instance, c.holder.connection) for c in changes
                   if not c.joined]
         expires = self.clock() + self.config.presence_ttl
@@ -159,13 +179,9 @@ class PresenceService:
                 if joins:
                     await self.store.announce(joins)
         except UNREACHABLE as e:
-            self.tracker.restore(changes)
             self._failed(e)
             return False
         self._recovered()
-        self.counters["joins"] += len(joins)
-        self.counters["leaves"] += len(leaves)
-        await self._publish(changes)
         return True
 
     async def _refresh(self, refreshing: collections.deque[tuple[str, Holder]]) -> None:
