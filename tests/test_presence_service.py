@@ -5,8 +5,10 @@ instances; one of them dying is its service being cancelled without a word."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -16,11 +18,13 @@ from attrs import define, field
 
 from mqbroker.broker import Broker, open_broker
 from mqbroker.config import Config, ServerConfig, SessionsConfig
+from mqbroker.plugins import Plugin
 from mqbroker.protocol import Delivery, Error, Presence, Present, Subscribe, Unsubscribe
 from mqbroker.server.presence import ANNOUNCE_BATCH, PresenceService, open_presence
 from mqbroker.sessions import PresenceEntry, PresenceKey, StoreUnavailable
 from mqbroker.testing import MemorySession
 from mqbroker_plugins.memory import MemoryPresence
+from tests.entry_points import register_plugin
 
 TTL = 9.0
 WATCHED = "mcp/session/S/message"
@@ -401,3 +405,66 @@ async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
         assert await store.inner.query("S", trio.current_time()) == []
         events = presence_events(watcher)
         assert [(e["event"], e["reason"]) for e in events] == [("leave", "closed")]
+
+
+@define
+class SlowReaps(CountingStore):
+    """A store that removes what ran out at once and is slow to answer the reaper."""
+
+    answer_delay: float = 1.0
+
+    async def reap(self, now: float, limit: int) -> Sequence[PresenceEntry]:
+        reaped = await super().reap(now, limit)
+        await trio.sleep(self.answer_delay)
+        return reaped
+
+
+#: The stores the `slowreaps` plugin opened, newest last.
+slow_stores: list[SlowReaps] = []
+
+
+@asynccontextmanager
+async def open_slow_reaps(settings: Any, config: SessionsConfig) -> AsyncIterator[SlowReaps]:
+    slow_stores.append(SlowReaps())
+    yield slow_stores[-1]
+
+
+#: `[sessions] plugin = "slowreaps"`, installed by the `slow_reaps` fixture.
+plugin = Plugin(name="slowreaps", open_presence=open_slow_reaps)
+
+
+@pytest.fixture
+def slow_reaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(register_plugin(
+        tmp_path / "site", "slowreaps", "tests.test_presence_service:plugin")))
+
+
+async def test_open_presence_left_by_a_cancel_still_tells_its_leaves(
+        autojump_clock: Any, slow_reaps: None) -> None:
+    """open_presence ended by a cancel (not only by its block returning) while the reaper
+    waits for the store's answer and a connection has just closed: the reaper's round is
+    finished (its answer awaited, request_timeout at most), then the way out writes the
+    closed connection's leave and publishes both leaves; without that, the store would have
+    neither entry and no other instance would ever hear of them."""
+    cfg = config(plugin="slowreaps", reap_interval=1.0)
+    async with open_broker(cfg, "a") as broker:
+        watcher = MemorySession()
+        broker.attach(watcher)
+        await broker.subscribe(watcher, Subscribe(id=1, filter=PRESENCE))
+        session = MemorySession()
+        with trio.move_on_after(1.5):
+            async with open_presence(broker, cfg):
+                dead = PresenceEntry(session="S", instance="x", connection="c-dead",
+                                     expires=time.time() - 1)
+                await slow_stores[-1].inner.announce([dead])
+                broker.attach(session)
+                await broker.subscribe(session, Subscribe(id=1, filter=WATCHED))
+                await trio.sleep(1.25)  # the reaper, from 1.0, waits for the store's answer
+                await broker.detach(session)
+                await trio.sleep_forever()
+        events = [(e["event"], e["connection"], e.get("reason")) for e in
+                  presence_events(watcher)]
+        assert events[0] == ("join", session.id, None)
+        assert len(events) == 3 and set(events[1:]) == {("leave", "c-dead", "expired"),
+                                                        ("leave", session.id, "closed")}
+        assert await slow_stores[-1].inner.query("S", time.time()) == []

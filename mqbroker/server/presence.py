@@ -72,6 +72,8 @@ class PresenceService:
     counters: collections.Counter[str] = field(
         factory=lambda: collections.Counter(dict.fromkeys(COUNTERS, 0)))
     _wake: trio.Event = field(factory=trio.Event)
+    #: Leaves of reaped entries not yet published (see `_tell_reaped`).
+    _untold: collections.deque[Sequence[Change]] = field(factory=collections.deque)
     #: The store is failing (logged once per outage).
     _failing: bool = False
 
@@ -138,9 +140,11 @@ class PresenceService:
                 next_reap = now if full else now + self.config.reap_interval
 
     async def flush(self) -> None:
-        """Write every change pending (the leaves of a shutdown, say); stops at a failure."""
+        """Write every change pending (the leaves of a shutdown, say), stopping at a failure;
+        then publish the leaves of what the last reap removed, if a cancel kept them untold."""
         while self.tracker.pending and await self._write(ANNOUNCE_BATCH):
             pass
+        await self._tell_reaped()
 
     async def _write(self, limit: int) -> bool:
         """Write at most `limit` changes, then publish their events; False if the store
@@ -205,7 +209,9 @@ class PresenceService:
     async def _reap(self) -> bool:
         """Remove entries that ran out and publish their leaves; True for a full batch."""
         try:
-            with self._bounded():
+            # Shielded (bounded by request_timeout): entries the store may have removed are
+            # ones whose leaves a shutdown must not drop; it waits for the answer instead.
+            with trio.CancelScope(shield=True), self._bounded():
                 reaped = await self.store.reap(self.clock(), self.config.reap_batch)
         except UNREACHABLE as e:
             self._failed(e)
@@ -222,8 +228,16 @@ class PresenceService:
                             principal=entry.principal)
             changes.append(Change(entry.session, holder, LeaveReason.EXPIRED, entry.instance))
         self.counters["expired"] += len(changes)
-        await self._publish(changes)
+        self._untold.append(changes)
+        await self._tell_reaped()
         return len(reaped) >= self.config.reap_batch
+
+    async def _tell_reaped(self) -> None:
+        """Publish the leaves of reaped entries not yet told: a batch is told until its
+        publish returns, so one a shutdown cancelled is told by the flush on the way out."""
+        while self._untold:
+            await self._publish(self._untold[0])
+            self._untold.popleft()
 
     async def _publish(self, changes: Sequence[Change]) -> None:
         if not changes:
@@ -290,9 +304,12 @@ async def open_presence(broker: Broker, config: Config, *,
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 broker.presence = service
-                yield service
-                nursery.cancel_scope.cancel()
+                try:
+                    yield service
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # The service's task has stopped, however the block ended (a cancel included).
             with trio.move_on_after(config.server.shutdown_grace, shield=True):
                 await service.flush()
-        finally:
             broker.presence = None

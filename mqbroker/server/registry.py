@@ -14,6 +14,7 @@ subscriptions inside that session's topics (`Broker.end_subscriptions`).
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -97,6 +98,10 @@ class Registry:
     #: The times of reaper rounds whose answer never came: the store may have expired
     #: sessions then that nobody was told about (see `_recover_lost_reaps`).
     _lost_reaps: list[float] = field(factory=list)
+    #: Reaper rounds whose `expired` events are not yet published, with their time: a round
+    #: a shutdown interrupts is told on the way out (`tell_reaped`), not lost.
+    _untold: collections.deque[tuple[float, Sequence[SessionRecord]]] = field(
+        factory=collections.deque)
     _unwatch: trio.MemorySendChannel[list[str]] = field(init=False)
     _to_unwatch: trio.MemoryReceiveChannel[list[str]] = field(init=False)
 
@@ -117,7 +122,13 @@ class Registry:
         self.broker.counters["registry_requests"] += 1
         try:
             user = scope(caller, request)
-            return await self._carry_out(request, user)
+            # A change is shielded from a cancel from outside (its connection closing in a
+            # shutdown, say): once the store has carried it out, its lifecycle event must go
+            # out, or other instances never learn it. Bounded all the same: each store call,
+            # forget and publish inside keeps its own request_timeout.
+            with trio.CancelScope(shield=isinstance(request, CHANGES)):
+                reply = await self._carry_out(request, user)
+            return reply
         except BadRequest as e:
             return bad_request(request, e)
         except Forbidden as e:
@@ -297,7 +308,9 @@ class Registry:
         config = self.config
         now = time.time()
         try:
-            with self._bounded():
+            # Shielded (and bounded by request_timeout): a reap the store may have carried out
+            # is one whose events a shutdown must not drop; it waits for the answer instead.
+            with trio.CancelScope(shield=True), self._bounded():
                 reaped = await self.store.reap(now, config.reap_batch, config.retain_ended)
         except (SessionError, trio.TooSlowError) as e:
             self._store_failed("reap", e if str(e) else "no answer within request_timeout")
@@ -313,9 +326,19 @@ class Registry:
             logger.info("registry.reaped", expired=len(reaped.expired),
                         purged=len(reaped.purged))
         if reaped.expired:
-            await self.publish_lifecycle(
-                [(Lifecycle.EXPIRED, record) for record in reaped.expired], now)
+            self._untold.append((now, reaped.expired))
+            await self.tell_reaped()
         await self._refresh_counts()
+
+    async def tell_reaped(self) -> None:
+        """Publish the `expired` events of reaper rounds not yet told: a round is told until
+        its publish returns, so one a shutdown cancelled is told again on the way out
+        (forgetting a history twice does no harm)."""
+        while self._untold:
+            now, expired = self._untold[0]
+            await self.publish_lifecycle([(Lifecycle.EXPIRED, record) for record in expired],
+                                         now)
+            self._untold.popleft()
 
     async def _recover_lost_reaps(self, purged: Sequence[SessionRecord], now: float) -> None:
         """Tell what reaper rounds whose answer was lost may have done. A store that ran the
@@ -399,18 +422,23 @@ async def open_registry(broker: Broker, config: Config) -> AsyncIterator[Registr
     if plugin.open_sessions is None:
         raise PluginError(f"plugin {plugin.name!r} provides no session store")
     settings = plugin_settings(config, plugin)
-    async with plugin.open_sessions(settings, config.sessions) as store, \
-            trio.open_nursery() as nursery:
+    async with plugin.open_sessions(settings, config.sessions) as store:
         registry = Registry(store=store, broker=broker, rules=Rules(config.sessions))
-        every_lifecycle = broker.session_topics.every_lifecycle
-        await broker.fanout.watch(every_lifecycle)
+        await broker.fanout.watch(broker.session_topics.every_lifecycle)
         broker.observers.append(registry.observe)
-        nursery.start_soon(registry._unwatching)
-        await nursery.start(registry.run_reaper)
-        broker.registry = registry
         try:
-            yield registry
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(registry._unwatching)
+                await nursery.start(registry.run_reaper)
+                broker.registry = registry
+                try:
+                    yield registry
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
+            # The reaper has stopped: what its last round carried out and a cancel kept
+            # untold is told now, before the fan-out closes, bounded as a shutdown is.
+            with trio.move_on_after(config.server.shutdown_grace, shield=True):
+                await registry.tell_reaped()
             broker.registry = None
             broker.observers.remove(registry.observe)
-            nursery.cancel_scope.cancel()

@@ -1,0 +1,124 @@
+"""A change the session store has carried out is always told, even when a shutdown cancels
+the task that asked for it: the lifecycle event of a delete whose caller's connection closes,
+or of a reaper round the shutdown interrupts, still goes out. Brokers driven with in-memory
+sessions (mqbroker.testing) and a memory store that answers slowly, on trio's virtual clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mqbroker.broker import open_broker
+from mqbroker.config import Config, ServerConfig, SessionsConfig
+from mqbroker.plugins import Plugin
+from mqbroker.protocol import Delivery, SessionDelete, Subscribe
+from mqbroker.registry import Caller, Rules
+from mqbroker.server.registry import Registry, open_registry
+from mqbroker.sessions import Reaped, SessionRecord, SessionState
+from mqbroker.testing import MemorySession
+from mqbroker_plugins.memory_sessions import MemorySessions
+from tests.entry_points import register_plugin
+
+#: How long the store takes to answer, after it has carried a call out.
+ANSWER_DELAY = 1.0
+EVERY_LIFECYCLE = "mcp/session/+/lifecycle"
+REAP_INTERVAL = 0.5
+
+
+class SlowAnswers(MemorySessions):
+    """A memory store that carries out a delete or a reap at once and answers late: a cancel
+    in between finds the store changed and nothing yet told."""
+
+    async def delete(self, session_id: str, user: str | None) -> SessionRecord | None:
+        record = await super().delete(session_id, user)
+        await trio.sleep(ANSWER_DELAY)
+        return record
+
+    async def reap(self, now: float, limit: int, retain: float) -> Reaped:
+        reaped = await super().reap(now, limit, retain)
+        await trio.sleep(ANSWER_DELAY)
+        return reaped
+
+
+@asynccontextmanager
+async def watched_registry() -> AsyncIterator[tuple[Registry, MemorySession]]:
+    """A registry over a slow store, and a session watching every lifecycle topic."""
+    config = Config(server=ServerConfig(port=0),
+                    sessions=SessionsConfig(request_timeout=10 * ANSWER_DELAY))
+    async with open_broker(config, "a") as broker:
+        registry = Registry(store=SlowAnswers(), broker=broker, rules=Rules(config.sessions))
+        watcher = MemorySession()
+        broker.attach(watcher)
+        await broker.subscribe(watcher, Subscribe(id=1, filter=EVERY_LIFECYCLE))
+        yield registry, watcher
+
+
+def record(session_id: str, expires: float) -> SessionRecord:
+    now = time.time()
+    return SessionRecord(id=session_id, user="u", state=SessionState.ACTIVE, created=now,
+                         updated=now, expires=expires, ttl=60.0, metadata={})
+
+
+def lifecycle(watcher: MemorySession) -> list[tuple[str, str]]:
+    watcher.flush()
+    return [(e.payload["event"], e.payload["session"]) for e in watcher.take_events()
+            if isinstance(e, Delivery)]
+
+
+async def cancelled_midway(work: Any) -> None:
+    """Run `work()` and cancel it once the store has carried it out, before its answer."""
+    with trio.move_on_after(ANSWER_DELAY / 2):
+        await work()
+
+
+async def test_a_delete_cancelled_after_the_store_deleted_still_publishes_deleted(
+        autojump_clock: Any) -> None:
+    async with watched_registry() as (registry, watcher):
+        await registry.store.create(record("s1", time.time() + 60))
+        await cancelled_midway(lambda: registry.answer(
+            Caller(principal=None), SessionDelete(id=1, session="s1", user="u")))
+        assert await registry.store.get(["s1"], "u") == [None]
+        assert lifecycle(watcher) == [("deleted", "s1")]
+
+
+@asynccontextmanager
+async def open_slow_sessions(settings: Any, config: SessionsConfig) -> AsyncIterator[SlowAnswers]:
+    yield SlowAnswers()
+
+
+#: `[sessions] plugin = "slow"`, installed by the `slow_plugin` fixture.
+plugin = Plugin(name="slow", open_sessions=open_slow_sessions)
+
+
+@pytest.fixture
+def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(register_plugin(
+        tmp_path / "site", "slow", "tests.test_registry_shutdown:plugin")))
+
+
+async def test_a_shutdown_during_a_reaper_round_still_publishes_expired(
+        autojump_clock: Any, slow_plugin: None) -> None:
+    """open_registry is left (the daemon shutting down) while the store has expired a session
+    and not yet answered the reaper: the way out waits for the answer (request_timeout at
+    most) and publishes `expired`, which other instances would otherwise never see."""
+    config = Config(server=ServerConfig(port=0),
+                    sessions=SessionsConfig(plugin="slow", reap_interval=REAP_INTERVAL,
+                                            request_timeout=10 * ANSWER_DELAY))
+    async with open_broker(config, "a") as broker:
+        watcher = MemorySession()
+        broker.attach(watcher)
+        await broker.subscribe(watcher, Subscribe(id=1, filter=EVERY_LIFECYCLE))
+        with trio.move_on_after(REAP_INTERVAL + ANSWER_DELAY / 2):
+            async with open_registry(broker, config) as registry:
+                await registry.store.create(record("s1", time.time() - 1))
+                await trio.sleep_forever()
+        (found,) = await registry.store.get(["s1"], "u")
+        assert found is not None and found.state is SessionState.EXPIRED
+        assert lifecycle(watcher) == [("expired", "s1")]
+        assert broker.registry is None
