@@ -9,13 +9,16 @@ own cost.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from attrs import define, field
 
-from mqbroker.protocol import EncodedMessage, Format, Frame, ServerEvent
+from mqbroker.protocol import EncodedMessage, Format, Frame, ServerEvent, Subscribe
 from mqbroker.protocol.codec import SERVER_SPECS, decode, encode, join
+
+if TYPE_CHECKING:
+    from mqbroker.broker import Broker
 
 
 @define(eq=False)
@@ -73,3 +76,15 @@ class MemorySession:
         events = self.events()
         self.frames.clear()
         return events
+
+
+async def watching(broker: Broker, *filters: str, **session: Any) -> MemorySession:
+    """A `MemorySession` attached to `broker` and subscribed to `filters` (ids 1, 2, ...),
+    its acknowledgements already taken: what it holds from now on is what was delivered."""
+    watcher = MemorySession(**session)
+    broker.attach(watcher)
+    for sub_id, filter in enumerate(filters, start=1):
+        await broker.subscribe(watcher, Subscribe(id=sub_id, filter=filter))
+    watcher.flush()
+    watcher.take_events()
+    return watcher

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mqbroker.plugins import ENTRY_POINT_GROUP
 
 
@@ -18,3 +20,9 @@ def register_plugin(directory: Path, name: str, target: str) -> Path:
     (dist_info / "entry_points.txt").write_text(
         f"[{ENTRY_POINT_GROUP}]\n{name} = {target}\n", encoding="utf-8")
     return directory
+
+
+def install_plugin(monkeypatch: pytest.MonkeyPatch, directory: Path, name: str,
+                   target: str) -> None:
+    """Register `name = target` in `directory` and put it on sys.path for this test."""
+    monkeypatch.syspath_prepend(str(register_plugin(directory, name, target)))

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from mqbroker.broker import Broker, open_broker
 from mqbroker.config import Config, HistoryConfig, ServerConfig
 from mqbroker.protocol import Delivery, Error, ErrorCode, PubAck, Publish, SubAck, Subscribe
-from mqbroker.testing import MemorySession
+from mqbroker.testing import MemorySession, watching
 
 
 @asynccontextmanager
@@ -20,21 +20,11 @@ async def broker(**server: object) -> AsyncIterator[Broker]:
         yield opened
 
 
-async def attached(b: Broker, *filters: str) -> MemorySession:
-    session = MemorySession()
-    b.attach(session)
-    for sub_id, filter in enumerate(filters, start=1):
-        await b.subscribe(session, Subscribe(id=sub_id, filter=filter))
-    session.flush()
-    session.take_events()
-    return session
-
-
 async def test_a_publish_reaches_each_matching_session_once_with_all_its_subscriptions() -> None:
     async with broker() as b:
-        both = await attached(b, "a/+", "a/b")
-        other = await attached(b, "x")
-        publisher = await attached(b)
+        both = await watching(b, "a/+", "a/b")
+        other = await watching(b, "x")
+        publisher = await watching(b)
         await b.publish(publisher, [Publish(topic="a/b", payload=1, id=7)])
         publisher.flush()
         (delivery,) = both.take_events()
@@ -47,8 +37,8 @@ async def test_a_publish_reaches_each_matching_session_once_with_all_its_subscri
 async def test_a_batch_is_flushed_once_per_session() -> None:
     """One write per session for a whole batch: the deliveries of a frame's publishes coalesce."""
     async with broker() as b:
-        subscriber = await attached(b, "t/#")
-        publisher = await attached(b)
+        subscriber = await watching(b, "t/#")
+        publisher = await watching(b)
         await b.publish(publisher, [Publish(topic=f"t/{n}", payload=n) for n in range(50)])
         assert len(subscriber.frames) == 1
         assert [e.payload for e in subscriber.take_events()] == list(range(50))
@@ -56,8 +46,8 @@ async def test_a_batch_is_flushed_once_per_session() -> None:
 
 async def test_refusals_are_replies_and_the_rest_of_the_batch_goes_on() -> None:
     async with broker() as b:
-        subscriber = await attached(b, "ok")
-        publisher = await attached(b)
+        subscriber = await watching(b, "ok")
+        publisher = await watching(b)
         await b.publish(publisher, [Publish(topic="bad/+", payload=0, id=1),
                                     Publish(topic="ok", payload=1, id=2)])
         publisher.flush()
@@ -69,7 +59,7 @@ async def test_refusals_are_replies_and_the_rest_of_the_batch_goes_on() -> None:
 
 async def test_resume_replays_then_goes_live_without_duplicates() -> None:
     async with broker() as b:
-        publisher = await attached(b)
+        publisher = await watching(b)
         await b.publish(publisher, [Publish(topic="rec/t", payload=n, id=n) for n in range(5)])
         publisher.flush()
         acks = [e.event for e in publisher.take_events()]
@@ -85,9 +75,9 @@ async def test_resume_replays_then_goes_live_without_duplicates() -> None:
 
 async def test_detach_forgets_the_session() -> None:
     async with broker() as b:
-        session = await attached(b, "t")
+        session = await watching(b, "t")
         await b.detach(session)
-        publisher = await attached(b)
+        publisher = await watching(b)
         await b.publish(publisher, [Publish(topic="t", payload=1)])
         assert session.frames == [] and session.queued == []
         assert b.counters["sessions_closed"] == 1

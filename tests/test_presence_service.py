@@ -22,9 +22,9 @@ from mqbroker.plugins import Plugin
 from mqbroker.protocol import Delivery, Error, Presence, Present, Subscribe, Unsubscribe
 from mqbroker.server.presence import ANNOUNCE_BATCH, PresenceService, open_presence
 from mqbroker.sessions import PresenceEntry, PresenceKey, StoreUnavailable
-from mqbroker.testing import MemorySession
+from mqbroker.testing import MemorySession, watching
 from mqbroker_plugins.memory import MemoryPresence
-from tests.entry_points import register_plugin
+from tests.entry_points import install_plugin
 
 TTL = 9.0
 WATCHED = "mcp/session/S/message"
@@ -385,16 +385,12 @@ async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
     store = SlowAnswers(answer_delay=0.5)
     cfg = config()
     async with open_broker(cfg, "a") as broker:
-        watcher = MemorySession()
-        broker.attach(watcher)
-        await broker.subscribe(watcher, Subscribe(id=1, filter=PRESENCE))
+        watcher = await watching(broker, PRESENCE)
         service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             broker.presence = service
-            session = MemorySession()
-            broker.attach(session)
-            await broker.subscribe(session, Subscribe(id=1, filter=WATCHED))
+            session = await watching(broker, WATCHED)
             await settle()
             assert [e["event"] for e in presence_events(watcher)] == ["join"]
             await broker.detach(session)
@@ -435,8 +431,8 @@ plugin = Plugin(name="slowreaps", open_presence=open_slow_reaps)
 
 @pytest.fixture
 def slow_reaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(register_plugin(
-        tmp_path / "site", "slowreaps", "tests.test_presence_service:plugin")))
+    install_plugin(monkeypatch, tmp_path / "site", "slowreaps",
+                   "tests.test_presence_service:plugin")
 
 
 async def test_open_presence_left_by_a_cancel_still_tells_its_leaves(
@@ -448,9 +444,7 @@ async def test_open_presence_left_by_a_cancel_still_tells_its_leaves(
     neither entry and no other instance would ever hear of them."""
     cfg = config(plugin="slowreaps", reap_interval=1.0)
     async with open_broker(cfg, "a") as broker:
-        watcher = MemorySession()
-        broker.attach(watcher)
-        await broker.subscribe(watcher, Subscribe(id=1, filter=PRESENCE))
+        watcher = await watching(broker, PRESENCE)
         session = MemorySession()
         with trio.move_on_after(1.5):
             async with open_presence(broker, cfg):

@@ -17,13 +17,13 @@ import trio
 from mqbroker.broker import open_broker
 from mqbroker.config import Config, ServerConfig, SessionsConfig
 from mqbroker.plugins import Plugin
-from mqbroker.protocol import Delivery, SessionDelete, Subscribe
+from mqbroker.protocol import Delivery, SessionDelete
 from mqbroker.registry import Caller, Rules
 from mqbroker.server.registry import Registry, open_registry
 from mqbroker.sessions import Reaped, SessionRecord, SessionState
-from mqbroker.testing import MemorySession
+from mqbroker.testing import MemorySession, watching
 from mqbroker_plugins.memory_sessions import MemorySessions
-from tests.entry_points import register_plugin
+from tests.entry_points import install_plugin
 
 #: How long the store takes to answer, after it has carried a call out.
 ANSWER_DELAY = 1.0
@@ -53,9 +53,7 @@ async def watched_registry() -> AsyncIterator[tuple[Registry, MemorySession]]:
                     sessions=SessionsConfig(request_timeout=10 * ANSWER_DELAY))
     async with open_broker(config, "a") as broker:
         registry = Registry(store=SlowAnswers(), broker=broker, rules=Rules(config.sessions))
-        watcher = MemorySession()
-        broker.attach(watcher)
-        await broker.subscribe(watcher, Subscribe(id=1, filter=EVERY_LIFECYCLE))
+        watcher = await watching(broker, EVERY_LIFECYCLE)
         yield registry, watcher
 
 
@@ -98,8 +96,7 @@ plugin = Plugin(name="slow", open_sessions=open_slow_sessions)
 
 @pytest.fixture
 def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(register_plugin(
-        tmp_path / "site", "slow", "tests.test_registry_shutdown:plugin")))
+    install_plugin(monkeypatch, tmp_path / "site", "slow", "tests.test_registry_shutdown:plugin")
 
 
 async def test_a_shutdown_during_a_reaper_round_still_publishes_expired(
@@ -111,9 +108,7 @@ async def test_a_shutdown_during_a_reaper_round_still_publishes_expired(
                     sessions=SessionsConfig(plugin="slow", reap_interval=REAP_INTERVAL,
                                             request_timeout=10 * ANSWER_DELAY))
     async with open_broker(config, "a") as broker:
-        watcher = MemorySession()
-        broker.attach(watcher)
-        await broker.subscribe(watcher, Subscribe(id=1, filter=EVERY_LIFECYCLE))
+        watcher = await watching(broker, EVERY_LIFECYCLE)
         with trio.move_on_after(REAP_INTERVAL + ANSWER_DELAY / 2):
             async with open_registry(broker, config) as registry:
                 await registry.store.create(record("s1", time.time() - 1))
