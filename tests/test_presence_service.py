@@ -404,6 +404,41 @@ async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
 
 
 @define
+class SlowAnnounces(CountingStore):
+    """A store that carries out an announce, then is slow to say so."""
+
+    answer_delay: float = 0.5
+
+    async def announce(self, entries: Sequence[PresenceEntry]) -> None:
+        await super().announce(entries)
+        await trio.sleep(self.answer_delay)
+
+
+async def test_a_shutdown_in_the_middle_of_a_join_still_withdraws_the_entry(
+        autojump_clock: Any) -> None:
+    """The service's task is cancelled while the store is writing a join, and the connection
+    closes after: the flush withdraws the entry (the store may have it) and publishes the
+    leave; the entry is not left in the store for other instances to see until presence_ttl."""
+    store = SlowAnnounces()
+    cfg = config()
+    async with open_broker(cfg, "a") as broker:
+        watcher = await watching(broker, PRESENCE)
+        service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            broker.presence = service
+            session = await watching(broker, WATCHED)
+            await trio.sleep(0.1)  # the service is inside the announce's slow answer
+            assert store.calls[-1] == ("announce", 1)
+            nursery.cancel_scope.cancel()
+        await broker.detach(session)
+        await service.flush()
+        assert await store.inner.query("S", trio.current_time()) == []
+        events = [(e["event"], e["reason"]) for e in presence_events(watcher)]
+        assert events[-1] == ("leave", "closed")
+
+
+@define
 class SlowReaps(CountingStore):
     """A store that removes what ran out at once and is slow to answer the reaper."""
 

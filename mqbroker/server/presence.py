@@ -72,7 +72,8 @@ class PresenceService:
     counters: collections.Counter[str] = field(
         factory=lambda: collections.Counter(dict.fromkeys(COUNTERS, 0)))
     _wake: trio.Event = field(factory=trio.Event)
-    #: Leaves of reaped entries not yet published (see `_tell_reaped`).
+    #: Changes the store has (written, or reaped) whose events are not yet published, in
+    #: order (see `_tell`).
     _untold: collections.deque[Sequence[Change]] = field(factory=collections.deque)
     #: The store is failing (logged once per outage).
     _failing: bool = False
@@ -140,11 +141,11 @@ class PresenceService:
                 next_reap = now if full else now + self.config.reap_interval
 
     async def flush(self) -> None:
-        """Write every change pending (the leaves of a shutdown, say), stopping at a failure;
-        then publish the leaves of what the last reap removed, if a cancel kept them untold."""
+        """Publish what a cancel kept untold, then write every change pending (the leaves of
+        a shutdown, say), stopping at a failure."""
+        await self._tell()
         while self.tracker.pending and await self._write(ANNOUNCE_BATCH):
             pass
-        await self._tell_reaped()
 
     async def _write(self, limit: int) -> bool:
         """Write at most `limit` changes, then publish their events; False if the store
@@ -154,20 +155,20 @@ class PresenceService:
             return True
         try:
             written = await self._store(changes)
-            if written:
-                await self._publish(changes)
         except BaseException:
-            # Cancelled with the changes taken, by a shutdown mostly: the store may have them
-            # and their events may be unpublished. Given back, the flush on the way out
-            # writes them again (announce and withdraw are idempotent) and publishes them,
-            # rather than finding nothing pending while other instances wait for a leave.
-            self.tracker.restore(changes)
+            # Cancelled (a shutdown) while the store may or may not have taken them. Leaves
+            # are given back, so that the flush on the way out withdraws them again (that
+            # does no harm) and publishes them. Joins stay counted as announced: a connection
+            # that closes is then withdrawn by the flush, whether the store has it or not.
+            self.tracker.restore([c for c in changes if not c.joined])
             raise
         if not written:
             self.tracker.restore(changes)
             return False
         self.counters["joins"] += sum(1 for c in changes if c.joined)
         self.counters["leaves"] += sum(1 for c in changes if not c.joined)
+        self._untold.append(changes)
+        await self._tell()
         return True
 
     async def _store(self, changes: Sequence[Change]) -> bool:
@@ -229,12 +230,13 @@ class PresenceService:
             changes.append(Change(entry.session, holder, LeaveReason.EXPIRED, entry.instance))
         self.counters["expired"] += len(changes)
         self._untold.append(changes)
-        await self._tell_reaped()
+        await self._tell()
         return len(reaped) >= self.config.reap_batch
 
-    async def _tell_reaped(self) -> None:
-        """Publish the leaves of reaped entries not yet told: a batch is told until its
-        publish returns, so one a shutdown cancelled is told by the flush on the way out."""
+    async def _tell(self) -> None:
+        """Publish the events of what the store has and no one was told, oldest first: a
+        batch stays untold until its publish returns, so one a shutdown cancelled is told by
+        the flush on the way out, before anything written after it."""
         while self._untold:
             await self._publish(self._untold[0])
             self._untold.popleft()
