@@ -222,6 +222,16 @@ class PresenceTracker:
                 self._announced[change.key] = change.holder
                 self._dirty.setdefault(change.key, change.reason)
 
+    def unsettled(self, changes: list[Change]) -> None:
+        """A write of `changes` was cut short (a cancel): the store may or may not have them.
+        Each is counted as announced (the store may hold it, a join's entry included) and
+        marked, so that the next `take` withdraws it when its connection is not present there
+        (any more): a leave again (withdraw is idempotent), or the leave of a join written
+        for a connection that has gone since, rather than an entry left behind."""
+        for change in changes:
+            self._announced[change.key] = change.holder
+            self._dirty.setdefault(change.key, change.reason or LeaveReason.UNSUBSCRIBED)
+
     def lost(self, session: str, connection: str) -> bool:
         """The store let one of this instance's entries run out (it was not announced again in
         time): forget it was announced, so that it is announced again (a join) if present."""

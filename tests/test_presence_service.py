@@ -468,3 +468,44 @@ async def test_open_presence_left_by_a_cancel_still_tells_its_leaves(
         assert len(events) == 3 and set(events[1:]) == {("leave", "c-dead", "expired"),
                                                         ("leave", session.id, "closed")}
         assert await slow_stores[-1].inner.query("S", time.time()) == []
+
+
+@define
+class SlowToAnswerAnnounces(CountingStore):
+    """A store that carries out an announce, then is slow to say so."""
+
+    answer_delay: float = 0.5
+
+    async def announce(self, entries: Sequence[PresenceEntry]) -> None:
+        await super().announce(entries)
+        await trio.sleep(self.answer_delay)
+
+
+async def test_a_shutdown_in_the_middle_of_a_join_leaves_no_entry_behind(
+        autojump_clock: Any) -> None:
+    """A connection subscribes and the store has written its join, but has not answered yet,
+    when the connection closes and the shutdown cancels the service: the flush on the way out
+    withdraws the entry (the store may hold it) and says the connection left, rather than
+    forgetting a join it gave back and leaving an entry, that no leave ever follows, to hold
+    in the store for presence_ttl."""
+    store = SlowToAnswerAnnounces()
+    cfg = config()
+    async with open_broker(cfg, "a") as broker:
+        watcher = MemorySession()
+        broker.attach(watcher)
+        await broker.subscribe(watcher, Subscribe(id=1, filter=PRESENCE))
+        service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            broker.presence = service
+            session = MemorySession()
+            broker.attach(session)
+            await broker.subscribe(session, Subscribe(id=1, filter=WATCHED))
+            await trio.sleep(0.1)  # the service is inside the announce's slow answer
+            assert store.calls[-1] == ("announce", 1)
+            await broker.detach(session)
+            nursery.cancel_scope.cancel()
+        await service.flush()
+        assert await store.inner.query("S", trio.current_time()) == []
+        events = [(e["event"], e.get("reason")) for e in presence_events(watcher)]
+        assert events in ([], [("leave", "closed")])

@@ -158,10 +158,11 @@ class PresenceService:
                 await self._publish(changes)
         except BaseException:
             # Cancelled with the changes taken, by a shutdown mostly: the store may have them
-            # and their events may be unpublished. Given back, the flush on the way out
-            # writes them again (announce and withdraw are idempotent) and publishes them,
-            # rather than finding nothing pending while other instances wait for a leave.
-            self.tracker.restore(changes)
+            # and their events may be unpublished. Given back as unsettled, the flush on the
+            # way out withdraws (again) each one whose connection is not present, and
+            # publishes its leave, rather than finding nothing pending while other instances
+            # wait for a leave, or forgetting a join the store may hold for a connection gone.
+            self.tracker.unsettled(changes)
             raise
         if not written:
             self.tracker.restore(changes)
