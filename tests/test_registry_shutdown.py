@@ -20,7 +20,7 @@ from mqbroker.plugins import Plugin
 from mqbroker.protocol import Delivery, SessionDelete, Subscribe
 from mqbroker.registry import Caller, Rules
 from mqbroker.server.registry import Registry, open_registry
-from mqbroker.sessions import Reaped, SessionRecord, SessionState
+from mqbroker.sessions import Reaped, SessionRecord, SessionState, StoreUnavailable
 from mqbroker.testing import MemorySession
 from mqbroker_plugins.memory_sessions import MemorySessions
 from tests.entry_points import register_plugin
@@ -122,3 +122,32 @@ async def test_a_shutdown_during_a_reaper_round_still_publishes_expired(
         assert found is not None and found.state is SessionState.EXPIRED
         assert lifecycle(watcher) == [("expired", "s1")]
         assert broker.registry is None
+
+
+class FirstReapUnanswered(SlowAnswers):
+    """A slow store whose first reaper round gets no answer (Redis cut off for a moment): the
+    registry remembers that round as lost and looks for what it did at the next one."""
+
+    reaps: int = 0
+
+    async def reap(self, now: float, limit: int, retain: float) -> Reaped:
+        self.reaps += 1
+        if self.reaps == 1:
+            raise StoreUnavailable("no answer (test)")
+        return await super().reap(now, limit, retain)
+
+
+async def test_a_shutdown_during_a_round_after_a_lost_one_still_publishes_expired(
+        autojump_clock: Any) -> None:
+    """The round after a lost one expires a session and answers while a shutdown cancels the
+    reaper: looking for what the lost round did (a store call, cut by the cancel) does not
+    drop what this round expired; `tell_reaped` on the way out still publishes `expired`."""
+    async with watched_registry() as (registry, watcher):
+        registry.store = FirstReapUnanswered()
+        await registry.store.create(record("s1", time.time() - 1))
+        await registry.reap()  # lost: no answer
+        await cancelled_midway(registry.reap)  # expires s1, answers after the cancel
+        (found,) = await registry.store.get(["s1"], "u")
+        assert found is not None and found.state is SessionState.EXPIRED
+        await registry.tell_reaped()
+        assert lifecycle(watcher) == [("expired", "s1")]

@@ -317,8 +317,6 @@ class Registry:
             if len(self._lost_reaps) < MAX_LOST_REAPS:
                 self._lost_reaps.append(now)
             return
-        if self._lost_reaps:
-            await self._recover_lost_reaps(reaped.purged, now)
         if reaped.expired or reaped.purged:
             counters = self.broker.counters
             counters["registry_expired"] += len(reaped.expired)
@@ -326,8 +324,11 @@ class Registry:
             logger.info("registry.reaped", expired=len(reaped.expired),
                         purged=len(reaped.purged))
         if reaped.expired:
+            # Untold from the store's answer on, before anything a cancel can cut.
             self._untold.append((now, reaped.expired))
-            await self.tell_reaped()
+        if self._lost_reaps:
+            await self._recover_lost_reaps(reaped.purged, now)
+        await self.tell_reaped()
         await self._refresh_counts()
 
     async def tell_reaped(self) -> None:
@@ -366,7 +367,7 @@ class Registry:
         if found:
             logger.warning("registry.lost_reap_recovered", expired=len(found))
             self.broker.counters["registry_expired"] += len(found)
-            await self.publish_lifecycle([(Lifecycle.EXPIRED, record) for record in found], now)
+            self._untold.append((now, found))  # told by the caller (see tell_reaped)
 
     async def _refresh_counts(self) -> None:
         try:
