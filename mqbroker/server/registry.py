@@ -254,11 +254,11 @@ class Registry:
                 payload=lifecycle_payload(event, record, now=now, instance=broker.instance_id),
                 record=not ending and broker.recorded.matches_any(topic)))
         try:
-            if broker.fanout.local:  # waits on no I/O: no deadline to keep
+            # Bounded under the memory fan-out too: it waits on its history's appends (a
+            # Redis history, say), one publish after another, and a shielded change (see
+            # `answer`) has no other bound.
+            with self._bounded():
                 await broker.announce(drafts)
-            else:
-                with self._bounded():
-                    await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             broker.counters["registry_lifecycle_failures"] += len(drafts)
             logger.warning("registry.lifecycle_failed", events=len(drafts),
