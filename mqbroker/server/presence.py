@@ -158,10 +158,11 @@ class PresenceService:
                 await self._publish(changes)
         except BaseException:
             # Cancelled with the changes taken, by a shutdown mostly: the store may have them
-            # and their events may be unpublished. Given back as unsettled, the flush on the
-            # way out withdraws (again) each one whose connection is not present, and
-            # publishes its leave, rather than finding nothing pending while other instances
-            # wait for a leave, or forgetting a join the store may hold for a connection gone.
+            # and their events are unpublished (a publish begun is finished). Given back as
+            # unsettled, the flush on the way out withdraws (again) each one whose connection
+            # is not present, and publishes its leave, rather than finding nothing pending
+            # while other instances wait for a leave, or forgetting a join the store may hold
+            # for a connection gone.
             self.tracker.unsettled(changes)
             raise
         if not written:
@@ -252,7 +253,10 @@ class PresenceService:
             drafts.append(Draft(topic=topic, payload=payload, published_at=now,
                                 record=broker.recorded.matches_any(topic)))
         try:
-            with self._bounded():
+            # Shielded, bounded all the same: a publish a cancel cut short may be carried out
+            # still (the Redis fan-out's writer finishes it), so it is finished here, never
+            # given back to the flush on the way out to be told a second time.
+            with trio.CancelScope(shield=True), self._bounded():
                 await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             # The events are lost (the store, and so the `presence` query, is right anyway).

@@ -254,10 +254,11 @@ class Registry:
                 payload=lifecycle_payload(event, record, now=now, instance=broker.instance_id),
                 record=not ending and broker.recorded.matches_any(topic)))
         try:
-            # Bounded under the memory fan-out too: it waits on its history's appends (a
-            # Redis history, say), one publish after another, and a shielded change (see
-            # `answer`) has no other bound.
-            with self._bounded():
+            # Shielded: a publish a cancel cut short may be carried out still (the Redis
+            # fan-out's writer finishes it), so it is finished here, never told again by
+            # `tell_reaped`. Bounded under the memory fan-out too: it waits on its history's
+            # appends (a Redis history, say), one publish after another.
+            with trio.CancelScope(shield=True), self._bounded():
                 await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             broker.counters["registry_lifecycle_failures"] += len(drafts)
