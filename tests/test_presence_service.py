@@ -100,6 +100,13 @@ async def instance(store: Any, name: str = "a", **sessions: Any) -> AsyncIterato
         nursery.cancel_scope.cancel()
 
 
+async def serve(nursery: trio.Nursery, service: PresenceService) -> None:
+    """Start `service` in `nursery` as open_presence does (cancelling the nursery is then the
+    shutdown that interrupts it)."""
+    await nursery.start(service.run)
+    service.broker.presence = service
+
+
 async def settle() -> None:
     """Let the service's task run its round (the virtual clock jumps when all are idle)."""
     await trio.sleep(0.01)
@@ -318,8 +325,7 @@ async def test_shutdown_writes_the_leaves_of_closed_connections(autojump_clock: 
         async with open_broker(cfg, "a") as broker:
             service = PresenceService(broker, shared, cfg.sessions, clock=trio.current_time)
             async with trio.open_nursery() as nursery:
-                await nursery.start(service.run)
-                broker.presence = service
+                await serve(nursery, service)
                 session = MemorySession()
                 broker.attach(session)
                 await broker.subscribe(session, Subscribe(id=1, filter=WATCHED))
@@ -365,15 +371,25 @@ async def test_join_and_leave_topics_stay_out_of_the_match_cache(autojump_clock:
 
 
 @define
-class SlowAnswers(CountingStore):
-    """A store that carries out a withdraw, then is slow to say so: a shutdown that cancels the
-    service's task in between finds the leave taken from the tracker and not yet published."""
+class SlowToAnswer(CountingStore):
+    """A store that carries out `slow_call` (announce or withdraw), then is slow to say so: a
+    shutdown that cancels the service's task in between finds the store changed and the
+    change taken from the tracker, its event not yet published."""
 
-    answer_delay: float = 0.0
+    slow_call: str = "withdraw"
+    answer_delay: float = 0.5
+
+    async def announce(self, entries: Sequence[PresenceEntry]) -> None:
+        await super().announce(entries)
+        await self._late("announce")
 
     async def withdraw(self, keys: Sequence[PresenceKey]) -> None:
         await super().withdraw(keys)
-        await trio.sleep(self.answer_delay)
+        await self._late("withdraw")
+
+    async def _late(self, call: str) -> None:
+        if call == self.slow_call:
+            await trio.sleep(self.answer_delay)
 
 
 async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
@@ -382,14 +398,13 @@ async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
     its connections, then leaves open_presence at once): the flush on the way out writes the
     leave again (withdraw is idempotent) and publishes it, rather than finding nothing pending
     and saying nothing (other instances would wait for no event)."""
-    store = SlowAnswers(answer_delay=0.5)
+    store = SlowToAnswer(slow_call="withdraw")
     cfg = config()
     async with open_broker(cfg, "a") as broker:
         watcher = await watching(broker, PRESENCE)
         service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
         async with trio.open_nursery() as nursery:
-            await nursery.start(service.run)
-            broker.presence = service
+            await serve(nursery, service)
             session = await watching(broker, WATCHED)
             await settle()
             assert [e["event"] for e in presence_events(watcher)] == ["join"]
@@ -403,30 +418,18 @@ async def test_a_shutdown_in_the_middle_of_a_write_still_publishes_the_leave(
         assert [(e["event"], e["reason"]) for e in events] == [("leave", "closed")]
 
 
-@define
-class SlowAnnounces(CountingStore):
-    """A store that carries out an announce, then is slow to say so."""
-
-    answer_delay: float = 0.5
-
-    async def announce(self, entries: Sequence[PresenceEntry]) -> None:
-        await super().announce(entries)
-        await trio.sleep(self.answer_delay)
-
-
 async def test_a_shutdown_in_the_middle_of_a_join_still_withdraws_the_entry(
         autojump_clock: Any) -> None:
     """The service's task is cancelled while the store is writing a join, and the connection
     closes after: the flush withdraws the entry (the store may have it) and publishes the
     leave; the entry is not left in the store for other instances to see until presence_ttl."""
-    store = SlowAnnounces()
+    store = SlowToAnswer(slow_call="announce")
     cfg = config()
     async with open_broker(cfg, "a") as broker:
         watcher = await watching(broker, PRESENCE)
         service = PresenceService(broker, store, cfg.sessions, clock=trio.current_time)
         async with trio.open_nursery() as nursery:
-            await nursery.start(service.run)
-            broker.presence = service
+            await serve(nursery, service)
             session = await watching(broker, WATCHED)
             await trio.sleep(0.1)  # the service is inside the announce's slow answer
             assert store.calls[-1] == ("announce", 1)

@@ -253,7 +253,10 @@ class PresenceService:
             drafts.append(Draft(topic=topic, payload=payload, published_at=now,
                                 record=broker.recorded.matches_any(topic)))
         try:
-            with self._bounded():
+            # Shielded, bounded all the same: a publish a cancel cut short may be carried out
+            # still (the Redis fan-out's writer finishes it), so it is finished here, never
+            # given back to the flush on the way out to be told a second time.
+            with trio.CancelScope(shield=True), self._bounded():
                 await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             # The events are lost (the store, and so the `presence` query, is right anyway).

@@ -254,11 +254,12 @@ class Registry:
                 payload=lifecycle_payload(event, record, now=now, instance=broker.instance_id),
                 record=not ending and broker.recorded.matches_any(topic)))
         try:
-            if broker.fanout.local:  # waits on no I/O: no deadline to keep
+            # Shielded: a publish a cancel cut short may be carried out still (the Redis
+            # fan-out's writer finishes it), so it is finished here, never told again by
+            # `tell_reaped`. Bounded under the memory fan-out too: it waits on its history's
+            # appends (a Redis history, say), one publish after another.
+            with trio.CancelScope(shield=True), self._bounded():
                 await broker.announce(drafts)
-            else:
-                with self._bounded():
-                    await broker.announce(drafts)
         except (FanoutUnavailable, trio.TooSlowError) as e:
             broker.counters["registry_lifecycle_failures"] += len(drafts)
             logger.warning("registry.lifecycle_failed", events=len(drafts),
@@ -317,8 +318,6 @@ class Registry:
             if len(self._lost_reaps) < MAX_LOST_REAPS:
                 self._lost_reaps.append(now)
             return
-        if self._lost_reaps:
-            await self._recover_lost_reaps(reaped.purged, now)
         if reaped.expired or reaped.purged:
             counters = self.broker.counters
             counters["registry_expired"] += len(reaped.expired)
@@ -326,8 +325,11 @@ class Registry:
             logger.info("registry.reaped", expired=len(reaped.expired),
                         purged=len(reaped.purged))
         if reaped.expired:
+            # Untold from the store's answer on, before anything a cancel can cut.
             self._untold.append((now, reaped.expired))
-            await self.tell_reaped()
+        if self._lost_reaps:
+            await self._recover_lost_reaps(reaped.purged, now)
+        await self.tell_reaped()
         await self._refresh_counts()
 
     async def tell_reaped(self) -> None:
@@ -366,7 +368,7 @@ class Registry:
         if found:
             logger.warning("registry.lost_reap_recovered", expired=len(found))
             self.broker.counters["registry_expired"] += len(found)
-            await self.publish_lifecycle([(Lifecycle.EXPIRED, record) for record in found], now)
+            self._untold.append((now, found))  # told by the caller (see tell_reaped)
 
     async def _refresh_counts(self) -> None:
         try:
