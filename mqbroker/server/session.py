@@ -232,11 +232,13 @@ class Session:
         return False
 
     def flush(self) -> None:
-        """Frame and write what the outbox holds, while the connection takes it at once."""
+        """Frame and write what the outbox holds, while the connection takes it at once;
+        nothing once our close frame is out (RFC 6455 5.5.1): a reply that comes late, from a
+        registry change finishing during the close, say, is dropped."""
         self._dirty = False
-        connection, outbox = self.connection, self.outbox
+        connection, outbox, ws = self.connection, self.outbox, self.ws
         max_bytes = self.config.max_frame_bytes
-        while outbox and not connection.pending and not connection.broken:
+        while outbox and not connection.pending and not connection.broken and not ws.close_sent:
             fragments = outbox.take(max_bytes)
             dropped = outbox.take_dropped()
             if dropped:
@@ -297,7 +299,7 @@ class Session:
         connection = self.connection
         with trio.move_on_after(self.config.shutdown_grace, shield=True):
             if self.closing is not None and not connection.broken:
-                while self.outbox and not connection.broken:
+                while self.outbox and not connection.broken and not self.ws.close_sent:
                     self.flush()
                     await connection.drained()
                 connection.write(self.ws.close(int(self.closing), self._close_reason))

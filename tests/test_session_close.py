@@ -1,0 +1,38 @@
+"""After the session's close frame, nothing more is sent on its connection (RFC 6455 5.5.1):
+a reply that comes in late (a registry change finishing, shielded, during the close) is
+dropped, not written behind the close frame."""
+
+from __future__ import annotations
+
+import socket
+
+from mqbroker.broker import open_broker
+from mqbroker.config import Config, ServerConfig
+from mqbroker.protocol import Pong
+from mqbroker.protocol.websocket import ServerWebSocket
+from mqbroker.server.connection import Connection
+from mqbroker.server.session import Session
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a real TCP connection on 127.0.0.1 (the server's end, the client's)."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        peer = socket.create_connection(listening.getsockname())
+        ours, _ = listening.accept()
+    return ours, peer
+
+
+async def test_nothing_is_written_after_the_close_frame() -> None:
+    config = Config(server=ServerConfig(port=0))
+    ours, peer = tcp_pair()
+    with ours, peer:
+        async with open_broker(config, "a") as broker:
+            ws = ServerWebSocket(config.server.max_frame_bytes)
+            session = Session(connection=Connection(ours), ws=ws, config=config.server,
+                              broker=broker, peer="test")
+            close_frame = ws.close(1001, "going away")
+            session.connection.write(close_frame)
+            session.reply(Pong(id=1))
+            session.flush()
+            peer.setblocking(False)
+            assert peer.recv(65536) == close_frame
