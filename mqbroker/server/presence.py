@@ -315,6 +315,8 @@ async def open_presence(broker: Broker, config: Config, *,
                     nursery.cancel_scope.cancel()
         finally:
             # The service's task has stopped, however the block ended (a cancel included).
-            with trio.move_on_after(config.server.shutdown_grace, shield=True):
-                await service.flush()
-            broker.presence = None
+            try:
+                with trio.move_on_after(config.server.shutdown_grace, shield=True):
+                    await service.flush()
+            finally:
+                broker.presence = None

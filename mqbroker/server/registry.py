@@ -440,7 +440,9 @@ async def open_registry(broker: Broker, config: Config) -> AsyncIterator[Registr
         finally:
             # The reaper has stopped: what its last round carried out and a cancel kept
             # untold is told now, before the fan-out closes, bounded as a shutdown is.
-            with trio.move_on_after(config.server.shutdown_grace, shield=True):
-                await registry.tell_reaped()
-            broker.registry = None
-            broker.observers.remove(registry.observe)
+            try:
+                with trio.move_on_after(config.server.shutdown_grace, shield=True):
+                    await registry.tell_reaped()
+            finally:
+                broker.registry = None
+                broker.observers.remove(registry.observe)
