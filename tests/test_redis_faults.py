@@ -330,6 +330,45 @@ async def test_a_publish_timed_out_in_a_paused_redis_is_outcome_unknown(
         await a.inbox.wait_until(lambda: [m.payload for m in a.inbox.messages] == ["maybe"])
 
 
+async def test_a_call_cut_short_by_its_caller_returns_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Redis paused: a caller's deadline (request_timeout, a shutdown's cancel) ends its wait
+    at once; it is not held until socket_timeout, as it was while the bridge waited for its
+    worker thread (a stop with Redis hung took socket_timeout per call)."""
+    settings = settings_for(redis_server, socket_timeout=5.0)
+    async with open_instance(settings, "a") as a:
+        bridge = a.fanout.bridge
+        redis_server.pause()
+        try:
+            with trio.fail_after(2.0):  # well under socket_timeout
+                with trio.move_on_after(0.2) as cut:
+                    await bridge.command("PING")
+            assert cut.cancelled_caught
+        finally:
+            redis_server.resume()
+        assert await bridge.command("PING") in (b"PONG", True)
+
+
+async def test_an_unwatch_never_waits_on_a_paused_redis(redis_server: RedisServer) -> None:
+    """The last watcher of a filter goes (a session closing) while Redis hangs: unwatch returns
+    at once, the pub/sub thread being woken in the background; once Redis is back, the
+    channel is unsubscribed."""
+    settings = settings_for(redis_server, socket_timeout=5.0)
+    async with open_instance(settings, "a") as a:
+        await a.watch("p/1")
+        redis_server.pause()
+        try:
+            with trio.fail_after(1.0):  # well under socket_timeout
+                await a.fanout.unwatch("p/1")
+        finally:
+            redis_server.resume()
+        channel = a.fanout.layout.subscription_for("p/1").name
+        with redis.Redis.from_url(redis_server.url) as client, trio.fail_after(WAIT):
+            while client.pubsub_numsub(channel)[0][1]:  # noqa: ASYNC110 - Redis has no event
+                await trio.sleep(0.01)
+
+
 async def test_a_publish_refused_before_it_was_sent_is_unavailable(
     redis_server: RedisServer,
 ) -> None:

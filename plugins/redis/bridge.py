@@ -154,8 +154,14 @@ class RedisBridge:
         self._client.connection_pool.disconnect()
 
     async def run(self, call: Callable[[], T]) -> T:
-        """`call()` on a worker thread: one hop there and back."""
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        """`call()` on a worker thread: one hop there and back.
+
+        A cancel (a caller's deadline, a shutdown) returns at once and leaves the thread to
+        finish on its own, its result dropped: the caller treats that as an answer that never
+        came (the call may still be carried out). Waiting for it instead held every deadline
+        up to socket_timeout, and a shutdown with Redis hung for socket_timeout per call."""
+        return await trio.to_thread.run_sync(call, limiter=self._limiter,
+                                             abandon_on_cancel=True)
 
     async def command(self, *args: Arg) -> Any:
         return await self.run(lambda: self.command_sync(*args))

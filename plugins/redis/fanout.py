@@ -118,6 +118,9 @@ class RedisFanout:
     _reported_ok: bool = True
     _probe: bytes = b""
     _probe_returned: trio.Event = field(factory=trio.Event)
+    #: Set when the pub/sub thread has unsubscriptions to send and no one waits for them (an
+    #: unwatch): `run_waker` wakes it, one PUBLISH for any number of them.
+    _wake_wanted: trio.Event = field(factory=trio.Event)
     # Replaced after every batch from the pub/sub thread: wait on it to see the next one.
     _changed: trio.Event = field(factory=trio.Event)
     _counts: collections.Counter[str] = field(factory=collections.Counter)
@@ -172,7 +175,7 @@ class RedisFanout:
                 await self._wake()
             await self._until_live(subscription)
         except BaseException:
-            await self._release(filter, subscription)
+            self._release(filter, subscription)
             raise
         if count == 0 and self._tracks(filter):
             await self._track(filter)
@@ -180,7 +183,7 @@ class RedisFanout:
     async def unwatch(self, filter: str) -> None:
         subscription = self.layout.subscription_for(filter)
         if subscription in self._watches:
-            await self._release(filter, subscription)
+            self._release(filter, subscription)
 
     def health(self) -> Health:
         if not self._connected:
@@ -258,7 +261,7 @@ class RedisFanout:
             self._check_connected()
             await self._changed.wait()
 
-    async def _release(self, filter: str, subscription: Subscription) -> None:
+    def _release(self, filter: str, subscription: Subscription) -> None:
         self._filters[filter] -= 1
         if self._filters[filter] <= 0:
             del self._filters[filter]
@@ -269,7 +272,9 @@ class RedisFanout:
         if filter not in self._filters:
             self._tracked.pop(filter, None)
         self.receiver.want(subscription, False)
-        await self._wake()
+        # In the background: a session closing must not wait on Redis (hung, it would wait
+        # socket_timeout); nothing depends on the unsubscription being sent at once.
+        self._wake_wanted.set()
 
     def _tracks(self, filter: str) -> bool:
         history = self.records_into
@@ -294,6 +299,13 @@ class RedisFanout:
             tracked.empty_in = epoch.decode()
         else:
             tracked.baseline = Position(epoch.decode(), int(counter))
+
+    async def run_waker(self) -> None:
+        """Wake the pub/sub thread whenever an unwatch wants it (see `_release`)."""
+        while True:
+            await self._wake_wanted.wait()
+            self._wake_wanted = trio.Event()
+            await self._wake()
 
     async def _wake(self) -> None:
         """Wake the pub/sub thread so it sends queued (un)subscriptions now."""
@@ -496,6 +508,7 @@ async def open_redis_fanout(
             await nursery.start(fanout.writer.serve)
             await nursery.start(fanout.run_receiver)
             nursery.start_soon(fanout.run_probes)
+            nursery.start_soon(fanout.run_waker)
             try:
                 yield fanout
             finally:
