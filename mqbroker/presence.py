@@ -108,6 +108,8 @@ class Change:
     reason: LeaveReason | None = None
     #: The instance whose entry it is, when not this one (an expired entry another left).
     instance: str | None = None
+    #: A withdrawal of an entry whose join was never told: no event (see `restore`).
+    silent: bool = False
 
     @property
     def joined(self) -> bool:
@@ -133,6 +135,8 @@ class PresenceTracker:
     _dirty: dict[tuple[str, str], LeaveReason] = field(factory=dict)
     #: What this instance has announced and not withdrawn: what the store holds of it.
     _announced: dict[tuple[str, str], Holder] = field(factory=dict)
+    #: Joins whose write failed but may have been carried out all the same (see `restore`).
+    _unsure: dict[tuple[str, str], Holder] = field(factory=dict)
 
     # --- what the connections do (never blocks, never grows with churn) ---------------------
 
@@ -203,19 +207,26 @@ class PresenceTracker:
             session, connection = key
             present = session in self._sessions(connection)
             if present and key not in self._announced:
+                self._unsure.pop(key, None)
                 holder = self._holders[connection]
                 self._announced[key] = holder
                 changes.append(Change(session, holder))
             elif not present and key in self._announced:
                 changes.append(Change(session, self._announced.pop(key), reason))
+            elif not present and key in self._unsure:
+                changes.append(Change(session, self._unsure.pop(key), reason, silent=True))
         return changes
 
-    def restore(self, changes: list[Change]) -> None:
+    def restore(self, changes: list[Change], *, maybe_written: bool = False) -> None:
         """The store did not take `changes`: undo them here, so that the next `take` gives them
-        again (or what they have become meanwhile)."""
+        again (or what they have become meanwhile). With `maybe_written` (no answer came: a
+        call past its deadline may still be carried out), a join that is no longer present
+        when next taken is withdrawn all the same, silently: no leave is told for it."""
         for change in changes:
-            if change.joined:
+            if change.joined or change.silent:
                 self._announced.pop(change.key, None)
+                if maybe_written or change.silent:
+                    self._unsure[change.key] = change.holder
                 self._dirty.setdefault(change.key, LeaveReason.UNSUBSCRIBED)
             else:
                 assert change.reason is not None

@@ -135,6 +135,21 @@ def test_restore_gives_the_changes_again() -> None:
     assert tracker.take(100) == []
 
 
+def test_a_join_without_an_answer_that_leaves_is_withdrawn_silently() -> None:
+    """A join whose write got no answer may be in the store all the same (a call past its
+    deadline still runs): if its connection leaves before it is written again, the entry is
+    withdrawn, with no leave told (no join was); if it stays, the join is written again."""
+    tracker = PresenceTracker(PREFIX)
+    tracker.subscribed(ALICE, "mcp/session/S/message")
+    tracker.subscribed(ALICE, "mcp/session/T/message")
+    tracker.restore(tracker.take(100), maybe_written=True)
+    tracker.unsubscribed("c1", "mcp/session/S/message")
+    assert sorted(tracker.take(100), key=lambda c: c.session) == [
+        Change("S", ALICE, LeaveReason.UNSUBSCRIBED, silent=True), Change("T", ALICE)]
+    assert tracker.present == 1
+    assert tracker.take(100) == []
+
+
 def test_a_lost_entry_is_announced_again_if_still_present() -> None:
     tracker = PresenceTracker(PREFIX)
     tracker.subscribed(ALICE, "mcp/session/S/message")

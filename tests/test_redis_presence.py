@@ -3,6 +3,7 @@ in bulk, and honest when Redis goes away. Racing reapers are the contract suite'
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,7 +12,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mqbroker.broker import open_broker
+from mqbroker.config import Config, ServerConfig, SessionsConfig
+from mqbroker.protocol import Subscribe
+from mqbroker.server.presence import RETRY_DELAY, PresenceService
 from mqbroker.sessions import PresenceEntry, PresenceStore, StoreUnavailable
+from mqbroker.testing import MemorySession
 from mqbroker_plugins.memory import MemoryPresence
 from mqbroker_plugins.redis import RedisPresence, RedisSettings, open_redis_presence
 from tests.redis_fixtures import (
@@ -132,3 +138,37 @@ async def test_a_stopped_redis_is_unavailable_then_works_when_restarted_empty(
             assert list(await store.query("s1", T0)) == []
             await store.announce([one])
             assert list(await store.query("s1", T0)) == [one]
+
+
+async def test_a_join_redis_answers_after_request_timeout_is_withdrawn_when_its_connection_closes(
+    redis_server: RedisServer,
+) -> None:
+    """Redis slower than request_timeout (paused, then back well within socket_timeout): the
+    announce of a join may still be carried out after its caller gave up on it. When that
+    connection then closes, its entry must not stay behind in the store (queried as present
+    until presence_ttl, then reaped with a leave that no join ever preceded)."""
+    cfg = Config(server=ServerConfig(port=0),
+                 sessions=SessionsConfig(presence_ttl=60.0, reap_interval=60.0,
+                                         request_timeout=0.3))
+    settings = settings_for(redis_server, socket_timeout=5.0)
+    async with (open_store(settings) as store, open_broker(cfg, "a") as broker,
+                trio.open_nursery() as nursery):
+        service = PresenceService(broker, store, cfg.sessions)
+        await nursery.start(service.run)
+        broker.presence = service
+        redis_server.pause()
+        try:
+            session = MemorySession(client_name="app")
+            broker.attach(session)
+            await broker.subscribe(session, Subscribe(id=1, filter="mcp/session/S/message"))
+            await trio.sleep(0.5)  # the announce is past request_timeout
+            await broker.detach(session)
+            await trio.sleep(0.2)
+        finally:
+            redis_server.resume()
+        with trio.fail_after(WAIT):
+            while service.tracker.pending:  # noqa: ASYNC110 - the tracker has no event
+                await trio.sleep(0.05)
+        await trio.sleep(RETRY_DELAY + 0.5)  # whatever is left to write is written
+        assert list(await store.query("S", time.time())) == []
+        nursery.cancel_scope.cancel()

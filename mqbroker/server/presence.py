@@ -163,10 +163,13 @@ class PresenceService:
             self.tracker.restore([c for c in changes if not c.joined])
             raise
         if not written:
-            self.tracker.restore(changes)
+            # The store may have carried them out all the same (a call past request_timeout
+            # still runs on its own; StoreUnavailable says nothing is known to be done): a
+            # join that leaves before it is written again is withdrawn, not left behind.
+            self.tracker.restore(changes, maybe_written=True)
             return False
         self.counters["joins"] += sum(1 for c in changes if c.joined)
-        self.counters["leaves"] += sum(1 for c in changes if not c.joined)
+        self.counters["leaves"] += sum(1 for c in changes if not c.joined and not c.silent)
         self._untold.append(changes)
         await self._tell()
         return True
@@ -242,6 +245,7 @@ class PresenceService:
             self._untold.popleft()
 
     async def _publish(self, changes: Sequence[Change]) -> None:
+        changes = [c for c in changes if not c.silent]
         if not changes:
             return
         broker, now = self.broker, time.time()
