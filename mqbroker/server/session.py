@@ -190,7 +190,9 @@ class Session:
         self._let_go()
 
     def _let_go(self) -> None:
-        if self.closing is None:
+        # Not once the peer closed: we answered its close, so nothing more is written and the
+        # outbox fills with what still comes until the session detaches; no slow consumer.
+        if self.closing is None and self.peer_code is None:
             self.log.warning("session.slow", outbox=len(self.outbox),
                              policy=self.config.slow_consumer)
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed",
