@@ -174,6 +174,9 @@ class _Subscription:
     live: bool = False
     #: The last message of the replay, as the latest suback named it (None: not known yet).
     boundary: str | None = None
+    #: Re-established with nothing to resume from: a Gap is owed before its next item, be it
+    #: its suback or a delivery ahead of it (the broker may deliver before the suback).
+    gap_due: bool = False
 
 
 @define
@@ -222,6 +225,9 @@ class ClientCore:
                       since=None if is_wildcard(sub.filter) else sub.since)
             for sub_id, sub in self.subscriptions.items()
         ]
+        for sub in self.subscriptions.values():
+            # Whatever was published while disconnected is not replayed for these.
+            sub.gap_due = sub.established and (is_wildcard(sub.filter) or sub.since is None)
         outcomes: list[Outcome] = []
         # The new session never had the abandoned subscriptions: nothing left to undo.
         self._abandoned.clear()
@@ -511,12 +517,22 @@ class ClientCore:
         for sub_id in item.subs:
             sub = self.subscriptions.get(sub_id)
             if sub is not None:
+                if sub.gap_due:
+                    outcomes += self._owed_gap(sub_id, sub)
                 sub.since = item.event
                 outcomes.append(Deliver(sub_id, message))
                 if not sub.live and sub.boundary == item.event:
                     sub.live = True
                     outcomes.append(Deliver(sub_id, Live()))
         return outcomes
+
+    @staticmethod
+    def _owed_gap(sub_id: int, sub: _Subscription) -> list[Outcome]:
+        """The Gap a re-established subscription owes its stream, once (see `gap_due`)."""
+        if not sub.gap_due:
+            return []
+        sub.gap_due = False
+        return [Deliver(sub_id, Gap(reason="not_resumable"))]
 
     def _ended(self, item: Ended) -> list[Outcome]:
         """The broker removed these subscriptions: each stream ends with SubscriptionEnded, and
@@ -542,12 +558,8 @@ class ClientCore:
                 self.pending[("unsubscribe", item.id)] = event
                 return [Send(event)]
             return []  # unsubscribed meanwhile
-        outcomes: list[Outcome] = []
-        if sub.established and (is_wildcard(sub.filter) or sub.since is None):
-            # Re-established with nothing to resume from: whatever was published while
-            # disconnected is not replayed, and the stream says so.
-            outcomes.append(Deliver(item.id, Gap(reason="not_resumable")))
-        elif item.recovered is False:
+        outcomes: list[Outcome] = self._owed_gap(item.id, sub)
+        if not outcomes and item.recovered is False:
             outcomes.append(Deliver(item.id, Gap(reason=item.reason or "unknown")))
         sub.established = True
         if not sub.live:
