@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 from mqbroker.broker import open_broker
 from mqbroker.config import Config, ServerConfig, SessionsConfig
-from mqbroker.protocol import Subscribe
 from mqbroker.server.presence import RETRY_DELAY, PresenceService
 from mqbroker.sessions import PresenceEntry, PresenceStore, StoreUnavailable
-from mqbroker.testing import MemorySession
+from mqbroker.testing import watching
 from mqbroker_plugins.memory import MemoryPresence
 from mqbroker_plugins.redis import RedisPresence, RedisSettings, open_redis_presence
 from tests.redis_fixtures import (
@@ -158,9 +157,7 @@ async def test_a_join_redis_answers_after_request_timeout_is_withdrawn_when_its_
         broker.presence = service
         redis_server.pause()
         try:
-            session = MemorySession(client_name="app")
-            broker.attach(session)
-            await broker.subscribe(session, Subscribe(id=1, filter="mcp/session/S/message"))
+            session = await watching(broker, "mcp/session/S/message", client_name="app")
             await trio.sleep(0.5)  # the announce is past request_timeout
             await broker.detach(session)
             await trio.sleep(0.2)
